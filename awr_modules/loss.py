@@ -1,0 +1,459 @@
+"""The AWR loss as a TorchRL ``LossModule``.
+
+Advantage-Weighted Regression (Peng, Kumar, Zhang, Levine, 2019) maximises
+``E_{s~d_mu}[E_{a~pi} A_mu(s, a)] - alpha KL(pi || mu)``. Its solution is
+``pi*(a|s) ~ mu(a|s) exp(A(s, a) / beta)``; projecting it onto the policy class
+gives a weighted maximum-likelihood regression on replay data (paper, Eq. 10):
+
+    max_pi E_{(s,a)~D}[ log pi(a|s) * min(exp(A(s, a) / beta), max_weight) ]
+
+and the critic regresses the return (Eq. 9): ``min_V E[(R - V(s))^2]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import ProbabilisticTensorDictSequential, TensorDictModule, composite_lp_aggregate
+from tensordict.utils import NestedKey
+from torch import distributions as d
+from torchrl.modules import TanhNormal
+from torchrl.objectives import LossModule
+from torchrl.objectives.utils import ValueEstimators, default_value_kwargs
+from torchrl.objectives.value import (
+    GAE,
+    TD0Estimator,
+    TD1Estimator,
+    TDLambdaEstimator,
+    ValueEstimatorBase,
+)
+
+from awr_modules.precision import float32_context
+
+_REDUCTIONS = ("mean", "sum", "none")
+_WEIGHTINGS = ("loss", "sampling")
+_ESTIMATORS = {
+    ValueEstimators.TD0: TD0Estimator,
+    ValueEstimators.TD1: TD1Estimator,
+    ValueEstimators.TDLambda: TDLambdaEstimator,
+    ValueEstimators.GAE: GAE,
+}
+_ADVANTAGE_NORMALIZATION_EPS = 1e-5  # the reference's epsilon
+
+
+def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "sum":
+        return value.sum()
+    return value
+
+
+def _entropy(dist: d.Distribution) -> torch.Tensor:
+    """Closed-form entropy, or a one-sample estimate -log pi(a~pi) where none exists (TanhNormal)."""
+    try:
+        return dist.entropy()
+    except NotImplementedError:
+        sample = dist.rsample() if dist.has_rsample else dist.sample()
+        return -dist.log_prob(sample)
+
+
+class AWRLoss(LossModule):
+    r"""Advantage-Weighted Regression loss: weighted log-likelihood for the actor, regression for the critic.
+
+    For a batch of stored transitions ``(s, a)`` with advantage ``A = R - V(s)``:
+
+    .. math::
+
+        w &= \min(\exp(A / \beta), w_{max}) \quad\text{(no gradient)} \\
+        \mathcal{L}_{actor} &= -\operatorname{mean}(w \log\pi(a|s))
+            + c_{bound}\,\tfrac12\operatorname{mean}\lVert(\mu(s) - \mathrm{clip}(\mu(s), -1, 1))\rVert^2
+            - c_{ent}\,\operatorname{mean} H(\pi(\cdot|s)) \\
+        \mathcal{L}_{value} &= \tfrac12\operatorname{mean}\big((V(s) - R) / s_v\big)^2
+
+    ``beta`` is :attr:`temperature`, ``w_max`` is :attr:`max_weight` and ``s_v`` is
+    :attr:`value_scale` (the reference normalises values by ``1 / (1 - gamma)``).
+
+    If the batch carries ``advantage`` and ``value_target`` they are used as they
+    are (the usual case: :func:`~awr_modules.refresh_value_targets` wrote them over
+    the stored trajectories). Otherwise the loss's value estimator computes them,
+    and the batch must then be trajectory-shaped ``[*B, T]`` with ``"next"``.
+
+    Args:
+        actor_network: a TorchRL actor whose ``get_dist`` returns a distribution
+            (``ProbabilisticActor`` with ``Normal``/``IndependentNormal``, ``TanhNormal``,
+            ``Categorical``/``OneHotCategorical``...). Only ``log_prob`` of the
+            stored action is used, so fixed or learned scales both work.
+        value_network: a ``ValueOperator`` writing ``state_value``.
+
+    Keyword Args:
+        temperature: ``beta`` of the paper, the Lagrange multiplier of the KL
+            constraint: smaller means greedier weights. Must be > 0.
+            Reference: 1.0 (on normalised advantages).
+        max_weight: the weight clip ``w_max`` that bounds the variance of a
+            single sample's gradient. Must be > 0. Reference: 20.
+        normalize_advantage: standardise ``A`` over the batch (eps 1e-5) before
+            weighting. The reference standardises over the whole buffer, which
+            :func:`~awr_modules.refresh_value_targets` does; this flag is for
+            pipelines that feed raw advantages.
+        value_scale: ``s_v``; the value error is divided by it so step sizes do
+            not depend on the return scale. The reference uses ``1 / (1 - gamma)``.
+        action_bound_penalty: coefficient of the penalty on the Gaussian mean
+            leaving the normalised action box ``[-1, 1]`` (reference: 10).
+            Only for Gaussian actors (the reference's fixed-std policy).
+        entropy_coeff: coefficient of an entropy bonus (reference: 0).
+        weighting: ``"loss"`` (the paper) multiplies the log-likelihood by ``w``;
+            ``"sampling"`` means the replay buffer already samples transitions
+            with probability proportional to ``w`` (see
+            :func:`~awr_modules.make_replay_buffer`), so the per-sample weight is 1.
+            The two must never stack.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses).
+        check_inputs: check keys and finiteness of the inputs before computing
+            (one host sync per call). Turn it off inside a CUDA-graph captured step.
+
+    Keys (renamable with :meth:`set_keys`, see :class:`AWRLoss._AcceptedKeys`):
+        reads ``action``, ``advantage``, ``value_target``, ``sample_log_prob``
+        (optional), ``priority_weight`` (optional) and the networks' ``in_keys``;
+        writes ``td_error = |R - V(s)|`` into the input for prioritized buffers.
+
+    Returns (from :meth:`forward`): a TensorDict with ``loss_actor``, ``loss_value``
+    and detached diagnostics ``weight_mean``, ``weight_max``, ``weight_clip_fraction``,
+    ``weight_ess`` (effective sample size ``(sum w)^2 / (n sum w^2)``, a fraction),
+    ``advantage_mean``, ``advantage_std``, ``log_prob_mean``, ``entropy`` and,
+    when the behaviour log-prob was stored, ``kl_behaviour`` (an estimate of
+    ``KL(mu || pi) = E_mu[log mu(a|s) - log pi(a|s)]``).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tensordict.nn import NormalParamExtractor, TensorDictModule
+        >>> from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+        >>> from awr_modules import AWRLoss
+        >>> net = torch.nn.Sequential(MLP(in_features=3, out_features=2), NormalParamExtractor())
+        >>> actor = ProbabilisticActor(
+        ...     TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        ...     in_keys=["loc", "scale"], distribution_class=TanhNormal)
+        >>> critic = ValueOperator(MLP(in_features=3, out_features=1), in_keys=["observation"])
+        >>> loss = AWRLoss(actor, critic, temperature=1.0, max_weight=20.0)
+        >>> batch = TensorDict({"observation": torch.randn(8, 3), "action": torch.rand(8, 1) - 0.5,
+        ...     "advantage": torch.randn(8, 1), "value_target": torch.randn(8, 1)}, [8])
+        >>> out = loss(batch)
+        >>> (out["loss_actor"] + out["loss_value"]).backward()
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Every TensorDict key the loss reads or writes; rename with ``loss.set_keys(name=key)``.
+
+        Attributes:
+            action: the stored behaviour action ``a`` whose log-likelihood is weighted.
+            advantage: ``A = R - V(s)``; read if present, else written by the value estimator.
+            value_target: the return ``R`` the critic regresses to.
+            value: where the critic writes ``V(s)``.
+            sample_log_prob: ``log mu(a|s)`` stored at collection, for the KL diagnostic
+                (``"action_log_prob"`` or ``"sample_log_prob"``, as tensordict names the actor's log-prob).
+            priority: where ``|R - V(s)|`` is written for a prioritized replay buffer.
+            priority_weight: importance weights written by a prioritized sampler.
+            reward: reward (under ``"next"``) for the value estimator.
+            done: end of trajectory (under ``"next"``) for the value estimator.
+            terminated: termination without bootstrap (under ``"next"``).
+        """
+
+        action: NestedKey = "action"
+        advantage: NestedKey = "advantage"
+        value_target: NestedKey = "value_target"
+        value: NestedKey = "state_value"
+        sample_log_prob: NestedKey | None = None
+        priority: NestedKey = "td_error"
+        priority_weight: NestedKey = "priority_weight"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+        terminated: NestedKey = "terminated"
+
+        def __post_init__(self) -> None:
+            if self.sample_log_prob is None:  # follow tensordict's naming of the actor's log-prob, as TorchRL does
+                aggregate = composite_lp_aggregate(nowarn=True)
+                self.sample_log_prob = "sample_log_prob" if aggregate else "action_log_prob"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+    default_value_estimator = ValueEstimators.TDLambda
+    out_keys = ["loss_actor", "loss_value"]
+
+    actor_network: ProbabilisticTensorDictSequential
+    critic_network: TensorDictModule
+    actor_network_params: TensorDictParams
+    critic_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    target_critic_network_params: TensorDictParams
+
+    def __init__(
+        self,
+        actor_network: ProbabilisticTensorDictSequential,
+        value_network: TensorDictModule,
+        *,
+        temperature: float = 1.0,
+        max_weight: float = 20.0,
+        normalize_advantage: bool = False,
+        value_scale: float = 1.0,
+        action_bound_penalty: float = 0.0,
+        entropy_coeff: float = 0.0,
+        weighting: Literal["loss", "sampling"] = "loss",
+        reduction: Literal["mean", "sum", "none"] = "mean",
+        check_inputs: bool = True,
+    ) -> None:
+        for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale)):
+            if not value > 0:
+                raise ValueError(f"AWRLoss: {name} must be > 0, got {value}.")
+        for name, value in (("action_bound_penalty", action_bound_penalty), ("entropy_coeff", entropy_coeff)):
+            if value < 0:
+                raise ValueError(f"AWRLoss: {name} must be >= 0, got {value}.")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"AWRLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"AWRLoss: weighting must be one of {_WEIGHTINGS}, got {weighting!r}.")
+        self._tensor_keys = self._AcceptedKeys()
+        super().__init__()
+        self.convert_to_functional(actor_network, "actor_network")
+        self.convert_to_functional(value_network, "critic_network")
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("max_weight", torch.tensor(float(max_weight)))
+        self.register_buffer("value_scale", torch.tensor(float(value_scale)))
+        self.register_buffer("action_bound_penalty", torch.tensor(float(action_bound_penalty)))
+        self.register_buffer("entropy_coeff", torch.tensor(float(entropy_coeff)))
+        self.normalize_advantage = normalize_advantage
+        self.weighting = weighting
+        self.reduction = reduction
+        self.check_inputs = check_inputs
+        self._in_keys = None
+
+    # ----------------------------------------------------------------- keys
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        if self._value_estimator is not None:
+            self._value_estimator.set_keys(**self._estimator_keys())
+        self._in_keys = None
+
+    def _estimator_keys(self) -> dict[str, NestedKey]:
+        keys = self.tensor_keys
+        return dict(
+            advantage=keys.advantage,
+            value_target=keys.value_target,
+            value=keys.value,
+            reward=keys.reward,
+            done=keys.done,
+            terminated=keys.terminated,
+        )
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        if self._in_keys is None:
+            keys = [self.tensor_keys.action, self.tensor_keys.advantage, self.tensor_keys.value_target]
+            keys += [k for k in (*self.actor_network.in_keys, *self.critic_network.in_keys) if k not in keys]
+            self._in_keys = keys
+        return self._in_keys
+
+    @in_keys.setter
+    def in_keys(self, values: list[NestedKey] | None) -> None:
+        self._in_keys = values
+
+    # ------------------------------------------------------- value estimator
+    def make_value_estimator(
+        self, value_type: ValueEstimators | ValueEstimatorBase | type | None = None, **hyperparams
+    ) -> AWRLoss:
+        """Choose how ``advantage``/``value_target`` are computed when the batch lacks them.
+
+        ``value_type`` is a :class:`~torchrl.objectives.utils.ValueEstimators` member
+        (TD0, TD1, TDLambda -- the default, with the reference's gamma 0.99 and
+        lambda 0.95 -- or GAE), an estimator instance, or an estimator class such as
+        :class:`~awr_modules.KStepReturnEstimator` (built with ``hyperparams`` and
+        this loss's critic).
+        """
+        if value_type is None:
+            value_type = self.default_value_estimator
+        if isinstance(value_type, ValueEstimatorBase):
+            estimator = value_type
+        elif isinstance(value_type, type) and issubclass(value_type, ValueEstimatorBase):
+            hyperparams.setdefault("value_network", self.critic_network)
+            estimator = value_type(**hyperparams)
+        elif value_type in _ESTIMATORS:
+            kwargs = {**default_value_kwargs(value_type), **hyperparams}
+            estimator = _ESTIMATORS[value_type](value_network=self.critic_network, **kwargs)
+        else:
+            raise NotImplementedError(
+                f"AWRLoss: value estimator {value_type!r} is not supported; use one of "
+                f"{[v.name for v in _ESTIMATORS]}, KStepReturnEstimator, or a ValueEstimatorBase instance."
+            )
+        self.value_type = type(estimator)
+        self._value_estimator = estimator
+        estimator.set_keys(**self._estimator_keys())
+        return self
+
+    def _default_value_estimator(self) -> None:
+        self.make_value_estimator(self.default_value_estimator)
+
+    # ----------------------------------------------------------------- math
+    def weights(self, advantage: torch.Tensor) -> torch.Tensor:
+        """AWR weights ``w = min(exp(A / temperature), max_weight)`` in float32, without gradient.
+
+        Written as ``exp(min(A / beta, log w_max))`` so that large advantages never overflow.
+        """
+        scaled = advantage.detach().float() / self.temperature
+        return torch.exp(torch.clamp(scaled, max=torch.log(self.max_weight)))
+
+    def _advantage_and_target(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = self.tensor_keys
+        if keys.advantage not in tensordict.keys(True) or keys.value_target not in tensordict.keys(True):
+            self._check_trajectory_inputs(tensordict)
+            with float32_context(tensordict.device), torch.no_grad():
+                self.value_estimator(tensordict, params=self.critic_network_params.detach())
+        advantage = self._per_sample(tensordict, keys.advantage)
+        value_target = self._per_sample(tensordict, keys.value_target)
+        return advantage.float(), value_target.float()
+
+    @staticmethod
+    def _per_sample(tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
+        """Read a per-transition scalar stored as ``[*B]`` or ``[*B, 1]`` and return it as ``[*B]``."""
+        value = tensordict.get(key)
+        batch = tensordict.batch_size
+        if value.shape == batch + (1,):
+            value = value.squeeze(-1)
+        if value.shape != batch:
+            raise ValueError(
+                f"AWRLoss: {key!r} has shape {tuple(value.shape)}; expected {tuple(batch)} or "
+                f"{tuple(batch) + (1,)} (one value per transition of the batch)."
+            )
+        return value
+
+    def _log_prob(self, dist: d.Distribution, action: torch.Tensor, batch_dims: int) -> torch.Tensor:
+        log_prob = dist.log_prob(action)
+        while log_prob.ndim > batch_dims:  # per-dimension log-probs (plain Normal) sum to the joint one
+            log_prob = log_prob.sum(-1)
+        return log_prob
+
+    def _bound_penalty(self, dist: d.Distribution, batch_dims: int) -> torch.Tensor:
+        base = dist.base_dist if isinstance(dist, d.Independent) else dist
+        if isinstance(dist, TanhNormal) or not isinstance(base, d.Normal):
+            raise ValueError(
+                f"AWRLoss: action_bound_penalty needs a Gaussian actor (Normal/IndependentNormal) whose mean "
+                f"can leave [-1, 1]; got {type(dist).__name__}. Set action_bound_penalty=0."
+            )
+        mean = base.loc
+        excursion = mean - mean.clamp(-1.0, 1.0)
+        penalty = 0.5 * excursion.pow(2)
+        while penalty.ndim > batch_dims:
+            penalty = penalty.sum(-1)
+        return penalty
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """Compute ``loss_actor``, ``loss_value`` and diagnostics for a batch of transitions."""
+        keys = self.tensor_keys
+        batch_dims = tensordict.batch_dims
+        if self.check_inputs:
+            self._check_inputs(tensordict)
+        advantage, value_target = self._advantage_and_target(tensordict)
+        if self.normalize_advantage:
+            advantage = (advantage - advantage.mean()) / (advantage.std() + _ADVANTAGE_NORMALIZATION_EPS)
+        weight = self.weights(advantage)
+        priority_weight = self._maybe_get_priority_weight(tensordict)
+        if priority_weight is not None:
+            priority_weight = priority_weight.reshape(tensordict.batch_size).float()
+
+        with self.actor_network_params.to_module(self.actor_network):
+            dist = self.actor_network.get_dist(tensordict)
+        log_prob = self._log_prob(dist, tensordict.get(keys.action), batch_dims)
+        if self.check_inputs:
+            self._check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
+
+        sample_weight = weight if self.weighting == "loss" else torch.ones_like(weight)
+        loss_actor = -sample_weight * log_prob
+        entropy = _entropy(dist)
+        while entropy.ndim > batch_dims:
+            entropy = entropy.sum(-1)
+        loss_actor = loss_actor - self.entropy_coeff * entropy
+        if self.action_bound_penalty > 0:
+            penalty = self._bound_penalty(dist, batch_dims)
+            loss_actor = loss_actor + self.action_bound_penalty * penalty
+
+        with self.critic_network_params.to_module(self.critic_network):
+            value = self.critic_network(tensordict.select(*self.critic_network.in_keys, strict=False)).get(keys.value)
+        value = value.reshape(tensordict.batch_size).float()
+        value_error = value - value_target
+        loss_value = 0.5 * (value_error / self.value_scale).pow(2)
+        tensordict.set(keys.priority, value_error.detach().abs().reshape(tensordict.batch_size))
+
+        if priority_weight is not None:
+            loss_actor = loss_actor * priority_weight
+            loss_value = loss_value * priority_weight
+
+        out = TensorDict(
+            {
+                "loss_actor": _reduce(loss_actor, self.reduction),
+                "loss_value": _reduce(loss_value, self.reduction),
+            },
+            batch_size=[] if self.reduction != "none" else tensordict.batch_size,
+        )
+        out.update(self._diagnostics(tensordict, weight, advantage, log_prob, entropy))
+        return out
+
+    def _diagnostics(
+        self,
+        tensordict: TensorDictBase,
+        weight: torch.Tensor,
+        advantage: torch.Tensor,
+        log_prob: torch.Tensor,
+        entropy: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        weight = weight.detach()
+        n = weight.numel()
+        stats = {
+            "weight_mean": weight.mean(),
+            "weight_max": weight.max(),
+            "weight_clip_fraction": (weight >= self.max_weight * (1 - 1e-6)).float().mean(),
+            "weight_ess": weight.sum().pow(2) / (n * weight.pow(2).sum()),
+            "advantage_mean": advantage.detach().mean(),
+            "advantage_std": advantage.detach().std() if n > 1 else torch.zeros(()),
+            "log_prob_mean": log_prob.detach().mean(),
+            "entropy": entropy.detach().mean(),
+        }
+        behaviour_log_prob = tensordict.get(self.tensor_keys.sample_log_prob, None)
+        if behaviour_log_prob is not None:
+            behaviour_log_prob = behaviour_log_prob.reshape(log_prob.shape).float()
+            stats["kl_behaviour"] = (behaviour_log_prob - log_prob.detach()).mean()
+        return stats
+
+    # --------------------------------------------------------------- checks
+    def _check_inputs(self, tensordict: TensorDictBase) -> None:
+        present = tensordict.keys(True)
+        needed = [self.tensor_keys.action, *self.actor_network.in_keys, *self.critic_network.in_keys]
+        missing = [key for key in needed if key not in present]
+        if missing:
+            raise KeyError(
+                f"AWRLoss: the batch lacks {missing}; it has {sorted(map(str, present))}. "
+                f"Rename keys with loss.set_keys(...) or fix the networks' in_keys."
+            )
+        for key in (self.tensor_keys.advantage, self.tensor_keys.sample_log_prob):
+            if key in present:
+                self._check_finite(tensordict.get(key), repr(key))
+
+    def _check_trajectory_inputs(self, tensordict: TensorDictBase) -> None:
+        keys = self.tensor_keys
+        needed = [("next", keys.reward), ("next", keys.done), ("next", keys.terminated)]
+        missing = [key for key in needed if key not in tensordict.keys(True)]
+        if missing:
+            raise KeyError(
+                f"AWRLoss: the batch has no {keys.advantage!r}/{keys.value_target!r}, so the value estimator "
+                f"must compute them, but it lacks {missing}. Pass trajectory-shaped data [*B, T] with 'next', "
+                f"or refresh targets over the buffer with awr_modules.refresh_value_targets first."
+            )
+        if self.check_inputs:
+            self._check_finite(tensordict.get(("next", keys.reward)), repr(("next", keys.reward)))
+
+    @staticmethod
+    def _check_finite(value: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(value).all():
+            bad = (~torch.isfinite(value)).sum().item()
+            raise ValueError(f"AWRLoss: {what} has {bad} non-finite entries (nan or inf) out of {value.numel()}.")
+

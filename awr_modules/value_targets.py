@@ -1,0 +1,134 @@
+"""Refresh ``value_target`` and ``advantage`` over the trajectories stored in a replay buffer.
+
+TD(lambda), GAE and k-step returns run along trajectories. A minibatch sampled
+from a buffer is not one: estimating over it silently chains unrelated
+transitions. The reference instead recomputes the return of every stored path
+with the current critic before each phase (steps 2-3 and 5 of an AWR iteration);
+:func:`refresh_value_targets` does that for a flat FIFO TorchRL buffer, in one
+vectorised pass of any TorchRL value estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.data import ReplayBuffer
+from torchrl.objectives.value import ValueEstimatorBase
+
+from awr_modules.precision import float32_context
+
+ADVANTAGE_NORMALIZATION_EPS = 1e-5  # the reference's epsilon
+DEFAULT_TRAJ_ID_KEY = ("collector", "traj_ids")
+
+
+def chronological_indices(buffer: ReplayBuffer) -> torch.Tensor:
+    """Storage indices of a FIFO ring buffer, oldest transition first.
+
+    Until the ring is full the order is the storage order; once it wraps, the
+    oldest transition sits at the write cursor.
+    """
+    size = len(buffer)
+    cursor = int(buffer._writer._cursor) % max(size, 1)  # TorchRL keeps the ring's cursor on its writer
+    return (cursor + torch.arange(size)) % max(size, 1)
+
+
+def trajectory_ends(data: TensorDictBase, done_key: NestedKey, traj_id_key: NestedKey | None) -> torch.Tensor:
+    """Where a stored path stops, for chronologically ordered transitions ``[N]``.
+
+    A path ends at ``done`` (termination or truncation), where the trajectory id
+    changes (a collection batch ended mid-episode, or the next env of a batch
+    starts), and at the newest transition (the ring's write cursor).
+    """
+    done = data.get(("next", done_key))
+    ends = done.reshape(data.shape[0], -1).any(-1).clone()
+    ends[-1] = True
+    if traj_id_key is not None:
+        traj_ids = data.get(traj_id_key, None)
+        if traj_ids is not None:
+            traj_ids = traj_ids.reshape(data.shape[0])
+            ends[:-1] |= traj_ids[1:] != traj_ids[:-1]
+    return ends.reshape(done.shape)
+
+
+def refresh_value_targets(
+    buffer: ReplayBuffer,
+    estimator: ValueEstimatorBase,
+    *,
+    normalize_advantage: bool = False,
+    traj_id_key: NestedKey | None = DEFAULT_TRAJ_ID_KEY,
+    params: TensorDictBase | None = None,
+    priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
+) -> TensorDictBase:
+    """Recompute ``value_target`` and ``advantage`` of every stored transition with the current critic.
+
+    The buffer's transitions are laid out oldest first as one long sequence and
+    cut into paths by :func:`trajectory_ends`. At a cut the estimator bootstraps
+    from ``V(s')`` unless the transition *terminated* (``V = 0`` after a failure),
+    which is exactly the reference's treatment of time limits and failures. The
+    estimator (TD(0), TD(1), TD(lambda), GAE or :class:`~awr_modules.KStepReturnEstimator`)
+    runs once over the whole buffer, in float32 even under autocast.
+
+    Args:
+        buffer: a FIFO TorchRL replay buffer of transitions (e.g. from
+            :func:`~awr_modules.make_replay_buffer`), each with ``"next"``
+            reward/done/terminated and the critic's inputs.
+
+    Keyword Args:
+        estimator: any TorchRL value estimator; its ``tensor_keys`` name the keys.
+        normalize_advantage: standardise advantages over the whole buffer
+            (zero mean, unit std, eps 1e-5), as the reference does before weighting.
+        traj_id_key: key of the collector's trajectory ids, used to find the cut
+            where one collection batch ends and the next begins; ``None`` to rely
+            on ``done`` only (then mark batch ends as truncated, e.g. with the
+            collector's ``set_truncated=True``).
+        params: critic parameters for a functional estimator (e.g.
+            ``loss.critic_network_params``); ``None`` uses the module's own.
+        priority_fn: maps the refreshed data to one priority per transition,
+            written to the buffer's sampler (e.g. AWR weights for
+            ``weighting="sampling"``). Ignored by non-prioritized buffers.
+
+    Returns:
+        The stored transitions, oldest first, with the refreshed keys and ``index``
+        (their storage indices).
+    """
+    if len(buffer) == 0:
+        raise ValueError("refresh_value_targets: the replay buffer is empty; extend it with collected data first.")
+    keys = estimator.tensor_keys
+    index = chronological_indices(buffer)
+    refreshed = [keys.advantage, keys.value_target, keys.value]
+    data = buffer.storage.get(index).exclude(*refreshed)  # stale outputs of the previous critic
+    done_key = ("next", keys.done)
+    if done_key not in data.keys(True):
+        raise KeyError(f"refresh_value_targets: stored transitions lack {done_key!r}; the estimator needs it.")
+    stored_done = data.get(done_key)
+    data.set(done_key, trajectory_ends(data, keys.done, traj_id_key))
+    if ("next", keys.terminated) not in data.keys(True):
+        data.set(("next", keys.terminated), stored_done.clone())
+
+    sequence = data.unsqueeze(0)  # one sequence [1, N]: the estimators' time dimension is the last one
+    with torch.no_grad(), float32_context(data.device):
+        estimator(sequence, params=params)
+    data = sequence.squeeze(0)
+    data.set(done_key, stored_done)
+
+    if normalize_advantage:
+        advantage = data.get(keys.advantage)
+        advantage = (advantage - advantage.mean()) / (advantage.std() + ADVANTAGE_NORMALIZATION_EPS)
+        data.set(keys.advantage, advantage)
+
+    buffer.storage.set(index, data.select(*refreshed), set_cursor=False)  # rewrite in place, length unchanged
+    stored_keys = buffer.storage.get(index[:1]).keys(True)
+    missing = [key for key in refreshed if key not in stored_keys]
+    if missing:
+        raise KeyError(
+            f"refresh_value_targets: the buffer's storage did not accept the new keys {missing} "
+            f"(memmap storages have a fixed layout). Add them before extending, e.g. "
+            f"batch.set('advantage', torch.zeros_like(batch['next', 'reward'])), for each of {refreshed}."
+        )
+    data.set("index", index)
+    if priority_fn is not None and hasattr(buffer, "update_priority"):
+        buffer.update_priority(index, priority_fn(data).reshape(-1).float())
+    return data

@@ -1,0 +1,1 @@
+"""Recipes: assemble environments, networks and the AWR iteration for an environment family."""

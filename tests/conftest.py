@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny actors and critics of every distribution family the loss accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.modules import IndependentNormal, MLP, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
+
+OBS_DIM = 3
+ACT_DIM = 2
+N_ACTIONS = 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_seed():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+class FixedStd(nn.Module):
+    """Gaussian head with a fixed, not learned, standard deviation (the reference's policy)."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loc, torch.full_like(loc, self.std)
+
+
+def make_actor(kind: str) -> ProbabilisticActor:
+    if kind == "normal":
+        net = nn.Sequential(MLP(in_features=OBS_DIM, out_features=ACT_DIM, num_cells=[16]), FixedStd(0.4))
+        module = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
+        return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=IndependentNormal,
+                                  return_log_prob=True)
+    if kind == "plain_normal":
+        net = nn.Sequential(MLP(in_features=OBS_DIM, out_features=2 * ACT_DIM, num_cells=[16]), NormalParamExtractor())
+        module = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
+        return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=torch.distributions.Normal,
+                                  return_log_prob=True)
+    if kind == "tanh_normal":
+        net = nn.Sequential(MLP(in_features=OBS_DIM, out_features=2 * ACT_DIM, num_cells=[16]), NormalParamExtractor())
+        module = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
+        return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=TanhNormal,
+                                  return_log_prob=True)
+    if kind == "categorical":
+        module = TensorDictModule(MLP(in_features=OBS_DIM, out_features=N_ACTIONS, num_cells=[16]),
+                                  in_keys=["observation"], out_keys=["logits"])
+        return ProbabilisticActor(module, in_keys=["logits"], distribution_class=OneHotCategorical,
+                                  return_log_prob=True)
+    raise ValueError(kind)
+
+
+def make_critic() -> ValueOperator:
+    return ValueOperator(MLP(in_features=OBS_DIM, out_features=1, num_cells=[16]), in_keys=["observation"])
+
+
+def make_batch(kind: str, n: int = 8) -> TensorDict:
+    """A flat batch of transitions with stored actions, advantages and returns."""
+    obs = torch.randn(n, OBS_DIM)
+    if kind == "categorical":
+        action = torch.nn.functional.one_hot(torch.randint(N_ACTIONS, (n,)), N_ACTIONS)
+    elif kind == "tanh_normal":
+        action = torch.rand(n, ACT_DIM) * 1.8 - 0.9
+    else:
+        action = torch.randn(n, ACT_DIM)
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": action,
+            "advantage": torch.randn(n, 1) * 2,
+            "value_target": torch.randn(n, 1),
+            "sample_log_prob": -torch.rand(n),
+        },
+        [n],
+    )
+
+
+ACTOR_KINDS = ["normal", "plain_normal", "tanh_normal", "categorical"]
