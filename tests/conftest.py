@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny actors and critics of every distribution family the loss accepts."""
+"""Shared fixtures: tiny actors and critics of every distribution family the loss accepts.
+
+Also a linear critic with known weights (``V(s) = s . w``) so that value targets can
+be recomputed in plain Python, and :func:`dist_params` which runs an actor's
+parameter network on its own to expose ``loc``/``scale``/``logits`` for hand
+computations of ``log pi(a|s)``.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -18,6 +25,7 @@ N_ACTIONS = 4
 def _one_thread_and_seed():
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    np.random.seed(0)  # TorchRL's prioritized sampler draws from numpy's global generator on CPU
 
 
 class FixedStd(nn.Module):
@@ -81,3 +89,38 @@ def make_batch(kind: str, n: int = 8) -> TensorDict:
 
 
 ACTOR_KINDS = ["normal", "plain_normal", "tanh_normal", "categorical"]
+
+
+def make_linear_critic(weight: list[float]) -> ValueOperator:
+    """``V(s) = s . weight``, no bias: values a test can recompute by hand."""
+    linear = nn.Linear(len(weight), 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([weight]))
+    return ValueOperator(linear, in_keys=["observation"])
+
+
+def dist_params(actor: ProbabilisticActor, td: TensorDict) -> TensorDict:
+    """Run the actor's parameter network alone (``loc``/``scale`` or ``logits``), without sampling."""
+    return actor[0](td.select(*actor[0].in_keys).clone())
+
+
+def td_lambda_reference(
+    reward: list[float],
+    next_value: list[float],
+    end: list[bool],
+    terminated: list[bool],
+    gamma: float,
+    lmbda: float,
+) -> list[float]:
+    """Plain-Python TD(lambda) returns of a chronological sequence cut into paths at ``end``.
+
+    Inside a path ``G_t = r_t + gamma ((1 - lambda) V(s'_t) + lambda G_{t+1})``; at a path's
+    last step ``G_t = r_t + gamma V(s'_t) (1 - terminated_t)``.
+    """
+    returns = [0.0] * len(reward)
+    for t in reversed(range(len(reward))):
+        if end[t]:
+            returns[t] = reward[t] + gamma * next_value[t] * (0.0 if terminated[t] else 1.0)
+        else:
+            returns[t] = reward[t] + gamma * ((1 - lmbda) * next_value[t] + lmbda * returns[t + 1])
+    return returns

@@ -1,0 +1,369 @@
+"""``AWRModule``: the AWR iteration as a Lightning module.
+
+One Lightning *epoch* is one AWR iteration (``../shared/DESIGN.md``):
+
+1. collect ``frames_per_iteration`` steps with the stochastic policy (TorchRL collector);
+2. extend the FIFO replay buffer;
+3. refresh TD(lambda) value targets over the stored trajectories with the critic;
+4. value phase: ``critic_steps`` minibatch steps on ``0.5 ((V - R) / s_v)^2``;
+5. refresh advantages with the updated critic (normalised over the buffer);
+6. policy phase: ``actor_steps`` minibatch steps on ``-w log pi(a|s)``, ``w = min(exp(A / beta), w_max)``;
+7. log; Lightning's validation loop evaluates the deterministic policy every
+   ``check_val_every_n_epoch`` iterations.
+
+Lightning does devices, precision, DDP, checkpointing and logging. Under DDP every
+rank collects with its own seed and runs the same number of steps; gradients are
+averaged across ranks before each optimizer step, and observation statistics are
+merged after each collection, so parameters stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.strategies import ParallelStrategy
+from tensordict import TensorDictBase
+from torch.utils.data import DataLoader
+from torchrl.collectors import Collector
+from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
+
+from awr_modules.loss import AWRLoss
+from awr_modules.recipe import Recipe
+from awr_modules.replay_buffer import make_replay_buffer
+from awr_modules.value_targets import refresh_value_targets
+
+CHECKPOINT_KEY = "awr"
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"AWRModule: {name} must be > 0, got {value}.")
+
+
+class AWRModule(pl.LightningModule):
+    """Advantage-Weighted Regression, one AWR iteration per Lightning epoch.
+
+    Args:
+        recipe: builds the env and the networks (e.g. ``recipes.classic_control.ClassicControl``).
+
+    Keyword Args:
+        frames_per_iteration: env steps collected per iteration and rank (reference ``samples_per_iter`` 2048).
+        buffer_size: FIFO replay buffer capacity in transitions (reference 50,000).
+        critic_steps: value-phase minibatch steps per iteration (reference 200).
+        actor_steps: policy-phase minibatch steps per iteration (reference 1000).
+        critic_batch_size: value-phase minibatch size (reference 256).
+        actor_batch_size: policy-phase minibatch size (reference 256).
+        critic_lr: critic step size (reference 0.01 with SGD, momentum 0.9).
+        actor_lr: actor step size (reference 5e-5 .. 5e-4 by task, SGD, momentum 0.9).
+        optimizer: ``"sgd"`` with ``momentum`` (reference) or ``"adam"``.
+        momentum: SGD momentum (reference 0.9).
+        gamma: discount (reference 0.99).
+        td_lambda: lambda of the TD(lambda) targets (reference 0.95).
+        temperature: ``beta`` of ``exp(A / beta)`` (reference 1.0 on normalised advantages).
+        max_weight: weight clip (reference 20).
+        normalize_advantage: standardise advantages over the buffer before weighting (reference: yes).
+        value_scale: ``s_v`` dividing the value error; ``None`` means ``1 / (1 - gamma)`` as the reference.
+        action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10; 0 for discrete).
+        entropy_coeff: entropy bonus (reference 0).
+        weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling) or
+            ``"sampling"`` (the buffer samples proportionally to ``w``; loss weight 1).
+        eval_episodes: episodes of the deterministic policy per evaluation.
+        max_env_steps: stop training once this many env steps (all ranks) were collected.
+        seed: base seed; rank ``r`` collects with ``seed + 1000 * r``.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        frames_per_iteration: int = 2048,
+        buffer_size: int = 50_000,
+        critic_steps: int = 200,
+        actor_steps: int = 1000,
+        critic_batch_size: int = 256,
+        actor_batch_size: int = 256,
+        critic_lr: float = 0.01,
+        actor_lr: float = 5e-5,
+        optimizer: Literal["sgd", "adam"] = "sgd",
+        momentum: float = 0.9,
+        gamma: float = 0.99,
+        td_lambda: float = 0.95,
+        temperature: float = 1.0,
+        max_weight: float = 20.0,
+        normalize_advantage: bool = True,
+        value_scale: float | None = None,
+        action_bound_penalty: float = 10.0,
+        entropy_coeff: float = 0.0,
+        weighting: Literal["loss", "sampling"] = "loss",
+        eval_episodes: int = 10,
+        max_env_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name in ("frames_per_iteration", "buffer_size", "critic_batch_size", "actor_batch_size",
+                     "critic_lr", "actor_lr", "gamma", "eval_episodes"):
+            _positive(name, locals()[name])
+        for name in ("critic_steps", "actor_steps", "momentum", "td_lambda"):
+            if locals()[name] < 0:
+                raise ValueError(f"AWRModule: {name} must be >= 0, got {locals()[name]}.")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
+        if gamma >= 1 or td_lambda > 1:
+            raise ValueError(f"AWRModule: need gamma < 1 and td_lambda <= 1, got gamma={gamma}, td_lambda={td_lambda}.")
+        self.save_hyperparameters(ignore=["recipe"])
+        self.automatic_optimization = False
+        self.recipe = recipe
+
+        spec_env = recipe.make_env(seed)
+        self.actor = recipe.make_actor(spec_env)
+        self.critic = recipe.make_critic(spec_env)
+        self._env_signature = self._signature(spec_env)
+        spec_env.close()
+        discrete = self._env_signature["discrete"]
+        self.loss_module = AWRLoss(
+            self.actor,
+            self.critic,
+            temperature=temperature,
+            max_weight=max_weight,
+            value_scale=value_scale if value_scale is not None else 1.0 / (1.0 - gamma),
+            action_bound_penalty=0.0 if discrete or recipe_policy(recipe) == "tanh_normal" else action_bound_penalty,
+            entropy_coeff=entropy_coeff,
+            weighting=weighting,
+        )
+        self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)
+        self.env_steps = 0
+        self.iteration = 0
+
+    # ------------------------------------------------------------ building
+    @staticmethod
+    def _signature(env: EnvBase) -> dict[str, Any]:
+        """What a checkpoint must match: the env id and the shapes of its spaces."""
+        spec = env.action_spec
+        return {
+            "observation_shape": list(env.observation_spec["observation"].shape),
+            "action_shape": list(spec.shape),
+            "discrete": not spec.dtype.is_floating_point,
+        }
+
+    def setup(self, stage: str) -> None:
+        """Build env, collector and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
+        rank_seed = self.hparams.seed + 1000 * self.global_rank
+        self.eval_env = self.recipe.make_env(rank_seed + 500)
+        if stage != "fit":
+            self.train_env = self.recipe.make_env(rank_seed)
+            return
+        self.train_env = self.recipe.make_env(rank_seed)
+        torch.manual_seed(rank_seed)
+        self.collector = Collector(
+            self.train_env,
+            self.actor,
+            frames_per_batch=self.hparams.frames_per_iteration,
+            total_frames=-1,
+            policy_device=self.device,
+            storing_device=self.device,
+        )
+        self._collector_iter = iter(self.collector)
+        self.buffer = make_replay_buffer(
+            self.hparams.buffer_size,
+            prioritized=self.hparams.weighting == "sampling",
+            priority="weight",
+            device=self.device,
+        )
+
+    def teardown(self, stage: str) -> None:
+        if getattr(self, "collector", None) is not None:
+            self.collector.shutdown()
+            self.collector = None
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        def make(params, lr: float) -> torch.optim.Optimizer:
+            if self.hparams.optimizer == "adam":
+                return torch.optim.Adam(params, lr=lr)
+            return torch.optim.SGD(params, lr=lr, momentum=self.hparams.momentum)
+
+        return [make(self.actor.parameters(), self.hparams.actor_lr),
+                make(self.critic.parameters(), self.hparams.critic_lr)]
+
+    def train_dataloader(self) -> DataLoader:
+        """One item per rank: each Lightning epoch is one AWR iteration on every rank."""
+        return DataLoader(range(self.trainer.world_size), batch_size=1)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.trainer.world_size), batch_size=1)
+
+    # ------------------------------------------------------- one iteration
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        actor_optimizer, critic_optimizer = self.optimizers()
+        loss = self.loss_module
+        estimator = loss.value_estimator
+
+        data = self._collect()                                                     # 1
+        self.buffer.extend(data.reshape(-1))                                       # 2
+        refresh_value_targets(self.buffer, estimator)                              # 3
+        for _ in range(self.hparams.critic_steps):                                 # 4
+            sample = self.buffer.sample(self.hparams.critic_batch_size)
+            self._step(critic_optimizer, loss(sample)["loss_value"], self.critic)
+        priority_fn = self._sampling_priority if self.hparams.weighting == "sampling" else None
+        refresh_value_targets(self.buffer, estimator,                              # 5
+                              normalize_advantage=self.hparams.normalize_advantage, priority_fn=priority_fn)
+        out = None
+        for _ in range(self.hparams.actor_steps):                                  # 6
+            sample = self.buffer.sample(self.hparams.actor_batch_size)
+            out = loss(sample)
+            self._step(actor_optimizer, out["loss_actor"], self.actor)
+        self.iteration += 1
+        self._log_iteration(data, out)                                             # 7
+        if self.hparams.max_env_steps is not None and self.env_steps >= self.hparams.max_env_steps:
+            self.trainer.should_stop = True
+
+    def _sampling_priority(self, data: TensorDictBase) -> torch.Tensor:
+        """Priorities for ``weighting="sampling"``: the AWR weights themselves."""
+        return self.loss_module.weights(data[self.loss_module.tensor_keys.advantage])
+
+    def _collect(self) -> TensorDictBase:
+        data = next(self._collector_iter)
+        self.env_steps += data.numel() * self.trainer.world_size
+        for vecnorm in self._normalizers(self.train_env):
+            self._merge_across_ranks(vecnorm)
+            if self.env_steps >= self.recipe.normalizer_samples and not vecnorm.frozen:
+                vecnorm.freeze()
+        return data
+
+    def _step(self, optimizer: Any, objective: torch.Tensor, network: torch.nn.Module) -> None:
+        """One optimizer step; under DDP gradients are averaged across ranks by hand.
+
+        The loss is computed outside DDP's forward (many backward passes per Lightning
+        step, each touching only one network), so DDP's reducer is bypassed and the
+        gradient of the network actually optimized is all-reduced here.
+        """
+        optimizer.zero_grad()
+        strategy = self.trainer.strategy
+        with strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext():
+            self.manual_backward(objective)
+        if self.trainer.world_size > 1:
+            grads = [p.grad for p in network.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        optimizer.step()
+
+    def _merge_across_ranks(self, vecnorm: VecNormV2) -> None:
+        """Average observation statistics over ranks so that every rank normalises alike."""
+        if self.trainer.world_size <= 1 or vecnorm.frozen:
+            return
+        state = vecnorm.get_extra_state()
+        if not state:
+            return
+        merged = {}
+        for key, value in state.items():
+            if key.startswith("var"):
+                loc = state[key.replace("var", "loc", 1)]
+                second_moment = self.trainer.strategy.reduce(value + loc.pow(2), reduce_op="mean")
+                mean = self.trainer.strategy.reduce(loc.clone(), reduce_op="mean")
+                merged[key] = second_moment - mean.pow(2)
+            elif key.startswith("loc"):
+                merged[key] = self.trainer.strategy.reduce(value.clone(), reduce_op="mean")
+            else:
+                merged[key] = value
+        vecnorm.set_extra_state(merged)
+
+    @staticmethod
+    def _normalizers(env: EnvBase) -> list[VecNormV2]:
+        transform = getattr(env, "transform", None)
+        return [t for t in (transform if transform is not None else []) if isinstance(t, VecNormV2)]
+
+    def _log_iteration(self, data: TensorDictBase, out: TensorDictBase | None) -> None:
+        done = data["next", "done"]
+        returns = data["next", "episode_reward"][done]
+        self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=False)
+        self.log("iteration", float(self.iteration), prog_bar=True, sync_dist=False)
+        if returns.numel():
+            self.log("train/return", returns.float().mean(), prog_bar=True, sync_dist=True)
+            self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
+        if out is not None:
+            for key, value in out.items():
+                self.log(f"train/{key}", value.detach().float(), sync_dist=True)
+
+    # ---------------------------------------------------------- evaluation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Run ``eval_episodes`` episodes of the deterministic (mean / mode) policy."""
+        for source, target in zip(self._normalizers(self.train_env), self._normalizers(self.eval_env)):
+            target.set_extra_state(source.get_extra_state())
+            target.freeze()
+        returns, lengths = [], []
+        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+            for _ in range(self.hparams.eval_episodes):
+                rollout = self.eval_env.rollout(
+                    max_steps=100_000, policy=self.actor, auto_cast_to_device=True, break_when_any_done=True
+                )
+                returns.append(rollout["next", "reward"].sum().item())
+                lengths.append(rollout.shape[-1])
+        self.log("eval/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
+        self.log("eval/episode_length", float(np.mean(lengths)), sync_dist=True)
+        self.log("env_steps", float(self.env_steps), sync_dist=False)
+
+    # ---------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store what Lightning does not: buffer, normaliser, counters, RNG states, the env signature."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "env_id": self.recipe.env_id,
+            "signature": self._env_signature,
+            "env_steps": self.env_steps,
+            "iteration": self.iteration,
+            "normalizers": [v.get_extra_state() for v in self._normalizers(self.train_env)],
+            "buffer": self.buffer.state_dict() if getattr(self, "buffer", None) is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another task or shape before any weight is loaded, then restore the run."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            raise ValueError(
+                f"AWRModule: the checkpoint has no {CHECKPOINT_KEY!r} section; it was not written by AWRModule "
+                f"(or is corrupt). Pass a checkpoint from `awr fit`."
+            )
+        if state["env_id"] != self.recipe.env_id or state["signature"] != self._env_signature:
+            raise ValueError(
+                f"AWRModule: checkpoint is for env {state['env_id']!r} with spaces {state['signature']}, but the "
+                f"config builds {self.recipe.env_id!r} with {self._env_signature}. Use the config it was trained with."
+            )
+        self._check_state_shapes(checkpoint.get("state_dict", {}))
+        self.env_steps = state["env_steps"]
+        self.iteration = state["iteration"]
+        for vecnorm, saved in zip(self._normalizers(self.train_env), state["normalizers"]):
+            if saved:
+                vecnorm.set_extra_state(saved)
+                if self.env_steps >= self.recipe.normalizer_samples:
+                    vecnorm.freeze()
+        if state["buffer"] is not None and getattr(self, "buffer", None) is not None:
+            self.buffer.load_state_dict(state["buffer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def _check_state_shapes(self, saved: dict[str, torch.Tensor]) -> None:
+        """Fail with one clear message on mismatched network sizes, instead of a partial load."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(saved))
+        unexpected = sorted(set(saved) - set(own))
+        mismatched = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+                      for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                "AWRModule: the checkpoint's networks do not match this config (hidden sizes, policy kind?): "
+                f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {mismatched[:4]}."
+            )
+
+
+def recipe_policy(recipe: Recipe) -> str | None:
+    """The recipe's policy kind, if it has one (the bound penalty only makes sense for a Gaussian)."""
+    return getattr(recipe, "policy", None)

@@ -1,0 +1,40 @@
+"""What :class:`~awr_modules.AWRModule` needs from a recipe: an environment and two networks.
+
+A recipe knows one environment family (classic control, Box2D, MuJoCo, ...):
+how to build the TorchRL env with its transforms, and the actor and critic that
+fit its observation and action spaces. The module asks for them in ``setup()``
+and ``__init__`` and owns everything else (collection, buffer, the AWR phases).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torchrl.envs import EnvBase
+from torchrl.modules import ProbabilisticActor, ValueOperator
+
+
+class Recipe(ABC):
+    """Builds the environment and networks for one task.
+
+    Attributes:
+        env_id: the task's id (e.g. a gymnasium id); checkpoints record it so that
+            a checkpoint of another task is refused on load.
+        normalizer_samples: number of collected transitions after which the
+            observation normaliser is frozen (the reference's ``normalizer_samples``).
+    """
+
+    env_id: str
+    normalizer_samples: int
+
+    @abstractmethod
+    def make_env(self, seed: int) -> EnvBase:
+        """A seeded training/evaluation env with every transform the networks expect."""
+
+    @abstractmethod
+    def make_actor(self, env: EnvBase) -> ProbabilisticActor:
+        """A stochastic actor for ``env`` (returns a distribution, writes ``action`` and its log-prob)."""
+
+    @abstractmethod
+    def make_critic(self, env: EnvBase) -> ValueOperator:
+        """A state-value network for ``env`` writing ``state_value``."""

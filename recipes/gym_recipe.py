@@ -1,0 +1,173 @@
+"""Gymnasium tasks through TorchRL: env transforms and MLP actor/critic as in the reference.
+
+Env: ``GymEnv(env_id)`` -> ``DoubleToFloat`` (gymnasium returns float64) ->
+``VecNormV2`` running mean/std of observations with infinite memory
+(``decay=1``), frozen by the module after ``normalizer_samples`` -> for
+continuous actions an affine map from the policy's normalised box ``[-1, 1]``
+to the env's bounds -> ``StepCounter`` -> ``RewardSum``.
+
+Networks: MLP ``hidden_sizes`` (reference ``[128, 64]``, ReLU) for actor and
+critic. Continuous actions: a diagonal Gaussian in normalised units with a
+fixed std ``action_std`` (the reference), or a learned std, or a TanhNormal;
+the mean head is initialised uniform(+-0.01) as in the reference. Discrete
+actions: a categorical over logits (one-hot actions).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import gymnasium as gym
+import torch
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.data import Categorical, OneHot
+from torchrl.envs import (
+    DoubleToFloat,
+    EnvBase,
+    GymEnv,
+    ObservationNorm,
+    RewardSum,
+    StepCounter,
+    TransformedEnv,
+    VecNormV2,
+)
+from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
+
+from awr_modules.recipe import Recipe
+
+MEAN_HEAD_INIT = 0.01  # the reference initialises the policy's output layer uniform(+-0.01)
+PolicyKind = Literal["fixed_std", "learned_std", "tanh_normal"]
+
+
+class FixedStd(nn.Module):
+    """Pairs a Gaussian mean with a constant std: the reference's policy does not learn its std."""
+
+    def __init__(self, std: float) -> None:
+        super().__init__()
+        self.std = std
+
+    def forward(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return loc, torch.full_like(loc, self.std)
+
+
+class GymRecipe(Recipe):
+    """A gymnasium task with the reference's state normalisation and MLP networks.
+
+    Args:
+        env_id: gymnasium id, e.g. ``"Pendulum-v1"``.
+
+    Keyword Args:
+        env_kwargs: keyword arguments of ``gymnasium.make`` (e.g. ``{"continuous": True}``).
+        hidden_sizes: hidden layers of actor and critic (reference ``[128, 64]``).
+        policy: ``"fixed_std"`` (reference), ``"learned_std"`` or ``"tanh_normal"``;
+            ignored for discrete actions.
+        action_std: std of the fixed-std Gaussian in normalised action units.
+        normalizer_samples: transitions after which observation statistics freeze.
+    """
+
+    families: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        env_id: str,
+        *,
+        env_kwargs: dict | None = None,
+        hidden_sizes: list[int] | None = None,
+        policy: PolicyKind = "fixed_std",
+        action_std: float = 0.4,
+        normalizer_samples: int = 300_000,
+    ) -> None:
+        self.env_id = env_id
+        self.env_kwargs = dict(env_kwargs or {})
+        self.hidden_sizes = list(hidden_sizes or [128, 64])
+        self.policy = policy
+        self.action_std = action_std
+        self.normalizer_samples = normalizer_samples
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.env_id not in gym.registry:
+            raise ValueError(
+                f"{type(self).__name__}: unknown env id {self.env_id!r}; gymnasium knows e.g. "
+                f"{sorted(k for k in gym.registry if k.split('-')[0] in self.families)[:8] or sorted(gym.registry)[:8]}."
+            )
+        if self.families and self.env_id.split("-")[0] not in self.families:
+            raise ValueError(
+                f"{type(self).__name__}: env id {self.env_id!r} is not in this recipe's family {self.families}; "
+                f"pick the recipe of its family in the config (model.recipe.class_path)."
+            )
+        if self.policy not in ("fixed_std", "learned_std", "tanh_normal"):
+            raise ValueError(f"{type(self).__name__}: policy must be fixed_std, learned_std or tanh_normal, "
+                             f"got {self.policy!r}.")
+        if not self.action_std > 0:
+            raise ValueError(f"{type(self).__name__}: action_std must be > 0, got {self.action_std}.")
+        if self.normalizer_samples < 0:
+            raise ValueError(f"{type(self).__name__}: normalizer_samples must be >= 0, got {self.normalizer_samples}.")
+        if not self.hidden_sizes or min(self.hidden_sizes) <= 0:
+            raise ValueError(f"{type(self).__name__}: hidden_sizes must be positive, got {self.hidden_sizes}.")
+
+    # ------------------------------------------------------------------ env
+    def make_env(self, seed: int) -> TransformedEnv:
+        env = TransformedEnv(GymEnv(self.env_id, **self.env_kwargs), DoubleToFloat())
+        env.append_transform(VecNormV2(in_keys=["observation"], decay=1.0))
+        spec = env.action_spec
+        if not isinstance(spec, (OneHot, Categorical)):
+            self._check_bounded(spec)
+            low, high = spec.space.low, spec.space.high
+            env.append_transform(
+                ObservationNorm(loc=(high + low) / 2, scale=(high - low) / 2, in_keys=[], in_keys_inv=["action"],
+                                standard_normal=True)
+            )
+        env.append_transform(StepCounter())
+        env.append_transform(RewardSum())
+        env.set_seed(seed)
+        return env
+
+    def _check_bounded(self, spec) -> None:
+        space = getattr(spec, "space", None)
+        low, high = getattr(space, "low", None), getattr(space, "high", None)
+        if low is None or not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+            raise ValueError(
+                f"{type(self).__name__}: {self.env_id!r} has an action space this recipe cannot handle "
+                f"({type(spec).__name__}); it needs a discrete space or a bounded box."
+            )
+
+    # ------------------------------------------------------------- networks
+    def make_actor(self, env: EnvBase) -> ProbabilisticActor:
+        obs_dim = env.observation_spec["observation"].shape[-1]
+        spec = env.action_spec
+        if isinstance(spec, (OneHot, Categorical)):
+            if isinstance(spec, Categorical):
+                raise ValueError(
+                    f"{type(self).__name__}: {self.env_id!r} gives integer actions; GymEnv should give one-hot "
+                    f"actions for discrete spaces (categorical_action_encoding=False)."
+                )
+            logits = self._mlp(obs_dim, spec.shape[-1])
+            module = TensorDictModule(logits, in_keys=["observation"], out_keys=["logits"])
+            return ProbabilisticActor(module, in_keys=["logits"], spec=spec, distribution_class=OneHotCategorical,
+                                      return_log_prob=True)
+        act_dim = spec.shape[-1]
+        if self.policy == "fixed_std":
+            head = nn.Sequential(self._mlp(obs_dim, act_dim), FixedStd(self.action_std))
+            distribution, kwargs = IndependentNormal, {}
+        else:
+            head = nn.Sequential(self._mlp(obs_dim, 2 * act_dim), NormalParamExtractor())
+            distribution, kwargs = (IndependentNormal, {}) if self.policy == "learned_std" else (
+                TanhNormal, {"low": -torch.ones(act_dim), "high": torch.ones(act_dim)})
+        module = TensorDictModule(head, in_keys=["observation"], out_keys=["loc", "scale"])
+        return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=distribution,
+                                  distribution_kwargs=kwargs, return_log_prob=True)
+
+    def make_critic(self, env: EnvBase) -> ValueOperator:
+        obs_dim = env.observation_spec["observation"].shape[-1]
+        return ValueOperator(MLP(in_features=obs_dim, out_features=1, num_cells=self.hidden_sizes,
+                                 activation_class=nn.ReLU), in_keys=["observation"])
+
+    def _mlp(self, in_features: int, out_features: int) -> MLP:
+        mlp = MLP(in_features=in_features, out_features=out_features, num_cells=self.hidden_sizes,
+                  activation_class=nn.ReLU)
+        last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1]
+        nn.init.uniform_(last.weight, -MEAN_HEAD_INIT, MEAN_HEAD_INIT)
+        nn.init.zeros_(last.bias)
+        return mlp
