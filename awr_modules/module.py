@@ -20,6 +20,8 @@ merged after each collection, so parameters stay identical on every rank.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from dataclasses import dataclass
 from contextlib import nullcontext
 from typing import Any, Literal
 
@@ -30,6 +32,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from tensordict import TensorDictBase
 from torch.utils.data import DataLoader
 from torchrl.collectors import Collector
+from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
 
 from awr_modules.loss import AWRLoss
@@ -38,6 +41,17 @@ from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
 CHECKPOINT_KEY = "awr"
+
+
+@dataclass
+class _Runtime:
+    """What ``setup()`` builds: kept outside the module tree so envs never enter ``state_dict`` or DDP."""
+
+    train_env: EnvBase
+    eval_env: EnvBase
+    collector: Collector | None = None
+    batches: Iterator[TensorDictBase] | None = None
+    buffer: ReplayBuffer | None = None
 
 
 def _positive(name: str, value: float) -> None:
@@ -138,6 +152,7 @@ class AWRModule(pl.LightningModule):
         self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)
         self.env_steps = 0
         self.iteration = 0
+        self.runtime: _Runtime | None = None
 
     # ------------------------------------------------------------ building
     @staticmethod
@@ -153,32 +168,30 @@ class AWRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build env, collector and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
-        self.eval_env = self.recipe.make_env(rank_seed + 500)
-        if stage != "fit":
-            self.train_env = self.recipe.make_env(rank_seed)
-            return
-        self.train_env = self.recipe.make_env(rank_seed)
-        torch.manual_seed(rank_seed)
-        self.collector = Collector(
-            self.train_env,
-            self.actor,
-            frames_per_batch=self.hparams.frames_per_iteration,
-            total_frames=-1,
-            policy_device=self.device,
-            storing_device=self.device,
-        )
-        self._collector_iter = iter(self.collector)
-        self.buffer = make_replay_buffer(
-            self.hparams.buffer_size,
-            prioritized=self.hparams.weighting == "sampling",
-            priority="weight",
-            device=self.device,
-        )
+        runtime = _Runtime(train_env=self.recipe.make_env(rank_seed), eval_env=self.recipe.make_env(rank_seed + 500))
+        if stage == "fit":
+            torch.manual_seed(rank_seed)
+            runtime.collector = Collector(
+                runtime.train_env,
+                self.actor,
+                frames_per_batch=self.hparams.frames_per_iteration,
+                total_frames=-1,
+                policy_device=self.device,
+                storing_device=self.device,
+            )
+            runtime.batches = iter(runtime.collector)
+            runtime.buffer = make_replay_buffer(
+                self.hparams.buffer_size,
+                prioritized=self.hparams.weighting == "sampling",
+                priority="weight",
+                device=self.device,
+            )
+        self.runtime = runtime
 
     def teardown(self, stage: str) -> None:
-        if getattr(self, "collector", None) is not None:
-            self.collector.shutdown()
-            self.collector = None
+        if self.runtime is not None and self.runtime.collector is not None:
+            self.runtime.collector.shutdown()
+        self.runtime = None
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         def make(params, lr: float) -> torch.optim.Optimizer:
@@ -199,36 +212,41 @@ class AWRModule(pl.LightningModule):
     # ------------------------------------------------------- one iteration
     def training_step(self, batch: Any, batch_idx: int) -> None:
         actor_optimizer, critic_optimizer = self.optimizers()
-        loss = self.loss_module
+        loss, buffer, hp = self.loss_module, self.runtime.buffer, self.hparams
         estimator = loss.value_estimator
 
-        data = self._collect()                                                     # 1
-        self.buffer.extend(data.reshape(-1))                                       # 2
-        refresh_value_targets(self.buffer, estimator)                              # 3
-        for _ in range(self.hparams.critic_steps):                                 # 4
-            sample = self.buffer.sample(self.hparams.critic_batch_size)
-            self._step(critic_optimizer, loss(sample)["loss_value"], self.critic)
-        priority_fn = self._sampling_priority if self.hparams.weighting == "sampling" else None
-        refresh_value_targets(self.buffer, estimator,                              # 5
-                              normalize_advantage=self.hparams.normalize_advantage, priority_fn=priority_fn)
+        data = self._collect()                                                   # 1. collect
+        buffer.extend(data.reshape(-1))                                          # 2. FIFO buffer
+        refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
+        for _ in range(hp.critic_steps):                                         # 4. value phase
+            self._step(critic_optimizer, loss(self._critic_sample())["loss_value"], self.critic)
+        priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
+        refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
+                              normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         out = None
-        for _ in range(self.hparams.actor_steps):                                  # 6
-            sample = self.buffer.sample(self.hparams.actor_batch_size)
-            out = loss(sample)
+        for _ in range(hp.actor_steps):                                          # 6. policy phase
+            out = loss(buffer.sample(hp.actor_batch_size))
             self._step(actor_optimizer, out["loss_actor"], self.actor)
         self.iteration += 1
-        self._log_iteration(data, out)                                             # 7
-        if self.hparams.max_env_steps is not None and self.env_steps >= self.hparams.max_env_steps:
+        self._log_iteration(data, out)                                           # 7. log
+        if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
+
+    def _critic_sample(self) -> TensorDictBase:
+        """A critic minibatch: uniform over the buffer, whatever the actor's sampling weights are."""
+        if self.hparams.weighting == "sampling":
+            index = torch.randint(len(self.runtime.buffer), (self.hparams.critic_batch_size,))
+            return self.runtime.buffer[index]
+        return self.runtime.buffer.sample(self.hparams.critic_batch_size)
 
     def _sampling_priority(self, data: TensorDictBase) -> torch.Tensor:
         """Priorities for ``weighting="sampling"``: the AWR weights themselves."""
         return self.loss_module.weights(data[self.loss_module.tensor_keys.advantage])
 
     def _collect(self) -> TensorDictBase:
-        data = next(self._collector_iter)
+        data = next(self.runtime.batches)
         self.env_steps += data.numel() * self.trainer.world_size
-        for vecnorm in self._normalizers(self.train_env):
+        for vecnorm in self._normalizers(self.runtime.train_env):
             self._merge_across_ranks(vecnorm)
             if self.env_steps >= self.recipe.normalizer_samples and not vecnorm.frozen:
                 vecnorm.freeze()
@@ -283,8 +301,8 @@ class AWRModule(pl.LightningModule):
     def _log_iteration(self, data: TensorDictBase, out: TensorDictBase | None) -> None:
         done = data["next", "done"]
         returns = data["next", "episode_reward"][done]
-        self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=False)
-        self.log("iteration", float(self.iteration), prog_bar=True, sync_dist=False)
+        self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=True)
+        self.log("iteration", float(self.iteration), prog_bar=True, sync_dist=True)
         if returns.numel():
             self.log("train/return", returns.float().mean(), prog_bar=True, sync_dist=True)
             self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
@@ -295,20 +313,21 @@ class AWRModule(pl.LightningModule):
     # ---------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Run ``eval_episodes`` episodes of the deterministic (mean / mode) policy."""
-        for source, target in zip(self._normalizers(self.train_env), self._normalizers(self.eval_env)):
+        runtime = self.runtime
+        for source, target in zip(self._normalizers(runtime.train_env), self._normalizers(runtime.eval_env)):
             target.set_extra_state(source.get_extra_state())
             target.freeze()
         returns, lengths = [], []
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             for _ in range(self.hparams.eval_episodes):
-                rollout = self.eval_env.rollout(
+                rollout = runtime.eval_env.rollout(
                     max_steps=100_000, policy=self.actor, auto_cast_to_device=True, break_when_any_done=True
                 )
                 returns.append(rollout["next", "reward"].sum().item())
                 lengths.append(rollout.shape[-1])
         self.log("eval/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
         self.log("eval/episode_length", float(np.mean(lengths)), sync_dist=True)
-        self.log("env_steps", float(self.env_steps), sync_dist=False)
+        self.log("env_steps", float(self.env_steps), sync_dist=True)
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -318,9 +337,9 @@ class AWRModule(pl.LightningModule):
             "signature": self._env_signature,
             "env_steps": self.env_steps,
             "iteration": self.iteration,
-            "normalizers": [v.get_extra_state() for v in self._normalizers(self.train_env)],
-            "buffer": self.buffer.state_dict() if getattr(self, "buffer", None) is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "normalizers": [v.get_extra_state() for v in self._normalizers(self.runtime.train_env)],
+            "buffer": self._buffer_state(),
+            "rng": _rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -339,16 +358,24 @@ class AWRModule(pl.LightningModule):
         self._check_state_shapes(checkpoint.get("state_dict", {}))
         self.env_steps = state["env_steps"]
         self.iteration = state["iteration"]
-        for vecnorm, saved in zip(self._normalizers(self.train_env), state["normalizers"]):
+        for vecnorm, saved in zip(self._normalizers(self.runtime.train_env), state["normalizers"]):
             if saved:
                 vecnorm.set_extra_state(saved)
                 if self.env_steps >= self.recipe.normalizer_samples:
                     vecnorm.freeze()
-        if state["buffer"] is not None and getattr(self, "buffer", None) is not None:
-            self.buffer.load_state_dict(state["buffer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        if state["buffer"] is not None and self.runtime.buffer is not None:
+            self.runtime.buffer.load_state_dict({**self.runtime.buffer.state_dict(), **state["buffer"]})
+        _set_rng_state(state["rng"])
+
+    def _buffer_state(self) -> dict[str, Any] | None:
+        """The buffer's storage and cursor, in types ``torch.load(weights_only=True)`` accepts.
+
+        Sampler priorities are left out: they are rewritten from the refreshed
+        advantages before the policy phase of every iteration, the only place they are used.
+        """
+        if self.runtime is None or self.runtime.buffer is None:
+            return None
+        return {k: v for k, v in self.runtime.buffer.state_dict().items() if k != "_sampler"}
 
     def _check_state_shapes(self, saved: dict[str, torch.Tensor]) -> None:
         """Fail with one clear message on mismatched network sizes, instead of a partial load."""
@@ -356,12 +383,26 @@ class AWRModule(pl.LightningModule):
         missing = sorted(set(own) - set(saved))
         unexpected = sorted(set(saved) - set(own))
         mismatched = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-                      for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+                      for k, v in own.items()
+                      if isinstance(v, torch.Tensor) and k in saved and saved[k].shape != v.shape]
         if missing or unexpected or mismatched:
             raise ValueError(
                 "AWRModule: the checkpoint's networks do not match this config (hidden sizes, policy kind?): "
                 f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {mismatched[:4]}."
             )
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position,
+            has_gauss, cached], "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    random.setstate(state["python"])
 
 
 def recipe_policy(recipe: Recipe) -> str | None:

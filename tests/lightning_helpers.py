@@ -1,0 +1,38 @@
+"""Tiny ``awr`` CLI arguments and checkpoint readers shared by the Lightning tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pendulum.yaml"
+FRAMES = 128
+
+
+def tiny_args(save_dir: Path, *, epochs: int = 2, extra: list[str] | None = None) -> list[str]:
+    """CLI arguments for a few-second Pendulum run: small batches, few steps, one eval episode."""
+    return [
+        "-c", str(CONFIG),
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.logger.init_args.name=test",
+        f"--trainer.default_root_dir={save_dir}",
+        f"--checkpoint.dirpath={save_dir / 'checkpoints'}",
+        f"--model.frames_per_iteration={FRAMES}",
+        "--model.critic_steps=3",
+        "--model.actor_steps=3",
+        "--model.critic_batch_size=32",
+        "--model.actor_batch_size=32",
+        "--model.eval_episodes=1",
+        "--model.recipe.init_args.hidden_sizes=[16, 16]",
+        "--model.recipe.init_args.normalizer_samples=256",
+        *(extra or []),
+    ]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint the way Lightning does by default (``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

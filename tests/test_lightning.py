@@ -1,0 +1,148 @@
+"""AWRModule through the `awr` CLI: fit, validate, resume, precision, and refusals of bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_helpers import FRAMES, load_checkpoint, tiny_args
+
+from awr_modules.cli import cli_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fit(tmp_path: Path, **kwargs):
+    return cli_main(["fit", *tiny_args(tmp_path, **kwargs)])
+
+
+def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_path):
+    cli = _fit(tmp_path, epochs=2)
+    assert cli.model.env_steps == 2 * FRAMES
+    assert cli.model.iteration == 2
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    for column in ("env_steps", "eval/return", "train/loss_actor", "train/loss_value", "train/weight_ess"):
+        assert column in metrics.splitlines()[0]
+
+    validated = cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={last}"])
+    metrics = validated.trainer.callback_metrics
+    assert "eval/return" in metrics
+    assert -2000 < float(metrics["eval/return"]) <= 0  # Pendulum returns are in [-16.3 * 200, 0]
+    assert float(metrics["env_steps"]) == 2 * FRAMES  # the checkpoint's counter was restored
+
+
+def test_bf16_mixed_keeps_value_targets_float32(tmp_path):
+    _fit(tmp_path, epochs=1, extra=["--trainer.precision=bf16-mixed"])
+    stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["buffer"]["_storage"]["_storage"]
+    for key in ("value_target", "advantage", "state_value"):
+        assert stored[key].dtype == torch.float32, key
+        assert torch.isfinite(stored[key][:FRAMES]).all()
+
+
+def _stored(checkpoint: dict) -> tuple[int, dict, torch.Tensor]:
+    state = checkpoint["awr"]
+    length = state["buffer"]["_storage"]["_len"]
+    observations = state["buffer"]["_storage"]["_storage"]["observation"][:length]
+    return length, state["normalizers"][0], observations
+
+
+def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = tiny_args(tmp_path, epochs=1000)
+    process = subprocess.Popen([sys.executable, "-m", "awr_modules.cli", "fit", *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if last.exists() and load_checkpoint(last)["awr"]["iteration"] >= 3:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the training subprocess wrote no checkpoint of 3 iterations within 180 s")
+    except Exception:
+        process.kill()
+        raise
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed = load_checkpoint(last)
+    iterations = killed["awr"]["iteration"]
+    assert killed["awr"]["env_steps"] == iterations * FRAMES
+    length, normalizer, observations = _stored(killed)
+    assert length == iterations * FRAMES
+
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=iterations + 1), "--ckpt_path=last"])
+    assert cli.model.iteration == iterations + 1
+    assert cli.model.env_steps == (iterations + 1) * FRAMES
+    resumed_length, resumed_normalizer, resumed_observations = _stored(load_checkpoint(last))
+    assert resumed_length == length + FRAMES
+    torch.testing.assert_close(resumed_observations[:length], observations)  # the buffer came back intact
+    for key, value in normalizer.items():  # frozen after 256 samples: statistics unchanged by resuming
+        torch.testing.assert_close(resumed_normalizer[key], value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.recipe.init_args.env_id=NoSuchEnv-v0", "NoSuchEnv-v0"),
+        ("--model.recipe.init_args.env_id=LunarLander-v3", "family"),
+        ("--model.critic_lr=-1", "critic_lr"),
+        ("--model.temperature=0", "temperature"),
+        ("--model.frames_per_iteration=0", "frames_per_iteration"),
+        ("--model.recipe.init_args.action_std=0", "action_std"),
+    ],
+)
+def test_bad_config_values_fail_before_training_with_the_field_named(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _fit(tmp_path, extra=[override])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_field_is_an_error_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _fit(tmp_path, extra=["--model.no_such_field=1"])
+    assert "no_such_field" in capsys.readouterr().err
+
+
+def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
+    _fit(tmp_path, epochs=1)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="do not match"):
+        cli_main(["validate", *tiny_args(tmp_path, extra=["--model.recipe.init_args.hidden_sizes=[8, 8]"]),
+                  f"--ckpt_path={last}"])
+    with pytest.raises(ValueError, match="MountainCarContinuous-v0"):
+        cli_main(["validate", *tiny_args(tmp_path, extra=["--model.recipe.init_args.env_id=MountainCarContinuous-v0"]),
+                  f"--ckpt_path={last}"])
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(last.read_bytes()[: 1000])
+    with pytest.raises(Exception):  # noqa: B017 - torch's own unpickling error, before any weight is loaded
+        cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={corrupt}"])
+
+
+def test_action_space_the_recipe_cannot_handle_is_refused():
+    import gymnasium as gym
+    import numpy as np
+
+    from recipes.gym_recipe import GymRecipe
+
+    class UnboundedActions(gym.Env):
+        observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        action_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+
+    gym.register("UnboundedActions-v0", entry_point=UnboundedActions)
+    try:
+        with pytest.raises(ValueError, match="UnboundedActions-v0.*cannot handle"):
+            GymRecipe("UnboundedActions-v0").make_env(seed=0)
+    finally:
+        gym.registry.pop("UnboundedActions-v0")

@@ -1,0 +1,208 @@
+"""Pins :func:`awr_modules.refresh_value_targets`: returns over the paths stored in a FIFO ring buffer.
+
+The buffer (capacity 16) receives 22 transitions in three ``extend`` calls, so the ring has
+wrapped and holds transitions 6..21. The stored sequence contains, oldest first:
+
+- a path that starts mid-episode (its start was overwritten) and runs on across the first
+  ``extend`` boundary with the same trajectory id, then is truncated (done, not terminated);
+- a path whose collection batch ended mid-episode: the next ``extend`` carries another
+  ``("collector", "traj_ids")``, so the path is cut there and bootstraps from ``V(s')``;
+- a path that terminates (no bootstrap), and the newest path, cut at the write cursor.
+
+Expected returns are a plain-Python TD(lambda) computed path by path with a linear critic
+``V(s) = s . w``. Also pinned: advantage normalisation over the buffer, unchanged length and
+write position, priorities written by ``priority_fn`` (through sampling frequencies), and
+float32 targets under bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_linear_critic, td_lambda_reference
+from tensordict import TensorDict
+from torchrl.objectives.value import GAE, TDLambdaEstimator
+
+from awr_modules import KStepReturnEstimator, make_replay_buffer, refresh_value_targets
+
+GAMMA = 0.9
+LMBDA = 0.8
+WEIGHT = [1.5, -0.5, 0.25]
+CAPACITY = 16
+EXTENDS = [(0, 8), (8, 16), (16, 22)]  # three collection batches of the 22 transitions
+TRAJ_IDS = [0, 0, 0, 1, 1, 1, 1, 1] + [1, 1, 2, 2, 2, 2, 2, 2] + [3, 3, 3, 3, 4, 4]
+TERMINATED_AT = {2, 19}
+TRUNCATED_AT = {9}
+OLDEST = 22 - CAPACITY  # transitions 0..5 were overwritten
+
+
+def _obs(t: int) -> list[float]:
+    return [math.sin(t), 0.5 * math.cos(t), 0.1 * t]
+
+
+def _next_obs(t: int) -> list[float]:
+    """s'_t: the next row's state inside a trajectory, a fresh state where the trajectory stops."""
+    continues = t + 1 < len(TRAJ_IDS) and TRAJ_IDS[t + 1] == TRAJ_IDS[t]
+    continues = continues and t not in TERMINATED_AT | TRUNCATED_AT
+    return _obs(t + 1) if continues else [2.0 - 0.1 * t, 1.0, -0.3]
+
+
+def _reward(t: int) -> float:
+    return math.cos(1.3 * t) + 0.1 * t
+
+
+def _value(s: list[float]) -> float:
+    return sum(si * wi for si, wi in zip(s, WEIGHT, strict=True))
+
+
+def _transitions(start: int, stop: int) -> TensorDict:
+    steps = range(start, stop)
+    done = [t in TERMINATED_AT | TRUNCATED_AT for t in steps]
+    return TensorDict(
+        {
+            "observation": torch.tensor([_obs(t) for t in steps]),
+            "step": torch.tensor(list(steps)),
+            "collector": {"traj_ids": torch.tensor(TRAJ_IDS[start:stop])},
+            "next": {
+                "observation": torch.tensor([_next_obs(t) for t in steps]),
+                "reward": torch.tensor([[_reward(t)] for t in steps]),
+                "done": torch.tensor(done).unsqueeze(-1),
+                "terminated": torch.tensor([t in TERMINATED_AT for t in steps]).unsqueeze(-1),
+                "truncated": torch.tensor([t in TRUNCATED_AT for t in steps]).unsqueeze(-1),
+            },
+        },
+        [stop - start],
+    )
+
+
+def _filled_buffer(**kwargs):
+    buffer = make_replay_buffer(CAPACITY, **kwargs)
+    for start, stop in EXTENDS:
+        buffer.extend(_transitions(start, stop))
+    return buffer
+
+
+def _ends(steps: range, cut_on_traj_id: bool = True) -> list[bool]:
+    ends = []
+    for t in steps:
+        end = t in TERMINATED_AT | TRUNCATED_AT or t == steps[-1]
+        if cut_on_traj_id and t != steps[-1]:
+            end = end or TRAJ_IDS[t + 1] != TRAJ_IDS[t]
+        ends.append(end)
+    return ends
+
+
+def _expected_returns(lmbda: float = LMBDA, cut_on_traj_id: bool = True) -> list[float]:
+    """TD(lambda) of the stored transitions OLDEST..21, oldest first, path by path."""
+    steps = range(OLDEST, len(TRAJ_IDS))
+    return td_lambda_reference(
+        reward=[_reward(t) for t in steps],
+        next_value=[_value(_next_obs(t)) for t in steps],
+        end=_ends(steps, cut_on_traj_id),
+        terminated=[t in TERMINATED_AT for t in steps],
+        gamma=GAMMA,
+        lmbda=lmbda,
+    )
+
+
+def _chronological_storage(buffer) -> TensorDict:
+    """Storage rows of transitions OLDEST..21: storage index of transition t is t % CAPACITY."""
+    return buffer.storage.get(torch.tensor([t % CAPACITY for t in range(OLDEST, len(TRAJ_IDS))]))
+
+
+ESTIMATORS = {
+    "td_lambda": (lambda critic: TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=critic), LMBDA),
+    "gae": (lambda critic: GAE(gamma=GAMMA, lmbda=LMBDA, value_network=critic), LMBDA),
+    "kstep_monte_carlo": (lambda critic: KStepReturnEstimator(gamma=GAMMA, horizon=100, value_network=critic), 1.0),
+}
+
+
+def test_scenario_exercises_every_cut() -> None:
+    """The buffer really wrapped, and the traj-id cut changes the expected returns."""
+    buffer = _filled_buffer(prioritized=False)
+    assert len(buffer) == CAPACITY
+    assert _chronological_storage(buffer)["step"].tolist() == list(range(OLDEST, len(TRAJ_IDS)))
+    with_cut, without_cut = _expected_returns(), _expected_returns(cut_on_traj_id=False)
+    assert with_cut[15 - OLDEST] != pytest.approx(without_cut[15 - OLDEST])
+
+
+@pytest.mark.parametrize("prioritized", [False, True], ids=["uniform", "prioritized"])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_refresh_matches_per_path_td_lambda(name: str, prioritized: bool) -> None:
+    make_estimator, lmbda = ESTIMATORS[name]
+    buffer = _filled_buffer(prioritized=prioritized)
+    out = refresh_value_targets(buffer, make_estimator(make_linear_critic(WEIGHT)))
+
+    expected = torch.tensor(_expected_returns(lmbda)).unsqueeze(-1)
+    expected_value = torch.tensor([[_value(_obs(t))] for t in range(OLDEST, len(TRAJ_IDS))])
+    stored = _chronological_storage(buffer)
+    torch.testing.assert_close(stored["value_target"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored["advantage"], expected - expected_value, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored["state_value"], expected_value, atol=1e-5, rtol=0)
+    # The stored done flags are the collected ones, not the cuts used for the estimate.
+    expected_done = [[t in TERMINATED_AT | TRUNCATED_AT] for t in range(OLDEST, len(TRAJ_IDS))]
+    assert stored["next", "done"].tolist() == expected_done
+    # The returned data is the same sequence, oldest first, with its storage indices.
+    assert out["index"].tolist() == [t % CAPACITY for t in range(OLDEST, len(TRAJ_IDS))]
+    torch.testing.assert_close(out["value_target"], expected, atol=1e-5, rtol=0)
+
+
+def test_refresh_normalizes_advantage_over_the_buffer() -> None:
+    buffer = _filled_buffer(prioritized=False)
+    refresh_value_targets(buffer, TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT)),
+                          normalize_advantage=True)
+    stored = _chronological_storage(buffer)
+    advantage = stored["advantage"]
+    assert advantage.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert advantage.std().item() == pytest.approx(1.0, abs=1e-4)  # std + 1e-5 in the denominator
+    # Only the advantage is standardised; the critic's regression target keeps its scale.
+    torch.testing.assert_close(stored["value_target"], torch.tensor(_expected_returns()).unsqueeze(-1),
+                               atol=1e-5, rtol=0)
+
+
+def test_refresh_keeps_length_and_write_position() -> None:
+    buffer = _filled_buffer(prioritized=False)
+    before = _chronological_storage(buffer).exclude("value_target", "advantage", "state_value")
+    refresh_value_targets(buffer, TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT)))
+    assert len(buffer) == CAPACITY
+    after = _chronological_storage(buffer).select(*before.keys(True, True))
+    assert (after == before).all()
+    # The next transition overwrites the oldest one (transition 6 sits at storage index 6).
+    assert buffer.extend(_transitions(0, 1)).tolist() == [OLDEST % CAPACITY]
+
+
+def test_priority_fn_sets_sampling_priorities() -> None:
+    buffer = _filled_buffer(prioritized=True, priority="weight")
+    out = refresh_value_targets(
+        buffer,
+        TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT)),
+        priority_fn=lambda data: data["value_target"].abs() + 0.1,
+    )
+    priority = torch.tensor([abs(g) + 0.1 for g in _expected_returns()])
+    expected = torch.zeros(CAPACITY)
+    expected[out["index"]] = priority / priority.sum()
+    draws = 20_000
+    frequency = torch.bincount(buffer.sample(draws)["index"], minlength=CAPACITY).float() / draws
+    # 20k draws: the standard error of each frequency is below sqrt(0.25 / 20000) = 0.0035.
+    assert (frequency - expected).abs().max().item() < 0.012
+
+
+def test_refresh_under_bfloat16_autocast_stays_float32() -> None:
+    buffer = _filled_buffer(prioritized=False)
+    estimator = TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = refresh_value_targets(buffer, estimator, normalize_advantage=False)
+    for key in ("value_target", "advantage", "state_value"):
+        assert out[key].dtype == torch.float32, key
+    # bfloat16 would be off by ~1e-2 on these returns.
+    torch.testing.assert_close(out["value_target"], torch.tensor(_expected_returns()).unsqueeze(-1),
+                               atol=1e-5, rtol=0)
+
+
+def test_refresh_of_empty_buffer_raises() -> None:
+    buffer = make_replay_buffer(CAPACITY, prioritized=False)
+    estimator = TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT))
+    with pytest.raises(ValueError, match="empty"):
+        refresh_value_targets(buffer, estimator)
