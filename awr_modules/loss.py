@@ -393,7 +393,7 @@ class AWRLoss(LossModule):
                 "loss_actor": _reduce(loss_actor, self.reduction),
                 "loss_value": _reduce(loss_value, self.reduction),
             },
-            batch_size=[] if self.reduction != "none" else tensordict.batch_size,
+            batch_size=[],  # scalar diagnostics live beside the per-sample losses of reduction="none"
         )
         out.update(self._diagnostics(tensordict, weight, advantage, log_prob, entropy))
         return out

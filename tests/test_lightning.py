@@ -140,6 +140,13 @@ def test_action_space_the_recipe_cannot_handle_is_refused():
         def __init__(self, **kwargs) -> None:
             super().__init__()
 
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(2, np.float32), 0.0, False, False, {}
+
     gym.register("UnboundedActions-v0", entry_point=UnboundedActions)
     try:
         with pytest.raises(ValueError, match="UnboundedActions-v0.*cannot handle"):
