@@ -21,7 +21,7 @@ import gymnasium as gym
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.data import Categorical, OneHot
+from torchrl.data import Bounded, Categorical, OneHot
 from torchrl.envs import (
     DoubleToFloat,
     EnvBase,
@@ -125,9 +125,8 @@ class GymRecipe(Recipe):
         return env
 
     def _check_bounded(self, spec) -> None:
-        space = getattr(spec, "space", None)
-        low, high = getattr(space, "low", None), getattr(space, "high", None)
-        if low is None or not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        if not isinstance(spec, Bounded) or not (torch.isfinite(spec.space.low).all()
+                                                 and torch.isfinite(spec.space.high).all()):
             raise ValueError(
                 f"{type(self).__name__}: {self.env_id!r} has an action space this recipe cannot handle "
                 f"({type(spec).__name__}); it needs a discrete space or a bounded box."
