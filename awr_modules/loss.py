@@ -300,7 +300,7 @@ class AWRLoss(LossModule):
 
         Written as ``exp(min(A / beta, log w_max))`` so that large advantages never overflow.
         """
-        scaled = -advantage.detach().float() / self.temperature
+        scaled = advantage.detach().float() / self.temperature
         return torch.exp(torch.clamp(scaled, max=torch.log(self.max_weight)))
 
     def _advantage_and_target(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ merged after each collection, so parameters stay identical on every rank.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from contextlib import nullcontext
@@ -41,6 +42,19 @@ from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
 CHECKPOINT_KEY = "awr"
+
+
+class _PhaseClock:
+    """Wall-clock seconds spent in each phase of an iteration (laps with the same name add up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 @dataclass
@@ -67,6 +81,8 @@ class AWRModule(pl.LightningModule):
 
     Keyword Args:
         frames_per_iteration: env steps collected per iteration and rank (reference ``samples_per_iter`` 2048).
+        num_envs: envs stepped in lock-step by the collector (each gets ``frames_per_iteration / num_envs``
+            steps per iteration); more envs amortise per-step overhead.
         buffer_size: FIFO replay buffer capacity in transitions (reference 50,000).
         critic_steps: value-phase minibatch steps per iteration (reference 200).
         actor_steps: policy-phase minibatch steps per iteration (reference 1000).
@@ -96,6 +112,7 @@ class AWRModule(pl.LightningModule):
         recipe: Recipe,
         *,
         frames_per_iteration: int = 2048,
+        num_envs: int = 1,
         buffer_size: int = 50_000,
         critic_steps: int = 200,
         actor_steps: int = 1000,
@@ -119,12 +136,15 @@ class AWRModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name in ("frames_per_iteration", "buffer_size", "critic_batch_size", "actor_batch_size",
+        for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
                      "critic_lr", "actor_lr", "gamma", "eval_episodes"):
             _positive(name, locals()[name])
         for name in ("critic_steps", "actor_steps", "momentum", "td_lambda"):
             if locals()[name] < 0:
                 raise ValueError(f"AWRModule: {name} must be >= 0, got {locals()[name]}.")
+        if frames_per_iteration % num_envs:
+            raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
+                             f"num_envs ({num_envs}): each env contributes the same number of steps.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
@@ -168,7 +188,8 @@ class AWRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build env, collector and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
-        runtime = _Runtime(train_env=self.recipe.make_env(rank_seed), eval_env=self.recipe.make_env(rank_seed + 500))
+        runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
+                           eval_env=self.recipe.make_env(rank_seed + 500))
         if stage == "fit":
             torch.manual_seed(rank_seed)
             runtime.collector = Collector(
@@ -214,21 +235,27 @@ class AWRModule(pl.LightningModule):
         actor_optimizer, critic_optimizer = self.optimizers()
         loss, buffer, hp = self.loss_module, self.runtime.buffer, self.hparams
         estimator = loss.value_estimator
+        clock = _PhaseClock()
 
         data = self._collect()                                                   # 1. collect
         buffer.extend(data.reshape(-1))                                          # 2. FIFO buffer
+        clock.lap("collect")
         refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
+        clock.lap("refresh")
         for _ in range(hp.critic_steps):                                         # 4. value phase
             self._step(critic_optimizer, loss(self._critic_sample())["loss_value"], self.critic)
+        clock.lap("value_phase")
         priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
         refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
                               normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
+        clock.lap("refresh")
         out = None
         for _ in range(hp.actor_steps):                                          # 6. policy phase
             out = loss(buffer.sample(hp.actor_batch_size))
             self._step(actor_optimizer, out["loss_actor"], self.actor)
+        clock.lap("policy_phase")
         self.iteration += 1
-        self._log_iteration(data, out)                                           # 7. log
+        self._log_iteration(data, out, clock.seconds)                            # 7. log
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
@@ -274,23 +301,16 @@ class AWRModule(pl.LightningModule):
         optimizer.step()
 
     def _merge_across_ranks(self, vecnorm: VecNormV2) -> None:
-        """Average observation statistics over ranks so that every rank normalises alike."""
+        """Average observation statistics over ranks so that every rank normalises alike.
+
+        ``VecNormV2`` keeps running first and second moments (``loc`` = E[x], ``var`` = E[x^2]);
+        every rank saw the same number of samples, so their mean is the pooled moment.
+        """
         if self.trainer.world_size <= 1 or vecnorm.frozen:
             return
         state = vecnorm.get_extra_state()
-        if not state:
-            return
-        merged = {}
-        for key, value in state.items():
-            if key.startswith("var"):
-                loc = state[key.replace("var", "loc", 1)]
-                second_moment = self.trainer.strategy.reduce(value + loc.pow(2), reduce_op="mean")
-                mean = self.trainer.strategy.reduce(loc.clone(), reduce_op="mean")
-                merged[key] = second_moment - mean.pow(2)
-            elif key.startswith("loc"):
-                merged[key] = self.trainer.strategy.reduce(value.clone(), reduce_op="mean")
-            else:
-                merged[key] = value
+        merged = {key: value if key.startswith("count") else self.trainer.strategy.reduce(value.clone(), reduce_op="mean")
+                  for key, value in state.items()}
         vecnorm.set_extra_state(merged)
 
     @staticmethod
@@ -298,7 +318,7 @@ class AWRModule(pl.LightningModule):
         transform = getattr(env, "transform", None)
         return [t for t in (transform if transform is not None else []) if isinstance(t, VecNormV2)]
 
-    def _log_iteration(self, data: TensorDictBase, out: TensorDictBase | None) -> None:
+    def _log_iteration(self, data: TensorDictBase, out: TensorDictBase | None, seconds: dict[str, float]) -> None:
         done = data["next", "done"]
         returns = data["next", "episode_reward"][done]
         self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=True)
@@ -306,6 +326,8 @@ class AWRModule(pl.LightningModule):
         if returns.numel():
             self.log("train/return", returns.float().mean(), prog_bar=True, sync_dist=True)
             self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
+        for phase, value in seconds.items():
+            self.log(f"time/{phase}", value)
         if out is not None:
             for key, value in out.items():
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)

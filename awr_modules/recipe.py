@@ -28,8 +28,8 @@ class Recipe(ABC):
     normalizer_samples: int
 
     @abstractmethod
-    def make_env(self, seed: int) -> EnvBase:
-        """A seeded training/evaluation env with every transform the networks expect."""
+    def make_env(self, seed: int, num_envs: int = 1) -> EnvBase:
+        """A seeded env of batch size ``num_envs`` (1: unbatched) with every transform the networks expect."""
 
     @abstractmethod
     def make_actor(self, env: EnvBase) -> ProbabilisticActor:
