@@ -13,7 +13,7 @@ and the critic regresses the return (Eq. 9): ``min_V E[(R - V(s))^2]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
@@ -181,7 +181,7 @@ class AWRLoss(LossModule):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
     default_value_estimator = ValueEstimators.TDLambda
-    out_keys = ["loss_actor", "loss_value"]
+    out_keys: ClassVar[list[str]] = ["loss_actor", "loss_value"]
 
     actor_network: ProbabilisticTensorDictSequential
     critic_network: TensorDictModule
@@ -224,6 +224,7 @@ class AWRLoss(LossModule):
         self.register_buffer("value_scale", torch.tensor(float(value_scale)))
         self.register_buffer("action_bound_penalty", torch.tensor(float(action_bound_penalty)))
         self.register_buffer("entropy_coeff", torch.tensor(float(entropy_coeff)))
+        self._penalize_action_bound = action_bound_penalty > 0  # a Python flag: branching on the buffer syncs
         self.normalize_advantage = normalize_advantage
         self.weighting = weighting
         self.reduction = reduction
@@ -238,14 +239,14 @@ class AWRLoss(LossModule):
 
     def _estimator_keys(self) -> dict[str, NestedKey]:
         keys = self.tensor_keys
-        return dict(
-            advantage=keys.advantage,
-            value_target=keys.value_target,
-            value=keys.value,
-            reward=keys.reward,
-            done=keys.done,
-            terminated=keys.terminated,
-        )
+        return {
+            "advantage": keys.advantage,
+            "value_target": keys.value_target,
+            "value": keys.value,
+            "reward": keys.reward,
+            "done": keys.done,
+            "terminated": keys.terminated,
+        }
 
     @property
     def in_keys(self) -> list[NestedKey]:
@@ -336,7 +337,7 @@ class AWRLoss(LossModule):
     def _bound_penalty(self, dist: d.Distribution, batch_dims: int) -> torch.Tensor:
         base = dist.base_dist if isinstance(dist, d.Independent) else dist
         if isinstance(dist, TanhNormal) or not isinstance(base, d.Normal):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 -- a setting that does not fit the actor, not a wrong argument type
                 f"AWRLoss: action_bound_penalty needs a Gaussian actor (Normal/IndependentNormal) whose mean "
                 f"can leave [-1, 1]; got {type(dist).__name__}. Set action_bound_penalty=0."
             )
@@ -349,17 +350,31 @@ class AWRLoss(LossModule):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Compute ``loss_actor``, ``loss_value`` and diagnostics for a batch of transitions."""
-        keys = self.tensor_keys
-        batch_dims = tensordict.batch_dims
+        out = self.actor_loss(tensordict)
+        out.update(self.value_loss(tensordict))
+        return out
+
+    def _prepare(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Checked inputs: advantage and value target as ``[*B]`` float32, and the importance weights."""
         if self.check_inputs:
             self._check_inputs(tensordict)
         advantage, value_target = self._advantage_and_target(tensordict)
-        if self.normalize_advantage:
-            advantage = (advantage - advantage.mean()) / (advantage.std() + _ADVANTAGE_NORMALIZATION_EPS)
-        weight = self.weights(advantage)
         priority_weight = self._maybe_get_priority_weight(tensordict)
         if priority_weight is not None:
             priority_weight = priority_weight.reshape(tensordict.batch_size).float()
+        return advantage, value_target, priority_weight
+
+    def actor_loss(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``loss_actor = -mean(w log pi(a|s))`` (+ penalty, - entropy bonus) and the weight diagnostics.
+
+        Runs only the actor: the policy phase of an AWR iteration calls this alone.
+        """
+        keys = self.tensor_keys
+        batch_dims = tensordict.batch_dims
+        advantage, _, priority_weight = self._prepare(tensordict)
+        if self.normalize_advantage:
+            advantage = (advantage - advantage.mean()) / (advantage.std() + _ADVANTAGE_NORMALIZATION_EPS)
+        weight = self.weights(advantage)
 
         with self.actor_network_params.to_module(self.actor_network):
             dist = self.actor_network.get_dist(tensordict)
@@ -373,30 +388,35 @@ class AWRLoss(LossModule):
         while entropy.ndim > batch_dims:
             entropy = entropy.sum(-1)
         loss_actor = loss_actor - self.entropy_coeff * entropy
-        if self.action_bound_penalty > 0:
+        if self._penalize_action_bound:
             penalty = self._bound_penalty(dist, batch_dims)
             loss_actor = loss_actor + self.action_bound_penalty * penalty
+        if priority_weight is not None:
+            loss_actor = loss_actor * priority_weight
 
+        out = TensorDict(
+            {"loss_actor": _reduce(loss_actor, self.reduction)},
+            batch_size=[],  # scalar diagnostics live beside the per-sample losses of reduction="none"
+        )
+        out.update(self._diagnostics(tensordict, weight, advantage, log_prob, entropy))
+        return out
+
+    def value_loss(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """``loss_value = 0.5 mean(((V(s) - R) / s_v)^2)``; writes ``|R - V(s)|`` as the priority.
+
+        Runs only the critic: the value phase of an AWR iteration calls this alone.
+        """
+        keys = self.tensor_keys
+        _, value_target, priority_weight = self._prepare(tensordict)
         with self.critic_network_params.to_module(self.critic_network):
             value = self.critic_network(tensordict.select(*self.critic_network.in_keys, strict=False)).get(keys.value)
         value = value.reshape(tensordict.batch_size).float()
         value_error = value - value_target
         loss_value = 0.5 * (value_error / self.value_scale).pow(2)
         tensordict.set(keys.priority, value_error.detach().abs().reshape(tensordict.batch_size))
-
         if priority_weight is not None:
-            loss_actor = loss_actor * priority_weight
             loss_value = loss_value * priority_weight
-
-        out = TensorDict(
-            {
-                "loss_actor": _reduce(loss_actor, self.reduction),
-                "loss_value": _reduce(loss_value, self.reduction),
-            },
-            batch_size=[],  # scalar diagnostics live beside the per-sample losses of reduction="none"
-        )
-        out.update(self._diagnostics(tensordict, weight, advantage, log_prob, entropy))
-        return out
+        return TensorDict({"loss_value": _reduce(loss_value, self.reduction)}, batch_size=[])
 
     def _diagnostics(
         self,

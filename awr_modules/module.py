@@ -243,7 +243,7 @@ class AWRModule(pl.LightningModule):
         refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
         clock.lap("refresh")
         for _ in range(hp.critic_steps):                                         # 4. value phase
-            self._step(critic_optimizer, loss(self._critic_sample())["loss_value"], self.critic)
+            self._step(critic_optimizer, loss.value_loss(self._critic_sample())["loss_value"], self.critic)
         clock.lap("value_phase")
         priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
         refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
@@ -251,7 +251,7 @@ class AWRModule(pl.LightningModule):
         clock.lap("refresh")
         out = None
         for _ in range(hp.actor_steps):                                          # 6. policy phase
-            out = loss(buffer.sample(hp.actor_batch_size))
+            out = loss.actor_loss(buffer.sample(hp.actor_batch_size))
             self._step(actor_optimizer, out["loss_actor"], self.actor)
         clock.lap("policy_phase")
         self.iteration += 1

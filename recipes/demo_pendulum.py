@@ -89,11 +89,11 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
         buffer.extend(batch.reshape(-1))
         refresh_value_targets(buffer, loss.value_estimator)
         for _ in range(settings.critic_steps):
-            critic_loss = loss(buffer.sample())["loss_value"]
+            critic_loss = loss.value_loss(buffer.sample())["loss_value"]
             _step(critic_optim, critic_loss)
         refresh_value_targets(buffer, loss.value_estimator, normalize_advantage=True)
         for _ in range(settings.actor_steps):
-            out = loss(buffer.sample())
+            out = loss.actor_loss(buffer.sample())
             _step(actor_optim, out["loss_actor"])
         collector.update_policy_weights_()
         record = _record(iteration, episode_returns, out)

@@ -14,7 +14,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.modules import IndependentNormal, MLP, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
 OBS_DIM = 3
 ACT_DIM = 2

@@ -131,10 +131,10 @@ def test_horizon_one_equals_torchrl_td0() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [(dict(horizon=0), "horizon"), (dict(gamma=1.5), "gamma")], ids=["horizon", "gamma"]
+    ("kwargs", "match"), [({"horizon": 0}, "horizon"), ({"gamma": 1.5}, "gamma")], ids=["horizon", "gamma"]
 )
 def test_invalid_hyperparameters_raise(kwargs: dict, match: str) -> None:
-    settings = dict(gamma=GAMMA, horizon=3, value_network=make_linear_critic(WEIGHT)) | kwargs
+    settings = {"gamma": GAMMA, "horizon": 3, "value_network": make_linear_critic(WEIGHT)} | kwargs
     with pytest.raises(ValueError, match=match):
         KStepReturnEstimator(**settings)
 
@@ -175,7 +175,7 @@ def test_loss_computes_kstep_targets_when_batch_lacks_advantage() -> None:
 def test_loss_computes_torchrl_targets_when_batch_lacks_advantage(estimator: str) -> None:
     lmbda = 0.7
     loss = AWRLoss(make_actor("normal"), make_linear_critic(WEIGHT))
-    kwargs = dict(gamma=GAMMA) | (dict(lmbda=lmbda) if estimator in ("TDLambda", "GAE") else {})
+    kwargs = {"gamma": GAMMA} | ({"lmbda": lmbda} if estimator in ("TDLambda", "GAE") else {})
     loss.make_value_estimator(ValueEstimators[estimator], **kwargs)
     rows = _rows(batched=True)
     batch = _loss_batch(rows)

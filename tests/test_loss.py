@@ -231,7 +231,7 @@ def test_renamed_keys(kind: str) -> None:
         factor = 2.0 if key.startswith("loss") else 1.0  # the renamed priority weight is read too
         torch.testing.assert_close(out_renamed[key], factor * out[key])
     torch.testing.assert_close(renamed["prio"], batch["td_error"])
-    assert "td_error" not in renamed.keys()
+    assert "td_error" not in renamed
 
 
 def _trajectory_batch(n_steps: int = 5) -> TensorDict:
@@ -255,7 +255,7 @@ def _trajectory_batch(n_steps: int = 5) -> TensorDict:
 @pytest.mark.parametrize("order", ["keys_first", "estimator_first"])
 def test_renamed_keys_reach_the_value_estimator(order: str) -> None:
     loss = AWRLoss(make_actor("normal"), make_critic())
-    rename = dict(advantage="adv", value_target="ret", reward="rew", done="end", terminated="fail")
+    rename = {"advantage": "adv", "value_target": "ret", "reward": "rew", "done": "end", "terminated": "fail"}
     if order == "keys_first":
         loss.set_keys(**rename)
     loss.make_value_estimator(KStepReturnEstimator, gamma=0.9, horizon=2)
@@ -265,7 +265,7 @@ def test_renamed_keys_reach_the_value_estimator(order: str) -> None:
     for old, new in (("reward", "rew"), ("done", "end"), ("terminated", "fail")):
         batch.rename_key_(("next", old), ("next", new))
     out = loss(batch)
-    assert {"adv", "ret"} <= set(batch.keys()) and "advantage" not in batch.keys()
+    assert {"adv", "ret"} <= set(batch.keys()) and "advantage" not in batch
     expected_value = 0.5 * (batch["state_value"] - batch["ret"]).pow(2).mean()
     torch.testing.assert_close(out["loss_value"], expected_value)
 
@@ -312,14 +312,14 @@ def test_non_finite_reward_raises_when_the_estimator_runs() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(temperature=0.0), "temperature must be > 0"),
-        (dict(temperature=-1.0), "temperature must be > 0"),
-        (dict(max_weight=0.0), "max_weight must be > 0"),
-        (dict(value_scale=0.0), "value_scale must be > 0"),
-        (dict(action_bound_penalty=-1.0), "action_bound_penalty must be >= 0"),
-        (dict(entropy_coeff=-0.1), "entropy_coeff must be >= 0"),
-        (dict(reduction="avg"), "reduction must be one of"),
-        (dict(weighting="both"), "weighting must be one of"),
+        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"max_weight": 0.0}, "max_weight must be > 0"),
+        ({"value_scale": 0.0}, "value_scale must be > 0"),
+        ({"action_bound_penalty": -1.0}, "action_bound_penalty must be >= 0"),
+        ({"entropy_coeff": -0.1}, "entropy_coeff must be >= 0"),
+        ({"reduction": "avg"}, "reduction must be one of"),
+        ({"weighting": "both"}, "weighting must be one of"),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else "",
 )

@@ -80,16 +80,16 @@ def test_uniform_buffer_walks_epochs_without_replacement() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(priority="weight", beta=0.4), "beta"),
-        (dict(priority="weight", alpha=-1.0), "alpha"),
-        (dict(priority="rank"), "priority"),
-        (dict(storage="disk"), "storage"),
-        (dict(capacity=0), "capacity"),
+        ({"priority": "weight", "beta": 0.4}, "beta"),
+        ({"priority": "weight", "alpha": -1.0}, "alpha"),
+        ({"priority": "rank"}, "priority"),
+        ({"storage": "disk"}, "storage"),
+        ({"capacity": 0}, "capacity"),
     ],
     ids=["weight_with_beta", "negative_alpha", "unknown_priority", "unknown_storage", "zero_capacity"],
 )
 def test_invalid_arguments_raise(kwargs: dict, match: str) -> None:
-    kwargs = dict(capacity=CAPACITY) | kwargs
+    kwargs = {"capacity": CAPACITY} | kwargs
     with pytest.raises(ValueError, match=match):
         make_replay_buffer(kwargs.pop("capacity"), **kwargs)
 

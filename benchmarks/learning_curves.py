@@ -1,0 +1,174 @@
+"""Learning curves of `awr fit` over seeds: CSV, PNG plot, and a markdown summary for the README.
+
+    python benchmarks/learning_curves.py --config configs/pendulum.yaml --seeds 0 1 2 \
+        --out benchmarks/results/pendulum --target -200 --budget 200000 --jobs 2
+
+Each seed trains in its own process (``torch`` with one thread each). The runs are
+resumable: a seed whose run finished is skipped, and an interrupted seed resumes
+from its last checkpoint (``--ckpt_path last``). ``--summarize-only`` rebuilds the
+CSV, plot and summary from whatever the runs have logged so far.
+
+Outputs under ``--out``: ``curves.csv`` (seed, env_steps, eval_return),
+``timing.csv`` (mean wall-clock seconds per phase of an iteration),
+``curve.png`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("collect", "refresh", "value_phase", "policy_phase")
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}"
+
+
+def fit_command(config: Path, out: Path, seed: int, overrides: list[str]) -> list[str]:
+    run = seed_dir(out, seed)
+    command = [
+        sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config),
+        f"--seed_everything={seed}", f"--model.seed={seed}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name=seed{seed}",
+        f"--checkpoint.dirpath={run / 'checkpoints'}",
+        *overrides,
+    ]
+    if (run / "checkpoints" / "last.ckpt").exists():
+        command.append("--ckpt_path=last")
+    return command
+
+
+def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: list[str]) -> None:
+    """Train the seeds that have not finished, ``jobs`` processes at a time."""
+    pending = [s for s in seeds if not (seed_dir(out, s) / "finished").exists()]
+    running: dict[int, subprocess.Popen] = {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            seed_dir(out, seed).mkdir(parents=True, exist_ok=True)
+            log = open(seed_dir(out, seed) / "train.log", "a")  # noqa: SIM115 - closed with the process
+            running[seed] = subprocess.Popen(fit_command(config, out, seed, overrides), stdout=log, stderr=log)
+            print(f"seed {seed}: started", flush=True)
+        for seed, process in list(running.items()):
+            if process.poll() is not None:
+                del running[seed]
+                if process.returncode == 0:
+                    (seed_dir(out, seed) / "finished").touch()
+                print(f"seed {seed}: exit {process.returncode}", flush=True)
+        time.sleep(5)
+
+
+def read_metrics(out: Path, seed: int) -> list[dict[str, str]]:
+    """All rows the seed's runs logged (a resumed run logs into a new version folder)."""
+    rows = []
+    for path in sorted(seed_dir(out, seed).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with path.open() as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def eval_curve(rows: list[dict[str, str]]) -> list[tuple[float, float]]:
+    """(env_steps, eval_return) points; a resumed run's later point for the same env_steps wins."""
+    points = {float(r["env_steps"]): float(r["eval/return"]) for r in rows if r.get("eval/return")}
+    return sorted(points.items())
+
+
+def summarize(out: Path, seeds: list[int], target: float | None, budget: float | None, title: str,
+              reference: float | None) -> str:
+    curves = {s: eval_curve(read_metrics(out, s)) for s in seeds}
+    with (out / "curves.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "env_steps", "eval_return"])
+        for seed, points in curves.items():
+            writer.writerows((seed, int(steps), ret) for steps, ret in points)
+
+    timing = defaultdict(list)
+    for seed in seeds:
+        for row in read_metrics(out, seed):
+            for phase in PHASES:
+                if row.get(f"time/{phase}"):
+                    timing[phase].append(float(row[f"time/{phase}"]))
+    with (out / "timing.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["phase", "mean_seconds_per_iteration", "iterations"])
+        writer.writerows((p, f"{np.mean(timing[p]):.3f}", len(timing[p])) for p in PHASES if timing[p])
+
+    lines = [f"### {title}", "", "| seed | env steps | final eval return | best eval return | first env steps at target |",
+             "|---|---|---|---|---|"]
+    finals = []
+    for seed, points in curves.items():
+        if not points:
+            lines.append(f"| {seed} | - | - | - | - |")
+            continue
+        within = [(s, r) for s, r in points if budget is None or s <= budget]
+        final = within[-1][1] if within else float("nan")
+        finals.append(final)
+        hit = next((int(s) for s, r in points if target is not None and r >= target), None)
+        lines.append(f"| {seed} | {int(points[-1][0])} | {final:.1f} | {max(r for _, r in within):.1f} | "
+                     f"{hit if hit is not None else 'not reached'} |")
+    if finals:
+        lines += ["", f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
+                      f"(mean +- std over {len(finals)} seeds)."]
+    if timing:
+        per_phase = ", ".join(f"{p} {np.mean(timing[p]):.2f} s" for p in PHASES if timing[p])
+        lines += ["", f"Wall-clock per iteration: {per_phase}."]
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(summary)
+    plot(curves, out / "curve.png", title, target, reference)
+    return summary
+
+
+def plot(curves: dict[int, list[tuple[float, float]]], path: Path, title: str, target: float | None,
+         reference: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for seed, points in curves.items():
+        if points:
+            steps, returns = zip(*points)
+            ax.plot(steps, returns, label=f"seed {seed}", alpha=0.8)
+    if target is not None:
+        ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
+    if reference is not None:
+        ax.axhline(reference, color="r", linestyle=":", linewidth=1, label="reference (paper)")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval return (deterministic policy)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="seeds trained at once (one core each)")
+    parser.add_argument("--target", type=float, default=None, help="eval return to reach")
+    parser.add_argument("--budget", type=float, default=None, help="env-step budget the target applies to")
+    parser.add_argument("--reference", type=float, default=None, help="the paper's return, drawn on the plot")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--summarize-only", action="store_true")
+    args, overrides = parser.parse_known_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summarize_only:
+        run_seeds(args.config, args.out, args.seeds, args.jobs, overrides)
+    print(summarize(args.out, args.seeds, args.target, args.budget, args.title or args.config.stem, args.reference))
+
+
+if __name__ == "__main__":
+    main()
