@@ -50,13 +50,18 @@ class AWRCLI(LightningCLI):
         torch.set_num_threads(config["num_threads"])
 
 
-def cli_main(args: list[str] | None = None) -> AWRCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv`` (tests and notebooks). Returns the CLI with its trainer."""
+def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv`` (tests and notebooks). Returns the CLI with its trainer.
+
+    With ``run=False`` the config is parsed and the module and trainer are built, nothing more
+    (then ``args`` has no subcommand).
+    """
     return AWRCLI(
         AWRModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -153,3 +153,11 @@ def test_action_space_the_recipe_cannot_handle_is_refused():
             GymRecipe("UnboundedActions-v0").make_env(seed=0)
     finally:
         gym.registry.pop("UnboundedActions-v0")
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_builds_its_module_with_the_reference_networks(config):
+    cli = cli_main(["-c", str(config)], run=False)
+    hidden = [m.out_features for m in cli.model.critic.modules() if isinstance(m, torch.nn.Linear)][:-1]
+    assert hidden == [128, 64]  # the reference's MLP
+    assert cli.model.hparams.max_env_steps is not None

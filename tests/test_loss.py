@@ -9,15 +9,17 @@ own ``loc``/``scale``/``logits`` with ``torch.distributions``:
 
 for Gaussian (IndependentNormal with fixed std, plain torch Normal), TanhNormal and
 OneHotCategorical actors. Also pinned: the weight clip and diagnostics (clip fraction, max,
-ESS, KL to the behaviour policy), temperature scaling, reductions, ``weighting="sampling"``,
-prioritized-replay weights, the ``td_error`` written back, key renaming, error messages,
-and the direction of one SGD step (towards high-advantage actions, no gradient crossing
-between actor and critic).
+ESS, KL to the behaviour policy), batch advantage normalisation, temperature scaling,
+reductions, ``weighting="sampling"``, prioritized-replay weights, the ``td_error`` written
+back, key renaming (also into the value estimator), error messages, the split into
+``actor_loss``/``value_loss`` (each runs only its network), and the direction of one SGD
+step (towards high-advantage actions, no gradient crossing between actor and critic).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -110,6 +112,13 @@ def test_weight_clip_and_diagnostics() -> None:
     torch.testing.assert_close(out["kl_behaviour"], (stored_log_prob - log_prob).mean())
     weight = torch.tensor([1.0, 2.0, 20.0, 20.0])
     torch.testing.assert_close(out["loss_actor"], -(weight * log_prob).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_normalize_advantage_standardises_over_the_batch() -> None:
+    loss, batch, log_prob, _, _ = _setup("normal", normalize_advantage=True, max_weight=1e6)
+    mean, std = statistics.fmean(ADVANTAGE), statistics.stdev(ADVANTAGE)
+    weight = torch.tensor([math.exp((a - mean) / (std + 1e-5)) for a in ADVANTAGE])
+    torch.testing.assert_close(loss(batch)["loss_actor"], -(weight * log_prob).mean(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
@@ -396,3 +405,25 @@ def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str) ->
     out["loss_value"].backward()
     assert all(g is None or (g == 0).all() for g in _grads(loss.actor_network_params))
     assert any(g is not None and (g != 0).any() for g in _grads(loss.critic_network_params))
+
+
+@pytest.mark.parametrize("kind", ["normal", "categorical"])
+def test_each_phase_runs_only_its_network(kind: str) -> None:
+    """``actor_loss``/``value_loss`` give forward's numbers and call only the actor or the critic."""
+    loss, batch, _, _, actor = _setup(kind)
+    calls = {"actor": 0, "critic": 0}
+    actor[0].module.register_forward_hook(lambda *_: calls.__setitem__("actor", calls["actor"] + 1))
+    loss.critic_network.module.register_forward_hook(lambda *_: calls.__setitem__("critic", calls["critic"] + 1))
+    full = loss(batch.clone())
+
+    calls.update(actor=0, critic=0)
+    actor_out = loss.actor_loss(batch.clone())
+    assert calls == {"actor": 1, "critic": 0} and "loss_value" not in actor_out
+    torch.testing.assert_close(actor_out["loss_actor"], full["loss_actor"])
+
+    calls.update(actor=0, critic=0)
+    value_batch = batch.clone()
+    value_out = loss.value_loss(value_batch)
+    assert calls == {"actor": 0, "critic": 1} and "loss_actor" not in value_out
+    torch.testing.assert_close(value_out["loss_value"], full["loss_value"])
+    assert "td_error" in value_batch
