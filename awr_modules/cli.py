@@ -37,7 +37,7 @@ class AWRCLI(LightningCLI):
         parser.add_argument(
             "--num_threads",
             type=int,
-            default=int(os.environ.get("AWR_NUM_THREADS", 1)),
+            default=int(os.environ.get("AWR_NUM_THREADS", "1")),
             help="torch intra-op threads per process. These MLPs are tiny: one thread per process is the "
             "fastest setting on small CPUs (several times faster than the default when processes share cores).",
         )

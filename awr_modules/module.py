@@ -22,8 +22,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -97,7 +97,9 @@ class AWRModule(pl.LightningModule):
         temperature: ``beta`` of ``exp(A / beta)`` (reference 1.0 on normalised advantages).
         max_weight: weight clip (reference 20).
         normalize_advantage: standardise advantages over the buffer before weighting (reference: yes).
-        value_scale: ``s_v`` dividing the value error; ``None`` means ``1 / (1 - gamma)`` as the reference.
+        value_scale: ``s_v``; ``None`` means ``1 / (1 - gamma)`` as the reference. The critic network predicts
+            ``V / s_v`` (the recipe scales its output) and the loss divides the value error by ``s_v``, so the
+            network regresses ``R / s_v`` with the reference's step sizes.
         action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10; 0 for discrete).
         entropy_coeff: entropy bonus (reference 0).
         weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling) or
@@ -155,7 +157,8 @@ class AWRModule(pl.LightningModule):
 
         spec_env = recipe.make_env(seed)
         self.actor = recipe.make_actor(spec_env)
-        self.critic = recipe.make_critic(spec_env)
+        value_scale = value_scale if value_scale is not None else 1.0 / (1.0 - gamma)
+        self.critic = recipe.make_critic(spec_env, value_scale)
         self._env_signature = self._signature(spec_env)
         spec_env.close()
         discrete = self._env_signature["discrete"]
@@ -164,7 +167,7 @@ class AWRModule(pl.LightningModule):
             self.critic,
             temperature=temperature,
             max_weight=max_weight,
-            value_scale=value_scale if value_scale is not None else 1.0 / (1.0 - gamma),
+            value_scale=value_scale,
             action_bound_penalty=0.0 if discrete or recipe_policy(recipe) == "tanh_normal" else action_bound_penalty,
             entropy_coeff=entropy_coeff,
             weighting=weighting,

@@ -36,5 +36,10 @@ class Recipe(ABC):
         """A stochastic actor for ``env`` (returns a distribution, writes ``action`` and its log-prob)."""
 
     @abstractmethod
-    def make_critic(self, env: EnvBase) -> ValueOperator:
-        """A state-value network for ``env`` writing ``state_value``."""
+    def make_critic(self, env: EnvBase, value_scale: float = 1.0) -> ValueOperator:
+        """A state-value network for ``env`` writing ``state_value``.
+
+        ``value_scale`` multiplies the network's output: the network itself predicts the
+        *normalised* value ``V / s_v`` as the reference's critic does (``s_v = 1 / (1 - gamma)``),
+        so its outputs stay O(1) and the reference's step sizes apply.
+        """

@@ -116,8 +116,8 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
         lines.append(f"| {seed} | {int(points[-1][0])} | {final:.1f} | {max(r for _, r in within):.1f} | "
                      f"{hit if hit is not None else 'not reached'} |")
     if finals:
-        lines += ["", f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
-                      f"(mean +- std over {len(finals)} seeds)."]
+        lines += ["", (f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
+                       f"(mean +- std over {len(finals)} seeds).")]
     if timing:
         per_phase = ", ".join(f"{p} {np.mean(timing[p]):.2f} s" for p in PHASES if timing[p])
         lines += ["", f"Wall-clock per iteration: {per_phase}."]

@@ -1,4 +1,7 @@
-"""A short AWR run on Pendulum-v1 from stock TorchRL parts and :mod:`awr_modules`.
+"""A short AWR run on Pendulum-v1 from stock TorchRL parts and :mod:`awr_modules`, without Lightning.
+
+The env (``GymEnv`` + ``DoubleToFloat`` + normalisation) and networks (``ProbabilisticActor``,
+``ValueOperator``) come from the classic-control recipe; the loop is written out.
 
 Each iteration follows the paper: collect with the stochastic policy, extend
 the FIFO buffer, refresh TD(lambda) targets over the stored trajectories, fit
@@ -16,13 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import NormalParamExtractor, TensorDictModule
-from torch import nn
 from torchrl.collectors import Collector
-from torchrl.envs import DoubleToFloat, GymEnv, RewardSum, StepCounter, TransformedEnv
-from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 
 from awr_modules import AWRLoss, make_replay_buffer, refresh_value_targets
+from recipes.classic_control import ClassicControl
 
 
 @dataclass
@@ -39,44 +39,21 @@ class DemoSettings:
     lmbda: float = 0.95
     temperature: float = 1.0
     max_weight: float = 20.0
+    action_bound_penalty: float = 10.0
     actor_lr: float = 1e-4
     critic_lr: float = 1e-3
     seed: int = 0
 
 
-def make_env(seed: int) -> TransformedEnv:
-    env = TransformedEnv(GymEnv("Pendulum-v1"), DoubleToFloat())
-    env.append_transform(StepCounter())
-    env.append_transform(RewardSum())
-    env.set_seed(seed)
-    return env
-
-
-def make_networks(env: TransformedEnv) -> tuple[ProbabilisticActor, ValueOperator]:
-    obs_dim = env.observation_spec["observation"].shape[-1]
-    action_spec = env.action_spec
-    act_dim = action_spec.shape[-1]
-    policy_net = nn.Sequential(MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[128, 64]),
-                               NormalParamExtractor())
-    actor = ProbabilisticActor(
-        TensorDictModule(policy_net, in_keys=["observation"], out_keys=["loc", "scale"]),
-        in_keys=["loc", "scale"],
-        spec=action_spec,
-        distribution_class=TanhNormal,
-        distribution_kwargs={"low": action_spec.space.low, "high": action_spec.space.high},
-        return_log_prob=True,
-    )
-    critic = ValueOperator(MLP(in_features=obs_dim, out_features=1, num_cells=[128, 64]), in_keys=["observation"])
-    return actor, critic
-
-
 def train(settings: DemoSettings) -> list[dict[str, float]]:
     """Run ``settings.iterations`` AWR iterations; return per-iteration returns and losses."""
     torch.manual_seed(settings.seed)
-    env = make_env(settings.seed)
-    actor, critic = make_networks(env)
+    recipe = ClassicControl("Pendulum-v1")
+    env = recipe.make_env(settings.seed)
+    value_scale = 1.0 / (1.0 - settings.gamma)
+    actor, critic = recipe.make_actor(env), recipe.make_critic(env, value_scale)
     loss = AWRLoss(actor, critic, temperature=settings.temperature, max_weight=settings.max_weight,
-                   value_scale=1.0 / (1.0 - settings.gamma))
+                   value_scale=value_scale, action_bound_penalty=settings.action_bound_penalty)
     loss.make_value_estimator(gamma=settings.gamma, lmbda=settings.lmbda)
     actor_optim = torch.optim.Adam(loss.actor_network_params.values(True, True), lr=settings.actor_lr)
     critic_optim = torch.optim.Adam(loss.critic_network_params.values(True, True), lr=settings.critic_lr)

@@ -21,7 +21,7 @@ import gymnasium as gym
 import torch
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.data import Bounded, Categorical, OneHot
+from torchrl.data import Bounded, OneHot
 from torchrl.envs import (
     DoubleToFloat,
     EnvBase,
@@ -50,6 +50,17 @@ class FixedStd(nn.Module):
 
     def forward(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return loc, torch.full_like(loc, self.std)
+
+
+class ScaleOutput(nn.Module):
+    """Multiplies by a constant: the critic predicts ``V / s_v`` and this restores ``V``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
 
 
 class GymRecipe(Recipe):
@@ -113,7 +124,7 @@ class GymRecipe(Recipe):
         env = TransformedEnv(self._base_env(num_envs), DoubleToFloat())
         env.append_transform(VecNormV2(in_keys=["observation"], decay=1.0, reduce_batch_dims=True))
         spec = env.action_spec
-        if not isinstance(spec, (OneHot, Categorical)):
+        if not isinstance(spec, OneHot):
             self._check_bounded(spec)
             low, high = spec.space.low, spec.space.high
             env.append_transform(
@@ -152,12 +163,7 @@ class GymRecipe(Recipe):
     def make_actor(self, env: EnvBase) -> ProbabilisticActor:
         obs_dim = env.observation_spec["observation"].shape[-1]
         spec = env.action_spec
-        if isinstance(spec, (OneHot, Categorical)):
-            if isinstance(spec, Categorical):
-                raise ValueError(
-                    f"{type(self).__name__}: {self.env_id!r} gives integer actions; GymEnv should give one-hot "
-                    f"actions for discrete spaces (categorical_action_encoding=False)."
-                )
+        if isinstance(spec, OneHot):
             logits = self._mlp(obs_dim, spec.shape[-1])
             module = TensorDictModule(logits, in_keys=["observation"], out_keys=["logits"])
             return ProbabilisticActor(module, in_keys=["logits"], spec=spec, distribution_class=OneHotCategorical,
@@ -174,10 +180,10 @@ class GymRecipe(Recipe):
         return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=distribution,
                                   distribution_kwargs=kwargs, return_log_prob=True)
 
-    def make_critic(self, env: EnvBase) -> ValueOperator:
+    def make_critic(self, env: EnvBase, value_scale: float = 1.0) -> ValueOperator:
         obs_dim = env.observation_spec["observation"].shape[-1]
-        return ValueOperator(MLP(in_features=obs_dim, out_features=1, num_cells=self.hidden_sizes,
-                                 activation_class=nn.ReLU), in_keys=["observation"])
+        mlp = MLP(in_features=obs_dim, out_features=1, num_cells=self.hidden_sizes, activation_class=nn.ReLU)
+        return ValueOperator(nn.Sequential(mlp, ScaleOutput(value_scale)), in_keys=["observation"])
 
     def _mlp(self, in_features: int, out_features: int) -> MLP:
         mlp = MLP(in_features=in_features, out_features=out_features, num_cells=self.hidden_sizes,

@@ -13,9 +13,9 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lightning_helpers import tiny_args  # noqa: E402
+from lightning_helpers import tiny_args
 
-from awr_modules.cli import cli_main  # noqa: E402
+from awr_modules.cli import cli_main
 
 
 class DumpRankState(pl.Callback):
