@@ -245,20 +245,23 @@ class AWRModule(pl.LightningModule):
         clock.lap("collect")
         refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
         clock.lap("refresh")
+        value_out = None
         for _ in range(hp.critic_steps):                                         # 4. value phase
-            self._step(critic_optimizer, loss.value_loss(self._critic_sample())["loss_value"], self.critic)
+            value_out = loss.value_loss(self._critic_sample())
+            self._step(critic_optimizer, value_out["loss_value"], self.critic)
         clock.lap("value_phase")
         priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
         refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
                               normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         clock.lap("refresh")
-        out = None
+        actor_out = None
         for _ in range(hp.actor_steps):                                          # 6. policy phase
-            out = loss.actor_loss(buffer.sample(hp.actor_batch_size))
-            self._step(actor_optimizer, out["loss_actor"], self.actor)
+            actor_out = loss.actor_loss(buffer.sample(hp.actor_batch_size))
+            self._step(actor_optimizer, actor_out["loss_actor"], self.actor)
         clock.lap("policy_phase")
         self.iteration += 1
-        self._log_iteration(data, out, clock.seconds)                            # 7. log
+        last = [out for out in (value_out, actor_out) if out is not None]       # last minibatch of each phase
+        self._log_iteration(data, last, clock.seconds)                           # 7. log
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
@@ -321,7 +324,7 @@ class AWRModule(pl.LightningModule):
         transform = getattr(env, "transform", None)
         return [t for t in (transform if transform is not None else []) if isinstance(t, VecNormV2)]
 
-    def _log_iteration(self, data: TensorDictBase, out: TensorDictBase | None, seconds: dict[str, float]) -> None:
+    def _log_iteration(self, data: TensorDictBase, outputs: list[TensorDictBase], seconds: dict[str, float]) -> None:
         done = data["next", "done"]
         returns = data["next", "episode_reward"][done]
         self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=True)
@@ -331,7 +334,7 @@ class AWRModule(pl.LightningModule):
             self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
         for phase, value in seconds.items():
             self.log(f"time/{phase}", value)
-        if out is not None:
+        for out in outputs:
             for key, value in out.items():
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)
 

@@ -73,7 +73,7 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
             out = loss.actor_loss(buffer.sample())
             _step(actor_optim, out["loss_actor"])
         collector.update_policy_weights_()
-        record = _record(iteration, episode_returns, out)
+        record = _record(iteration, episode_returns, out.update(value_out))
         history.append(record)
         print(", ".join(f"{k} {v:.3g}" for k, v in record.items()), flush=True)
     collector.shutdown()

@@ -299,6 +299,8 @@ INPUT_ERRORS = {
                       ValueError, "'advantage' has 1 non-finite"),
     "inf_stored_log_prob": (lambda b: _with(b, "action_log_prob", torch.tensor([-math.inf] + [0.0] * (N - 1))),
                             ValueError, "'action_log_prob' has 1 non-finite"),
+    "action_outside_support": (lambda b: _with(b, "action", b["action"].index_fill(0, torch.tensor([3]), math.inf)),
+                               ValueError, r"log pi\(a\|s\) of the stored action .* has 1 non-finite"),
 }
 
 
