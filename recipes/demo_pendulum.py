@@ -66,8 +66,8 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
         buffer.extend(batch.reshape(-1))
         refresh_value_targets(buffer, loss.value_estimator)
         for _ in range(settings.critic_steps):
-            critic_loss = loss.value_loss(buffer.sample())["loss_value"]
-            _step(critic_optim, critic_loss)
+            value_out = loss.value_loss(buffer.sample())
+            _step(critic_optim, value_out["loss_value"])
         refresh_value_targets(buffer, loss.value_estimator, normalize_advantage=True)
         for _ in range(settings.actor_steps):
             out = loss.actor_loss(buffer.sample())
