@@ -339,23 +339,41 @@ class AWRModule(pl.LightningModule):
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)
 
     # ---------------------------------------------------------- evaluation
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Run ``eval_episodes`` episodes of the deterministic (mean / mode) policy."""
+    def _evaluation_episodes(self, episodes: int) -> list[TensorDictBase]:
+        """Episodes of the deterministic (mean / mode) policy, normalised with the training statistics."""
         runtime = self.runtime
         for source, target in zip(self._normalizers(runtime.train_env), self._normalizers(runtime.eval_env)):
             target.set_extra_state(source.get_extra_state())
             target.freeze()
-        returns, lengths = [], []
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            for _ in range(self.hparams.eval_episodes):
-                rollout = runtime.eval_env.rollout(
-                    max_steps=100_000, policy=self.actor, auto_cast_to_device=True, break_when_any_done=True
-                )
-                returns.append(rollout["next", "reward"].sum().item())
-                lengths.append(rollout.shape[-1])
-        self.log("eval/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
-        self.log("eval/episode_length", float(np.mean(lengths)), sync_dist=True)
+            return [runtime.eval_env.rollout(max_steps=100_000, policy=self.actor, auto_cast_to_device=True,
+                                             break_when_any_done=True) for _ in range(episodes)]
+
+    def _log_evaluation(self, prefix: str) -> None:
+        rollouts = self._evaluation_episodes(self.hparams.eval_episodes)
+        returns = [rollout["next", "reward"].sum().item() for rollout in rollouts]
+        self.log(f"{prefix}/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/return_std", float(np.std(returns)), sync_dist=True)
+        self.log(f"{prefix}/episode_length", float(np.mean([r.shape[-1] for r in rollouts])), sync_dist=True)
         self.log("env_steps", float(self.env_steps), sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """``eval_episodes`` deterministic episodes, logged as ``eval/return`` and ``eval/episode_length``."""
+        self._log_evaluation("eval")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Same as validation, logged as ``test/return`` (``awr test -c ... --ckpt_path ...``)."""
+        self._log_evaluation("test")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(range(self.hparams.eval_episodes), batch_size=1)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> TensorDictBase:
+        """One deterministic episode per item (``awr predict``): the rollout TensorDict, on the CPU."""
+        return self._evaluation_episodes(1)[0].cpu()
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -161,3 +161,15 @@ def test_every_config_builds_its_module_with_the_reference_networks(config):
     hidden = [m.out_features for m in cli.model.critic.modules() if isinstance(m, torch.nn.Linear)][:-1]
     assert hidden == [128, 64]  # the reference's MLP
     assert cli.model.hparams.max_env_steps is not None
+
+
+def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
+    _fit(tmp_path, epochs=1)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    tested = cli_main(["test", *tiny_args(tmp_path), f"--ckpt_path={last}"])
+    assert -2000 < float(tested.trainer.callback_metrics["test/return"]) <= 0
+    predicted = cli_main(["predict", *tiny_args(tmp_path), f"--ckpt_path={last}"])
+    episodes = predicted.trainer.predict_loop.predictions
+    assert len(episodes) == 1  # eval_episodes=1 in the tiny config
+    assert episodes[0].shape[-1] == 200  # a full Pendulum episode
+    assert episodes[0]["next", "truncated"][-1].all()
