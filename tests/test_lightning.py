@@ -173,3 +173,16 @@ def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
     assert len(episodes) == 1  # eval_episodes=1 in the tiny config
     assert episodes[0].shape[-1] == 200  # a full Pendulum episode
     assert episodes[0]["next", "truncated"][-1].all()
+
+
+def test_sampling_weighting_trains_from_a_prioritized_buffer_and_resumes(tmp_path):
+    cli = _fit(tmp_path, epochs=1, extra=["--model.weighting=sampling"])
+    assert cli.model.loss_module.weighting == "sampling"
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=["--model.weighting=sampling"]), "--ckpt_path=last"])
+    assert resumed.model.env_steps == 2 * FRAMES
+
+
+def test_tensorboard_logger_by_config(tmp_path):
+    _fit(tmp_path, epochs=1, extra=["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+                                    f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}"])
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
