@@ -31,10 +31,12 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from tensordict import TensorDictBase
+from torch import distributions as d
 from torch.utils.data import DataLoader
 from torchrl.collectors import Collector
 from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
+from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from awr_modules.loss import AWRLoss
 from awr_modules.recipe import Recipe
@@ -100,7 +102,8 @@ class AWRModule(pl.LightningModule):
         value_scale: ``s_v``; ``None`` means ``1 / (1 - gamma)`` as the reference. The critic network predicts
             ``V / s_v`` (the recipe scales its output) and the loss divides the value error by ``s_v``, so the
             network regresses ``R / s_v`` with the reference's step sizes.
-        action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10; 0 for discrete).
+        action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10); not applied
+            to actors without an unbounded Gaussian mean (categorical, TanhNormal).
         entropy_coeff: entropy bonus (reference 0).
         weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling) or
             ``"sampling"`` (the buffer samples proportionally to ``w``; loss weight 1).
@@ -161,14 +164,13 @@ class AWRModule(pl.LightningModule):
         self.critic = recipe.make_critic(spec_env, value_scale)
         self._env_signature = self._signature(spec_env)
         spec_env.close()
-        discrete = self._env_signature["discrete"]
         self.loss_module = AWRLoss(
             self.actor,
             self.critic,
             temperature=temperature,
             max_weight=max_weight,
             value_scale=value_scale,
-            action_bound_penalty=0.0 if discrete or recipe_policy(recipe) == "tanh_normal" else action_bound_penalty,
+            action_bound_penalty=action_bound_penalty if _has_unbounded_gaussian_mean(self.actor) else 0.0,
             entropy_coeff=entropy_coeff,
             weighting=weighting,
         )
@@ -451,6 +453,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def recipe_policy(recipe: Recipe) -> str | None:
-    """The recipe's policy kind, if it has one (the bound penalty only makes sense for a Gaussian)."""
-    return getattr(recipe, "policy", None)
+def _has_unbounded_gaussian_mean(actor: ProbabilisticActor) -> bool:
+    """The bound penalty applies to a Gaussian mean that can leave [-1, 1]: not to TanhNormal or categoricals."""
+    distribution = actor[-1].distribution_class
+    return issubclass(distribution, (d.Normal, d.Independent)) and not issubclass(distribution, TanhNormal)
