@@ -39,6 +39,7 @@ from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_ty
 from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from awr_modules.loss import AWRLoss
+from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.recipe import Recipe
 from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
@@ -159,9 +160,8 @@ class AWRModule(pl.LightningModule):
         self.recipe = recipe
 
         spec_env = recipe.make_env(seed)
-        self.actor = recipe.make_actor(spec_env)
         value_scale = value_scale if value_scale is not None else 1.0 / (1.0 - gamma)
-        self.critic = recipe.make_critic(spec_env, value_scale)
+        self.actor, self.critic = recipe.make_networks(spec_env, value_scale)
         self._env_signature = self._signature(spec_env)
         spec_env.close()
         self.loss_module = AWRLoss(
@@ -283,9 +283,19 @@ class AWRModule(pl.LightningModule):
         self.env_steps += data.numel() * self.trainer.world_size
         for vecnorm in self._normalizers(self.runtime.train_env):
             self._merge_across_ranks(vecnorm)
+            self._load_statistics(vecnorm)
             if self.env_steps >= self.recipe.normalizer_samples and not vecnorm.frozen:
                 vecnorm.freeze()
         return data
+
+    def _load_statistics(self, vecnorm: VecNormV2) -> None:
+        """Give the networks' observation normaliser the running statistics of the collected states."""
+        if vecnorm.frozen:
+            return
+        (key,) = vecnorm.in_keys
+        for normalizer in self.modules():
+            if isinstance(normalizer, ObservationNormalizer):
+                normalizer.load_statistics(vecnorm.loc[key], vecnorm.scale[key])
 
     def _step(self, optimizer: Any, objective: torch.Tensor, network: torch.nn.Module) -> None:
         """One optimizer step; under DDP gradients are averaged across ranks by hand.
@@ -342,11 +352,8 @@ class AWRModule(pl.LightningModule):
 
     # ---------------------------------------------------------- evaluation
     def _evaluation_episodes(self, episodes: int) -> list[TensorDictBase]:
-        """Episodes of the deterministic (mean / mode) policy, normalised with the training statistics."""
+        """Episodes of the deterministic (mean / mode) policy (its normaliser holds the training statistics)."""
         runtime = self.runtime
-        for source, target in zip(self._normalizers(runtime.train_env), self._normalizers(runtime.eval_env)):
-            target.set_extra_state(source.get_extra_state())
-            target.freeze()
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
             return [runtime.eval_env.rollout(max_steps=100_000, policy=self.actor, auto_cast_to_device=True,
                                              break_when_any_done=True) for _ in range(episodes)]

@@ -3,7 +3,8 @@
 A recipe knows one environment family (classic control, Box2D, MuJoCo, ...):
 how to build the TorchRL env with its transforms, and the actor and critic that
 fit its observation and action spaces. The module asks for them in ``setup()``
-and ``__init__`` and owns everything else (collection, buffer, the AWR phases).
+and ``__init__`` and owns everything else (collection, buffer, the AWR phases,
+keeping the networks' observation normaliser up to date).
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ class Recipe(ABC):
         """A seeded env of batch size ``num_envs`` (1: unbatched) with every transform the networks expect."""
 
     @abstractmethod
-    def make_actor(self, env: EnvBase) -> ProbabilisticActor:
-        """A stochastic actor for ``env`` (returns a distribution, writes ``action`` and its log-prob)."""
+    def make_networks(self, env: EnvBase, value_scale: float = 1.0) -> tuple[ProbabilisticActor, ValueOperator]:
+        """The actor (returns a distribution; writes ``action`` and its log-prob) and the critic
+        (writes ``state_value``) for ``env``.
 
-    @abstractmethod
-    def make_critic(self, env: EnvBase, value_scale: float = 1.0) -> ValueOperator:
-        """A state-value network for ``env`` writing ``state_value``.
-
-        ``value_scale`` multiplies the network's output: the network itself predicts the
-        *normalised* value ``V / s_v`` as the reference's critic does (``s_v = 1 / (1 - gamma)``),
-        so its outputs stay O(1) and the reference's step sizes apply.
+        Both read the env's raw ``observation``; a recipe that normalises states does it inside
+        the networks with one shared :class:`~awr_modules.normalizer.ObservationNormalizer`,
+        which the module keeps up to date. ``value_scale`` multiplies the critic's output: the
+        network itself predicts the *normalised* value ``V / s_v`` as the reference's critic
+        does (``s_v = 1 / (1 - gamma)``), so its outputs stay O(1) and the reference's step sizes apply.
         """

@@ -51,7 +51,7 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
     recipe = ClassicControl("Pendulum-v1")
     env = recipe.make_env(settings.seed)
     value_scale = 1.0 / (1.0 - settings.gamma)
-    actor, critic = recipe.make_actor(env), recipe.make_critic(env, value_scale)
+    actor, critic = recipe.make_networks(env, value_scale)  # the demo leaves their normaliser at identity
     loss = AWRLoss(actor, critic, temperature=settings.temperature, max_weight=settings.max_weight,
                    value_scale=value_scale, action_bound_penalty=settings.action_bound_penalty)
     loss.make_value_estimator(gamma=settings.gamma, lmbda=settings.lmbda)

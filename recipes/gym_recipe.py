@@ -2,7 +2,9 @@
 
 Env: ``GymEnv(env_id)`` (or a synchronous vector of ``num_envs``) -> ``DoubleToFloat`` (gymnasium returns float64) ->
 ``VecNormV2`` running mean/std of observations with infinite memory
-(``decay=1``), frozen by the module after ``normalizer_samples`` -> for
+(``decay=1``), written to a side key and frozen by the module after
+``normalizer_samples``; the networks normalise the raw observation with these
+statistics in their first layer, as the reference does -> for
 continuous actions an affine map from the policy's normalised box ``[-1, 1]``
 to the env's bounds -> ``StepCounter`` -> ``RewardSum``.
 
@@ -35,8 +37,10 @@ from torchrl.envs import (
 )
 from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
+from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.recipe import Recipe
 
+STATISTICS_KEY = "observation_vecnorm"  # VecNormV2 only records statistics: the networks read raw observations
 MEAN_HEAD_INIT = 0.01  # the reference initialises the policy's output layer uniform(+-0.01)
 PolicyKind = Literal["fixed_std", "learned_std", "tanh_normal"]
 
@@ -122,7 +126,8 @@ class GymRecipe(Recipe):
     # ------------------------------------------------------------------ env
     def make_env(self, seed: int, num_envs: int = 1) -> TransformedEnv:
         env = TransformedEnv(self._base_env(num_envs), DoubleToFloat())
-        env.append_transform(VecNormV2(in_keys=["observation"], decay=1.0, reduce_batch_dims=True))
+        env.append_transform(VecNormV2(in_keys=["observation"], out_keys=[STATISTICS_KEY], decay=1.0,
+                                       reduce_batch_dims=True))
         spec = env.action_spec
         if not isinstance(spec, OneHot):
             self._check_bounded(spec)
@@ -160,32 +165,35 @@ class GymRecipe(Recipe):
             )
 
     # ------------------------------------------------------------- networks
-    def make_actor(self, env: EnvBase) -> ProbabilisticActor:
+    def make_networks(self, env: EnvBase, value_scale: float = 1.0) -> tuple[ProbabilisticActor, ValueOperator]:
+        obs_dim = env.observation_spec["observation"].shape[-1]
+        normalizer = ObservationNormalizer(obs_dim)  # shared: actor and critic see the same states
+        critic_mlp = MLP(in_features=obs_dim, out_features=1, num_cells=self.hidden_sizes, activation_class=nn.ReLU)
+        critic = ValueOperator(nn.Sequential(normalizer, critic_mlp, ScaleOutput(value_scale)),
+                               in_keys=["observation"])
+        return self._make_actor(env, normalizer), critic
+
+    def _make_actor(self, env: EnvBase, normalizer: ObservationNormalizer) -> ProbabilisticActor:
         obs_dim = env.observation_spec["observation"].shape[-1]
         spec = env.action_spec
         if isinstance(spec, OneHot):
-            logits = self._mlp(obs_dim, spec.shape[-1])
+            logits = nn.Sequential(normalizer, self._policy_mlp(obs_dim, spec.shape[-1]))
             module = TensorDictModule(logits, in_keys=["observation"], out_keys=["logits"])
             return ProbabilisticActor(module, in_keys=["logits"], spec=spec, distribution_class=OneHotCategorical,
                                       return_log_prob=True)
         act_dim = spec.shape[-1]
         if self.policy == "fixed_std":
-            head = nn.Sequential(self._mlp(obs_dim, act_dim), FixedStd(self.action_std))
+            head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, act_dim), FixedStd(self.action_std))
             distribution, kwargs = IndependentNormal, {}
         else:
-            head = nn.Sequential(self._mlp(obs_dim, 2 * act_dim), NormalParamExtractor())
+            head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, 2 * act_dim), NormalParamExtractor())
             distribution, kwargs = (IndependentNormal, {}) if self.policy == "learned_std" else (
                 TanhNormal, {"low": -torch.ones(act_dim), "high": torch.ones(act_dim)})
         module = TensorDictModule(head, in_keys=["observation"], out_keys=["loc", "scale"])
         return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=distribution,
                                   distribution_kwargs=kwargs, return_log_prob=True)
 
-    def make_critic(self, env: EnvBase, value_scale: float = 1.0) -> ValueOperator:
-        obs_dim = env.observation_spec["observation"].shape[-1]
-        mlp = MLP(in_features=obs_dim, out_features=1, num_cells=self.hidden_sizes, activation_class=nn.ReLU)
-        return ValueOperator(nn.Sequential(mlp, ScaleOutput(value_scale)), in_keys=["observation"])
-
-    def _mlp(self, in_features: int, out_features: int) -> MLP:
+    def _policy_mlp(self, in_features: int, out_features: int) -> MLP:
         mlp = MLP(in_features=in_features, out_features=out_features, num_cells=self.hidden_sizes,
                   activation_class=nn.ReLU)
         last = [m for m in mlp.modules() if isinstance(m, nn.Linear)][-1]

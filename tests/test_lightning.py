@@ -14,6 +14,7 @@ import torch
 from lightning_helpers import FRAMES, load_checkpoint, tiny_args
 
 from awr_modules.cli import cli_main
+from awr_modules.normalizer import ObservationNormalizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,14 @@ def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_
     assert cli.model.env_steps == 2 * FRAMES
     assert cli.model.iteration == 2
     last = tmp_path / "checkpoints" / "last.ckpt"
+    # the networks normalise raw observations with the statistics recorded at collection
+    vecnorm = load_checkpoint(last)["awr"]["normalizers"][0]
+    mean = vecnorm["loc.-|-.observation"]
+    std = (vecnorm["var.-|-.observation"] - mean.pow(2)).sqrt()
+    normalizers = [m for m in cli.model.modules() if isinstance(m, ObservationNormalizer)]
+    assert len(normalizers) == 1  # one instance, shared by actor and critic
+    torch.testing.assert_close(normalizers[0].loc, mean)
+    torch.testing.assert_close(normalizers[0].scale, std, rtol=1e-4, atol=1e-4)
     assert last.exists()
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     for column in ("env_steps", "eval/return", "train/loss_actor", "train/loss_value", "train/weight_ess"):

@@ -1,0 +1,39 @@
+"""State normalisation inside the networks, as the reference does it.
+
+The reference normalises states *in the networks* with running statistics of
+the collected states, recorded for the first ``normalizer_samples`` samples and
+frozen after. The replay buffer therefore keeps raw observations, and every
+minibatch is normalised with the current statistics: a buffer that spans many
+iterations never mixes observations normalised with different statistics.
+
+The statistics themselves are TorchRL's: a ``VecNormV2`` env transform keeps the
+running moments; :class:`ObservationNormalizer` is the affine layer at the front
+of actor and critic that receives them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ObservationNormalizer(nn.Module):
+    """``(x - loc) / scale``, with ``loc`` and ``scale`` as buffers (saved with the networks).
+
+    Starts as the identity; :meth:`load_statistics` sets the running mean and std.
+    One instance is shared by actor and critic so that both see the same inputs.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(size))
+        self.register_buffer("scale", torch.ones(size))
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        return (observation - self.loc) / self.scale
+
+    @torch.no_grad()
+    def load_statistics(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Copy in place, so functional copies of the parameters (``AWRLoss``) see the new values."""
+        self.loc.copy_(loc.to(self.loc))
+        self.scale.copy_(scale.to(self.scale))
