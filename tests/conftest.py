@@ -16,6 +16,8 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
+from recipes.gym_recipe import FixedStd
+
 OBS_DIM = 3
 ACT_DIM = 2
 N_ACTIONS = 4
@@ -26,17 +28,6 @@ def _one_thread_and_seed():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     np.random.seed(0)  # TorchRL's prioritized sampler draws from numpy's global generator on CPU
-
-
-class FixedStd(nn.Module):
-    """Gaussian head with a fixed, not learned, standard deviation (the reference's policy)."""
-
-    def __init__(self, std: float) -> None:
-        super().__init__()
-        self.std = std
-
-    def forward(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return loc, torch.full_like(loc, self.std)
 
 
 def make_actor(kind: str) -> ProbabilisticActor:
