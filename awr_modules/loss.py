@@ -71,7 +71,8 @@ class AWRLoss(LossModule):
         w &= \min(\exp(A / \beta), w_{max}) \quad\text{(no gradient)} \\
         \mathcal{L}_{actor} &= -\operatorname{mean}(w \log\pi(a|s))
             + c_{bound}\,\tfrac12\operatorname{mean}\lVert(\mu(s) - \mathrm{clip}(\mu(s), -1, 1))\rVert^2
-            - c_{ent}\,\operatorname{mean} H(\pi(\cdot|s)) \\
+            - c_{ent}\,\operatorname{mean} H(\pi(\cdot|s))
+            + c_{l2}\,\tfrac12\operatorname{mean}\lVert\theta_\pi(s)\rVert^2 \\
         \mathcal{L}_{value} &= \tfrac12\operatorname{mean}\big((V(s) - R) / s_v\big)^2
 
     ``beta`` is :attr:`temperature`, ``w_max`` is :attr:`max_weight` and ``s_v`` is
@@ -105,6 +106,9 @@ class AWRLoss(LossModule):
             leaving the normalised action box ``[-1, 1]`` (reference: 10).
             Only for Gaussian actors (the reference's fixed-std policy).
         entropy_coeff: coefficient of an entropy bonus (reference: 0).
+        action_l2_coeff: coefficient of ``0.5 |theta(s)|^2`` on the distribution's action parameters
+            ``theta`` (the Gaussian mean, or the logits of a categorical) -- the reference's
+            ``action_l2_weight`` (0 by default; 0.001 for LunarLander).
         weighting: ``"loss"`` (the paper) multiplies the log-likelihood by ``w``;
             ``"sampling"`` means the replay buffer already samples transitions
             with probability proportional to ``w`` (see
@@ -201,6 +205,7 @@ class AWRLoss(LossModule):
         value_scale: float = 1.0,
         action_bound_penalty: float = 0.0,
         entropy_coeff: float = 0.0,
+        action_l2_coeff: float = 0.0,
         weighting: Literal["loss", "sampling"] = "loss",
         reduction: Literal["mean", "sum", "none"] = "mean",
         check_inputs: bool = True,
@@ -208,7 +213,8 @@ class AWRLoss(LossModule):
         for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale)):
             if not value > 0:
                 raise ValueError(f"AWRLoss: {name} must be > 0, got {value}.")
-        for name, value in (("action_bound_penalty", action_bound_penalty), ("entropy_coeff", entropy_coeff)):
+        for name, value in (("action_bound_penalty", action_bound_penalty), ("entropy_coeff", entropy_coeff),
+                            ("action_l2_coeff", action_l2_coeff)):
             if value < 0:
                 raise ValueError(f"AWRLoss: {name} must be >= 0, got {value}.")
         if reduction not in _REDUCTIONS:
@@ -224,6 +230,8 @@ class AWRLoss(LossModule):
         self.register_buffer("value_scale", torch.tensor(float(value_scale)))
         self.register_buffer("action_bound_penalty", torch.tensor(float(action_bound_penalty)))
         self.register_buffer("entropy_coeff", torch.tensor(float(entropy_coeff)))
+        self.register_buffer("action_l2_coeff", torch.tensor(float(action_l2_coeff)))
+        self._penalize_action_l2 = action_l2_coeff > 0  # Python flags: branching on a buffer would sync
         self._penalize_action_bound = action_bound_penalty > 0  # a Python flag: branching on the buffer syncs
         self.normalize_advantage = normalize_advantage
         self.weighting = weighting
@@ -348,6 +356,23 @@ class AWRLoss(LossModule):
             penalty = penalty.sum(-1)
         return penalty
 
+    @staticmethod
+    def _action_l2(dist: d.Distribution, batch_dims: int) -> torch.Tensor:
+        """``0.5 |theta|^2`` of the action parameters: the Gaussian mean or the categorical logits.
+
+        A categorical only keeps normalised logits; centred ones (the logits up to the constant
+        that does not change the policy) stand in for the network's raw logits.
+        """
+        base = dist.base_dist if isinstance(dist, d.Independent) else dist
+        if isinstance(base, (d.Categorical, d.OneHotCategorical)):
+            parameters = base.logits - base.logits.mean(-1, keepdim=True)
+        else:
+            parameters = base.loc
+        penalty = 0.5 * parameters.pow(2)
+        while penalty.ndim > batch_dims:
+            penalty = penalty.sum(-1)
+        return penalty
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Compute ``loss_actor``, ``loss_value`` and diagnostics for a batch of transitions."""
         out = self.actor_loss(tensordict)
@@ -391,6 +416,8 @@ class AWRLoss(LossModule):
         if self._penalize_action_bound:
             penalty = self._bound_penalty(dist, batch_dims)
             loss_actor = loss_actor + self.action_bound_penalty * penalty
+        if self._penalize_action_l2:
+            loss_actor = loss_actor + self.action_l2_coeff * self._action_l2(dist, batch_dims)
         if priority_weight is not None:
             loss_actor = loss_actor * priority_weight
 

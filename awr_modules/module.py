@@ -106,6 +106,8 @@ class AWRModule(pl.LightningModule):
         action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10); not applied
             to actors without an unbounded Gaussian mean (categorical, TanhNormal).
         entropy_coeff: entropy bonus (reference 0).
+        action_l2_coeff: L2 penalty on the Gaussian mean or the logits (reference ``action_l2_weight``:
+            0, and 0.001 for LunarLander).
         weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling) or
             ``"sampling"`` (the buffer samples proportionally to ``w``; loss weight 1).
         eval_episodes: episodes of the deterministic policy per evaluation.
@@ -136,6 +138,7 @@ class AWRModule(pl.LightningModule):
         value_scale: float | None = None,
         action_bound_penalty: float = 10.0,
         entropy_coeff: float = 0.0,
+        action_l2_coeff: float = 0.0,
         weighting: Literal["loss", "sampling"] = "loss",
         eval_episodes: int = 10,
         max_env_steps: int | None = None,
@@ -172,6 +175,7 @@ class AWRModule(pl.LightningModule):
             value_scale=value_scale,
             action_bound_penalty=action_bound_penalty if _has_unbounded_gaussian_mean(self.actor) else 0.0,
             entropy_coeff=entropy_coeff,
+            action_l2_coeff=action_l2_coeff,
             weighting=weighting,
         )
         self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)

@@ -195,6 +195,18 @@ def test_entropy_bonus(kind: str) -> None:
     torch.testing.assert_close(out["entropy"], entropy.mean(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("kind", "parameter"), [("normal", "loc"), ("plain_normal", "loc"), ("categorical", "logits")])
+def test_action_l2_penalty_is_half_the_squared_action_parameters(kind: str, parameter: str) -> None:
+    coeff = 0.1
+    loss, batch, _, _, actor = _setup(kind, reduction="none")
+    with torch.no_grad():
+        theta = dist_params(actor, batch)[parameter]
+        theta = theta - theta.mean(-1, keepdim=True) if parameter == "logits" else theta  # policy-relevant part
+    penalised = AWRLoss(actor, loss.critic_network, action_l2_coeff=coeff, reduction="none")
+    difference = penalised(batch.clone())["loss_actor"] - loss(batch.clone())["loss_actor"]
+    torch.testing.assert_close(difference, coeff * 0.5 * theta.pow(2).sum(-1), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
 def test_sampling_weighting_uses_weight_one(kind: str) -> None:
     loss, batch, log_prob, _, _ = _setup(kind, weighting="sampling")
