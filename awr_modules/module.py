@@ -195,28 +195,32 @@ class AWRModule(pl.LightningModule):
         }
 
     def setup(self, stage: str) -> None:
-        """Build env, collector and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
+        """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
                            eval_env=self.recipe.make_env(rank_seed + 500))
         if stage == "fit":
             torch.manual_seed(rank_seed)
-            runtime.collector = Collector(
-                runtime.train_env,
-                self.actor,
-                frames_per_batch=self.hparams.frames_per_iteration,
-                total_frames=-1,
-                policy_device=self.device,
-                storing_device=self.device,
-            )
-            runtime.batches = iter(runtime.collector)
             runtime.buffer = make_replay_buffer(
                 self.hparams.buffer_size,
                 prioritized=self.hparams.weighting == "sampling",
                 priority="weight",
-                device=self.device,
+                device=self.trainer.strategy.root_device,  # the module is moved there after setup()
             )
         self.runtime = runtime
+
+    def on_train_start(self) -> None:
+        """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
+        runtime = self.runtime
+        runtime.collector = Collector(
+            runtime.train_env,
+            self.actor,
+            frames_per_batch=self.hparams.frames_per_iteration,
+            total_frames=-1,
+            policy_device=self.device,
+            storing_device=self.device,
+        )
+        runtime.batches = iter(runtime.collector)
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None and self.runtime.collector is not None:
