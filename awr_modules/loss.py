@@ -231,8 +231,9 @@ class AWRLoss(LossModule):
         self.register_buffer("action_bound_penalty", torch.tensor(float(action_bound_penalty)))
         self.register_buffer("entropy_coeff", torch.tensor(float(entropy_coeff)))
         self.register_buffer("action_l2_coeff", torch.tensor(float(action_l2_coeff)))
-        self._penalize_action_l2 = action_l2_coeff > 0  # Python flags: branching on a buffer would sync
-        self._penalize_action_bound = action_bound_penalty > 0  # a Python flag: branching on the buffer syncs
+        # Python flags: branching on a buffer would sync the device and break compiled graphs
+        self._penalize_action_bound = action_bound_penalty > 0
+        self._penalize_action_l2 = action_l2_coeff > 0
         self.normalize_advantage = normalize_advantage
         self.weighting = weighting
         self.reduction = reduction
