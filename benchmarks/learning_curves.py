@@ -142,7 +142,7 @@ def plot(curves: dict[int, list[tuple[float, float]]], path: Path, title: str, t
     if target is not None:
         ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
     if reference is not None:
-        ax.axhline(reference, color="r", linestyle=":", linewidth=1, label="reference (paper)")
+        ax.axhline(reference, color="r", linestyle=":", linewidth=1, label="reference implementation")
     ax.set_xlabel("env steps")
     ax.set_ylabel("eval return (deterministic policy)")
     ax.set_title(title)
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="seeds trained at once (one core each)")
     parser.add_argument("--target", type=float, default=None, help="eval return to reach")
     parser.add_argument("--budget", type=float, default=None, help="env-step budget the target applies to")
-    parser.add_argument("--reference", type=float, default=None, help="the paper's return, drawn on the plot")
+    parser.add_argument("--reference", type=float, default=None, help="the reference implementation's return at the budget, drawn on the plot")
     parser.add_argument("--title", default=None)
     parser.add_argument("--summarize-only", action="store_true")
     args, overrides = parser.parse_known_args()
