@@ -376,8 +376,9 @@ class AWRLoss(LossModule):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Compute ``loss_actor``, ``loss_value`` and diagnostics for a batch of transitions."""
-        out = self.actor_loss(tensordict)
-        out.update(self.value_loss(tensordict))
+        prepared = self._prepare(tensordict)  # checks and targets once for both losses
+        out = self._actor_loss(tensordict, *prepared)
+        out.update(self._value_loss(tensordict, *prepared))
         return out
 
     def _prepare(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -395,9 +396,17 @@ class AWRLoss(LossModule):
 
         Runs only the actor: the policy phase of an AWR iteration calls this alone.
         """
+        return self._actor_loss(tensordict, *self._prepare(tensordict))
+
+    def _actor_loss(
+        self,
+        tensordict: TensorDictBase,
+        advantage: torch.Tensor,
+        value_target: torch.Tensor,
+        priority_weight: torch.Tensor | None,
+    ) -> TensorDictBase:
         keys = self.tensor_keys
         batch_dims = tensordict.batch_dims
-        advantage, _, priority_weight = self._prepare(tensordict)
         if self.normalize_advantage:
             advantage = (advantage - advantage.mean()) / (advantage.std() + _ADVANTAGE_NORMALIZATION_EPS)
         weight = self.weights(advantage)
@@ -434,8 +443,16 @@ class AWRLoss(LossModule):
 
         Runs only the critic: the value phase of an AWR iteration calls this alone.
         """
+        return self._value_loss(tensordict, *self._prepare(tensordict))
+
+    def _value_loss(
+        self,
+        tensordict: TensorDictBase,
+        advantage: torch.Tensor,
+        value_target: torch.Tensor,
+        priority_weight: torch.Tensor | None,
+    ) -> TensorDictBase:
         keys = self.tensor_keys
-        _, value_target, priority_weight = self._prepare(tensordict)
         with self.critic_network_params.to_module(self.critic_network):
             value = self.critic_network(tensordict.select(*self.critic_network.in_keys, strict=False)).get(keys.value)
         value = value.reshape(tensordict.batch_size).float()

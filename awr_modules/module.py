@@ -45,6 +45,7 @@ from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
 CHECKPOINT_KEY = "awr"
+EVAL_MAX_STEPS = 100_000  # a safety bound only: evaluation episodes end at the env's own time limit
 
 
 class _PhaseClock:
@@ -363,7 +364,7 @@ class AWRModule(pl.LightningModule):
         """Episodes of the deterministic (mean / mode) policy (its normaliser holds the training statistics)."""
         runtime = self.runtime
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            return [runtime.eval_env.rollout(max_steps=100_000, policy=self.actor, auto_cast_to_device=True,
+            return [runtime.eval_env.rollout(max_steps=EVAL_MAX_STEPS, policy=self.actor, auto_cast_to_device=True,
                                              break_when_any_done=True) for _ in range(episodes)]
 
     def _log_evaluation(self, prefix: str) -> None:
