@@ -19,6 +19,8 @@ merged after each collection, so parameters stay identical on every rank.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import random
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 from torch import distributions as d
 from torch.utils.data import DataLoader
@@ -45,6 +48,10 @@ from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
 CHECKPOINT_KEY = "awr"
+# The recipe's env is complete for a feed-forward policy: torchrl >= 0.14 would otherwise warn that it will
+# append an InitTracker from 0.15 on (the keyword does not exist in 0.12-0.13, which never append anything).
+_KEEP_ENV_AS_BUILT = ({"auto_register_policy_transforms": False}
+                      if "auto_register_policy_transforms" in inspect.signature(Collector.__init__).parameters else {})
 EVAL_MAX_STEPS = 100_000  # a safety bound only: evaluation episodes end at the env's own time limit
 
 
@@ -220,6 +227,7 @@ class AWRModule(pl.LightningModule):
             total_frames=-1,
             policy_device=self.device,
             storing_device=self.device,
+            **_KEEP_ENV_AS_BUILT,
         )
         runtime.batches = iter(runtime.collector)
 
@@ -395,15 +403,18 @@ class AWRModule(pl.LightningModule):
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what Lightning does not: buffer, normaliser, counters, RNG states, the env signature."""
+        """Store what Lightning does not: buffers, normaliser, counters, RNG states, the env signature.
+
+        Lightning calls this hook on every rank and writes rank 0's dictionary; each rank's
+        replay buffer and RNG states differ, so they are gathered into ``ranks[r]``.
+        """
         checkpoint[CHECKPOINT_KEY] = {
             "env_id": self.recipe.env_id,
             "signature": self._env_signature,
             "env_steps": self.env_steps,
             "iteration": self.iteration,
             "normalizers": [v.get_extra_state() for v in self._normalizers(self.runtime.train_env)],
-            "buffer": self._buffer_state(),
-            "rng": _rng_state(),
+            "ranks": self._gather_rank_states({"buffer": self._buffer_state(), "rng": _rng_state()}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -427,9 +438,31 @@ class AWRModule(pl.LightningModule):
                 vecnorm.set_extra_state(saved)
                 if self.env_steps >= self.recipe.normalizer_samples:
                     vecnorm.freeze()
-        if state["buffer"] is not None and self.runtime.buffer is not None:
-            self.runtime.buffer.load_state_dict({**self.runtime.buffer.state_dict(), **state["buffer"]})
-        _set_rng_state(state["rng"])
+        own = self._own_rank_state(state)
+        buffer = self.runtime.buffer
+        if own["buffer"] is not None and buffer is not None:  # checkpoints load on the CPU: back to the buffer's device
+            saved = _to_device(own["buffer"], buffer.storage.device)
+            buffer.load_state_dict({**buffer.state_dict(), **saved})
+        _set_rng_state(own["rng"])
+
+    def _gather_rank_states(self, local: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``local`` state (on the CPU), in rank order; a one-item list without DDP."""
+        local = _to_device(local, "cpu")
+        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return [local]
+        states: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, local)
+        return states
+
+    def _own_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's buffer and RNG states; another world size reuses the saved ranks' states in turn."""
+        ranks = state["ranks"]
+        if len(ranks) != self.trainer.world_size:
+            rank_zero_warn(
+                f"AWRModule: the checkpoint holds the replay buffers of {len(ranks)} rank(s), this run has "
+                f"{self.trainer.world_size}; rank r resumes with the buffer of saved rank r % {len(ranks)}."
+            )
+        return ranks[self.global_rank % len(ranks)]
 
     def _buffer_state(self) -> dict[str, Any] | None:
         """The buffer's storage and cursor, in types ``torch.load(weights_only=True)`` accepts.
@@ -457,16 +490,41 @@ class AWRModule(pl.LightningModule):
 
 
 def _rng_state() -> dict[str, Any]:
+    """Torch (CPU and, once used, CUDA), NumPy and Python generator states, in ``weights_only``-safe types."""
     name, keys, position, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position,
-            has_gauss, cached], "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position,
+             has_gauss, cached], "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
+
+
+def _to_device(state: Any, device: torch.device | str) -> Any:
+    """``state`` with every tensor in its nested dicts, lists and tuples moved to ``device``.
+
+    Dicts are copied with their type and attributes: a TensorDict state dict is an
+    ``OrderedDict`` whose ``_metadata`` attribute holds the batch size.
+    """
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        moved = copy.copy(state)
+        for key, value in state.items():
+            moved[key] = _to_device(value, device)
+        return moved
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(value, device) for value in state)
+    return state
 
 
 def _has_unbounded_gaussian_mean(actor: ProbabilisticActor) -> bool:

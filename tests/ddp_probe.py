@@ -1,7 +1,10 @@
-"""Run one tiny AWR iteration under DDP (2 CPU processes, gloo) and dump each rank's state.
+"""Run tiny AWR iterations under DDP (2 CPU processes, gloo) and dump each rank's state.
 
 Launched by ``test_ddp.py`` as a script, because Lightning's ``ddp`` strategy
 starts the other ranks by re-running this command line.
+
+    python ddp_probe.py OUT_DIR fit      # one iteration; rank{r}.pt after it (and a checkpoint)
+    python ddp_probe.py OUT_DIR resume   # resume from that checkpoint; resumed{r}.pt right after the restore
 """
 
 from __future__ import annotations
@@ -18,27 +21,41 @@ from lightning_helpers import tiny_args
 from awr_modules.cli import cli_main
 
 
+def rank_state(module: pl.LightningModule) -> dict:
+    buffer = module.runtime.buffer
+    return {
+        "parameters": [p.detach().clone() for p in module.parameters()],
+        "observations": buffer[: len(buffer)]["observation"].clone(),
+        "normalizer": module.runtime.train_env.transform[1].get_extra_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
 class DumpRankState(pl.Callback):
-    """After the first iteration, save this rank's parameters and collected observations."""
+    """Save this rank's parameters, buffer observations and RNG state after the first iteration."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        buffer = module.runtime.buffer
-        torch.save(
-            {
-                "parameters": [p.detach().clone() for p in module.parameters()],
-                "observations": buffer[: len(buffer)]["observation"].clone(),
-                "normalizer": module.runtime.train_env.transform[1].get_extra_state(),
-            },
-            self.out_dir / f"rank{trainer.global_rank}.pt",
-        )
+        torch.save(rank_state(module), self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class DumpRestoredState(DumpRankState):
+    """Save the same, as restored from the checkpoint, before the resumed run collects anything."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        pass
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        torch.save(rank_state(module), self.out_dir / f"resumed{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    out_dir = Path(sys.argv[1])
-    cli = cli_main(["fit", *tiny_args(out_dir, epochs=1, extra=[
+    out_dir, mode = Path(sys.argv[1]), sys.argv[2]
+    callback = "DumpRankState" if mode == "fit" else "DumpRestoredState"
+    resume = ["--ckpt_path=last"] if mode == "resume" else []
+    cli_main(["fit", *tiny_args(out_dir, epochs=1 if mode == "fit" else 2, extra=[
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-        "--model.recipe.init_args.normalizer_samples=100000"]), "--trainer.callbacks+=ddp_probe.DumpRankState",
-        f"--trainer.callbacks.out_dir={out_dir}"])
+        "--model.recipe.init_args.normalizer_samples=100000"]), f"--trainer.callbacks+=ddp_probe.{callback}",
+        f"--trainer.callbacks.out_dir={out_dir}", *resume])

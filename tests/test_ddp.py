@@ -1,4 +1,5 @@
-"""DDP on CPU: two gloo processes collect different data yet end an iteration with identical parameters."""
+"""DDP on CPU: two gloo processes collect different data yet keep identical parameters, and resume
+from a checkpoint each with its own replay buffer and RNG state."""
 
 from __future__ import annotations
 
@@ -7,19 +8,50 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
 
 
-def test_two_ranks_collect_different_data_and_keep_identical_parameters(tmp_path):
+def _probe(out_dir: Path, mode: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
-    result = subprocess.run([sys.executable, str(TESTS / "ddp_probe.py"), str(tmp_path)], cwd=tmp_path, env=env,
+    result = subprocess.run([sys.executable, str(TESTS / "ddp_probe.py"), str(out_dir), mode], cwd=out_dir, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """One DDP iteration with a checkpoint, then a resumed run that stops right after the restore."""
+    out_dir = tmp_path_factory.mktemp("ddp")
+    _probe(out_dir, "fit")
+    _probe(out_dir, "resume")
+    return out_dir
+
+
+def _load(out_dir: Path, name: str) -> dict:
+    return torch.load(out_dir / f"{name}.pt", weights_only=True)
+
+
+def test_two_ranks_collect_different_data_and_keep_identical_parameters(ddp_run):
+    rank0, rank1 = _load(ddp_run, "rank0"), _load(ddp_run, "rank1")
     assert not torch.equal(rank0["observations"], rank1["observations"])  # each rank has its own seed
     for p0, p1 in zip(rank0["parameters"], rank1["parameters"], strict=True):
         torch.testing.assert_close(p0, p1, rtol=0, atol=1e-6)
     for key, value in rank0["normalizer"].items():  # observation statistics were merged across ranks
         torch.testing.assert_close(value, rank1["normalizer"][key])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_resumes_with_its_own_buffer(ddp_run, rank):
+    saved, resumed = _load(ddp_run, f"rank{rank}"), _load(ddp_run, f"resumed{rank}")
+    torch.testing.assert_close(resumed["observations"], saved["observations"], rtol=0, atol=0)
+    for p_saved, p_resumed in zip(saved["parameters"], resumed["parameters"], strict=True):
+        torch.testing.assert_close(p_resumed, p_saved, rtol=0, atol=0)
+
+
+def test_each_rank_resumes_with_its_own_rng_state(ddp_run):
+    """Both ranks run the same code from the restore on: with rank 0's state on both, they would be equal."""
+    resumed0, resumed1 = _load(ddp_run, "resumed0"), _load(ddp_run, "resumed1")
+    assert not torch.equal(resumed0["torch_rng"], resumed1["torch_rng"])

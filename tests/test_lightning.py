@@ -50,7 +50,7 @@ def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_
 
 def test_bf16_mixed_keeps_value_targets_float32(tmp_path):
     _fit(tmp_path, epochs=1, extra=["--trainer.precision=bf16-mixed"])
-    stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["buffer"]["_storage"]["_storage"]
+    stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]["_storage"]
     for key in ("value_target", "advantage", "state_value"):
         assert stored[key].dtype == torch.float32, key
         assert torch.isfinite(stored[key][:FRAMES]).all()
@@ -58,8 +58,9 @@ def test_bf16_mixed_keeps_value_targets_float32(tmp_path):
 
 def _stored(checkpoint: dict) -> tuple[int, dict, torch.Tensor]:
     state = checkpoint["awr"]
-    length = state["buffer"]["_storage"]["_len"]
-    observations = state["buffer"]["_storage"]["_storage"]["observation"][:length]
+    (rank,) = state["ranks"]  # one process: one rank's buffer
+    length = rank["buffer"]["_storage"]["_len"]
+    observations = rank["buffer"]["_storage"]["_storage"]["observation"][:length]
     return length, state["normalizers"][0], observations
 
 
