@@ -456,7 +456,7 @@ class AWRModule(pl.LightningModule):
 
     def _own_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """This rank's buffer and RNG states; another world size reuses the saved ranks' states in turn."""
-        ranks = state["ranks"]
+        ranks = state.get("ranks") or [{"buffer": state.get("buffer"), "rng": state["rng"]}]  # before per-rank states
         if len(ranks) != self.trainer.world_size:
             rank_zero_warn(
                 f"AWRModule: the checkpoint holds the replay buffers of {len(ranks)} rank(s), this run has "
