@@ -6,11 +6,23 @@ Public API:
 - :class:`KStepReturnEstimator` -- the paper's k-step return as a TorchRL value estimator.
 - :func:`refresh_value_targets` -- returns and advantages over the trajectories stored in a buffer.
 - :func:`make_replay_buffer` -- the FIFO (prioritized) TorchRL replay buffer.
+- :class:`AWRModule` -- the AWR iteration as a Lightning module (imported on first use, so that
+  ``import awr_modules`` does not load Lightning).
 """
+
+from typing import Any
 
 from awr_modules.kstep import KStepReturnEstimator
 from awr_modules.loss import AWRLoss
 from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
-__all__ = ["AWRLoss", "KStepReturnEstimator", "make_replay_buffer", "refresh_value_targets"]
+__all__ = ["AWRLoss", "AWRModule", "KStepReturnEstimator", "make_replay_buffer", "refresh_value_targets"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AWRModule":
+        from awr_modules.module import AWRModule
+
+        return AWRModule
+    raise AttributeError(f"module 'awr_modules' has no attribute {name!r}")

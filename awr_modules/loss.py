@@ -384,7 +384,7 @@ class AWRLoss(LossModule):
     def _prepare(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Checked inputs: advantage and value target as ``[*B]`` float32, and the importance weights."""
         if self.check_inputs:
-            self._check_inputs(tensordict)
+            self.check_batch(tensordict)
         advantage, value_target = self._advantage_and_target(tensordict)
         priority_weight = self._maybe_get_priority_weight(tensordict)
         if priority_weight is not None:
@@ -490,7 +490,14 @@ class AWRLoss(LossModule):
         return stats
 
     # --------------------------------------------------------------- checks
-    def _check_inputs(self, tensordict: TensorDictBase) -> None:
+    def check_batch(self, tensordict: TensorDictBase) -> None:
+        """Raise a clear error if ``tensordict`` lacks a key the loss reads or holds non-finite advantages
+        or behaviour log-probs.
+
+        What ``check_inputs=True`` runs on every call; a training loop that draws its minibatches
+        from one refreshed buffer can instead check the whole buffer once (one host sync) and
+        construct the loss with ``check_inputs=False``.
+        """
         present = tensordict.keys(True)
         needed = [self.tensor_keys.action, *self.actor_network.in_keys, *self.critic_network.in_keys]
         missing = [key for key in needed if key not in present]

@@ -23,7 +23,7 @@ import copy
 import inspect
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -74,6 +74,8 @@ class _Runtime:
 
     train_env: EnvBase
     eval_env: EnvBase
+    actor_loss: Callable[[TensorDictBase], TensorDictBase] | None = None
+    value_loss: Callable[[TensorDictBase], TensorDictBase] | None = None
     collector: Collector | None = None
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
@@ -121,6 +123,9 @@ class AWRModule(pl.LightningModule):
         eval_episodes: episodes of the deterministic policy per evaluation.
         max_env_steps: stop training once this many env steps (all ranks) were collected.
         seed: base seed; rank ``r`` collects with ``seed + 1000 * r``.
+        compile: run the losses through ``torch.compile`` (default inductor backend): one graph per
+            loss, compiled on the first minibatch (seconds); backward and optimizer steps stay
+            Lightning's, so every precision and strategy works as without it.
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class AWRModule(pl.LightningModule):
         eval_episodes: int = 10,
         max_env_steps: int | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
@@ -185,6 +191,7 @@ class AWRModule(pl.LightningModule):
             entropy_coeff=entropy_coeff,
             action_l2_coeff=action_l2_coeff,
             weighting=weighting,
+            check_inputs=False,  # the module checks each phase's data once (see _minibatches)
         )
         self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)
         self.env_steps = 0
@@ -205,8 +212,11 @@ class AWRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
+        loss = self.loss_module
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
-                           eval_env=self.recipe.make_env(rank_seed + 500))
+                           eval_env=self.recipe.make_env(rank_seed + 500),
+                           actor_loss=torch.compile(loss.actor_loss) if self.hparams.compile else loss.actor_loss,
+                           value_loss=torch.compile(loss.value_loss) if self.hparams.compile else loss.value_loss)
         if stage == "fit":
             torch.manual_seed(rank_seed)
             runtime.buffer = make_replay_buffer(
@@ -265,8 +275,8 @@ class AWRModule(pl.LightningModule):
         refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
         clock.lap("refresh")
         value_out = None
-        for _ in range(hp.critic_steps):                                         # 4. value phase
-            value_out = loss.value_loss(self._critic_sample())
+        for minibatch in self._minibatches(hp.critic_steps, hp.critic_batch_size, prioritized=False):
+            value_out = self.runtime.value_loss(minibatch)                       # 4. value phase
             self._step(critic_optimizer, value_out["loss_value"], self.critic)
         clock.lap("value_phase")
         priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
@@ -274,22 +284,56 @@ class AWRModule(pl.LightningModule):
                               normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         clock.lap("refresh")
         actor_out = None
-        for _ in range(hp.actor_steps):                                          # 6. policy phase
-            actor_out = loss.actor_loss(buffer.sample(hp.actor_batch_size))
+        for minibatch in self._minibatches(hp.actor_steps, hp.actor_batch_size, prioritized=hp.weighting == "sampling"):
+            actor_out = self.runtime.actor_loss(minibatch)                       # 6. policy phase
             self._step(actor_optimizer, actor_out["loss_actor"], self.actor)
         clock.lap("policy_phase")
         self.iteration += 1
+        self._check_finite_losses(value_out, actor_out)
         last = [out for out in (value_out, actor_out) if out is not None]       # last minibatch of each phase
         self._log_iteration(data, last, clock.seconds)                           # 7. log
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
-    def _critic_sample(self) -> TensorDictBase:
-        """A critic minibatch: uniform over the buffer, whatever the actor's sampling weights are."""
-        if self.hparams.weighting == "sampling":
-            index = torch.randint(len(self.runtime.buffer), (self.hparams.critic_batch_size,))
-            return self.runtime.buffer[index]
-        return self.runtime.buffer.sample(self.hparams.critic_batch_size)
+    def _minibatches(self, steps: int, batch_size: int, *, prioritized: bool) -> Iterator[TensorDictBase]:
+        """The ``steps`` minibatches of one phase, their indices drawn at once.
+
+        Targets and advantages do not change within a phase, so drawing all indices up
+        front samples exactly as ``buffer.sample`` per step would (independent draws with
+        replacement: uniform, or proportional to the priorities with ``prioritized``), at
+        a fraction of the per-step cost. Each minibatch gathers only the keys the loss reads,
+        and the loss's input checks run once over the stored data instead of once per step.
+        """
+        buffer = self.runtime.buffer
+        if steps == 0:
+            return
+        storage = buffer.storage
+        if prioritized:
+            index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
+        else:
+            index = torch.randint(len(buffer), (steps * batch_size,), device=storage.device)
+        keys = [*self.loss_module.in_keys, self.loss_module.tensor_keys.sample_log_prob]
+        stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
+        self.loss_module.check_batch(stored)  # keys and finiteness, once for the whole phase
+        for step_index in index.to(storage.device).view(steps, batch_size):
+            yield stored[step_index]
+
+    def _check_finite_losses(self, *outputs: TensorDictBase | None) -> None:
+        """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).
+
+        A non-finite loss leaves non-finite parameters behind, so the last minibatch of a
+        phase shows a divergence anywhere in it.
+        """
+        for out in outputs:
+            if out is None:
+                continue
+            for key in ("loss_value", "loss_actor"):
+                value = out.get(key, None)
+                if value is not None and not torch.isfinite(value).all():
+                    raise FloatingPointError(
+                        f"AWRModule: {key} became {value.item()} in iteration {self.iteration}; the networks "
+                        f"diverged. Lower {'critic_lr' if key == 'loss_value' else 'actor_lr'} or check the rewards."
+                    )
 
     def _sampling_priority(self, data: TensorDictBase) -> torch.Tensor:
         """Priorities for ``weighting="sampling"``: the AWR weights themselves."""
