@@ -1,0 +1,132 @@
+"""Wall-clock of one AWR iteration per phase, eager and ``--model.compile true``, beside plain PyTorch.
+
+    python benchmarks/iteration_time.py --config configs/lunarlander.yaml
+
+For each mode, one ``awr fit`` process (one torch thread) trains ``--iterations`` iterations of
+the config without evaluation, and the median over the last ``--timed`` of them is taken from the
+``time/*`` columns the module logs: by default iterations 25-29, when the 50k buffer is full (the
+target refresh scales with the buffer; compilation happens in the first iteration). Beside it, in this process with one
+thread, a hand-written PyTorch loop runs the same number of value and policy steps on the
+same network sizes, batch, optimizer and AWR math (uniform minibatches from 50k stored
+transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-likelihood), with
+no TensorDict, TorchRL or Lightning. Writes ``benchmarks/results/iteration_time_<task>.csv``
+and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PHASES = ("collect", "refresh", "value_phase", "policy_phase")
+BUFFER = 50_000
+
+
+def awr_fit_seconds(config: Path, iterations: int, timed: int, extra: list[str]) -> dict[str, float]:
+    """Median seconds per phase over the last ``timed`` iterations of one ``awr fit`` run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config),
+                   f"--trainer.max_epochs={iterations}", "--trainer.check_val_every_n_epoch=100000",
+                   "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp}",
+                   f"--checkpoint.dirpath={tmp}/checkpoints", *extra]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rows = [row for path in Path(tmp).rglob("metrics.csv") for row in csv.DictReader(path.open())]
+    rows = sorted((row for row in rows if row.get("time/policy_phase")), key=lambda row: float(row["env_steps"]))
+    return {phase: float(np.median([float(row[f"time/{phase}"]) for row in rows[-timed:]])) for phase in PHASES}
+
+
+def _mlp(inputs: int, outputs: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(inputs, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                               torch.nn.ReLU(), torch.nn.Linear(64, outputs))
+
+
+def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int) -> dict[str, float]:
+    """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors."""
+    observation_size = model._env_signature["observation_shape"][-1]
+    action_size = model._env_signature["action_shape"][-1]
+    discrete = model._env_signature["discrete"]
+    hp = model.hparams
+    observation = torch.randn(BUFFER, observation_size)
+    action = (torch.randint(action_size, (BUFFER,)) if discrete else torch.rand(BUFFER, action_size) * 2 - 1)
+    advantage, value_target = torch.randn(BUFFER), torch.randn(BUFFER)
+    actor, critic = _mlp(observation_size, action_size), _mlp(observation_size, 1)
+    actor_optimizer = torch.optim.SGD(actor.parameters(), lr=hp.actor_lr, momentum=hp.momentum)
+    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=hp.critic_lr, momentum=hp.momentum)
+    value_scale = 1.0 / (1.0 - hp.gamma)
+    std = 0.2
+
+    def value_step() -> None:
+        index = torch.randint(BUFFER, (batch,))
+        loss = 0.5 * ((critic(observation[index]).squeeze(-1) - value_target[index]) / value_scale).pow(2).mean()
+        critic_optimizer.zero_grad()
+        loss.backward()
+        critic_optimizer.step()
+
+    def policy_step() -> None:
+        index = torch.randint(BUFFER, (batch,))
+        out = actor(observation[index])
+        if discrete:
+            log_prob = torch.log_softmax(out, -1).gather(-1, action[index].unsqueeze(-1)).squeeze(-1)
+        else:
+            log_prob = torch.distributions.Normal(out, std).log_prob(action[index]).sum(-1)
+        weight = torch.exp(advantage[index].clamp(max=float(np.log(hp.max_weight))))
+        loss = -(weight * log_prob).mean()
+        actor_optimizer.zero_grad()
+        loss.backward()
+        actor_optimizer.step()
+
+    seconds = {}
+    for phase, step, steps in (("value_phase", value_step, critic_steps), ("policy_phase", policy_step, actor_steps)):
+        for _ in range(20):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds[phase] = time.perf_counter() - start
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--iterations", type=int, default=29)
+    parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from awr_modules.cli import cli_main
+
+    model = cli_main(["-c", str(args.config)], run=False).model  # the config's sizes and step sizes
+    hp = model.hparams
+    rows = {
+        "awr fit (eager)": awr_fit_seconds(args.config, args.iterations, args.timed, []),
+        "awr fit --model.compile true": awr_fit_seconds(args.config, args.iterations, args.timed,
+                                                        ["--model.compile=true"]),
+        "plain PyTorch loop": plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size),
+    }
+    task = args.config.stem
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / f"iteration_time_{task}.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["mode", *PHASES, "policy_steps_per_second"])
+        for mode, seconds in rows.items():
+            writer.writerow([mode, *(f"{seconds[p]:.3f}" if p in seconds else "" for p in PHASES),
+                             f"{hp.actor_steps / seconds['policy_phase']:.0f}"])
+    print(f"| {task} | " + " | ".join(PHASES) + " | policy steps/s |")
+    print("|---" * (len(PHASES) + 2) + "|")
+    for mode, seconds in rows.items():
+        cells = [f"{seconds[p]:.2f} s" if p in seconds else "-" for p in PHASES]
+        print(f"| {mode} | " + " | ".join(cells) + f" | {hp.actor_steps / seconds['policy_phase']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
