@@ -32,6 +32,8 @@ class AWRCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.save_last": True,  # `--ckpt_path last` resumes from it
+            # after every iteration, not only after evaluations (Lightning's choice when check_val_every_n_epoch > 1)
+            "checkpoint.save_on_train_epoch_end": True,
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         })
         parser.add_argument(

@@ -4,7 +4,8 @@
 #   2. the test suite on that stack (torch 2.11 + torchrl 0.12 there), as a compatibility check;
 #   3. two short AWR iterations of Pendulum-v1 on the GPU in fp32, bf16-mixed and 16-mixed, each
 #      followed by `awr validate` on its checkpoint and a resumed third iteration (`--ckpt_path last`,
-#      the buffer restored onto the GPU), with the per-phase wall-clock of each run.
+#      the buffer restored onto the GPU), with the per-phase wall-clock of each run; then the same in
+#      fp32 with `--model.compile true`.
 #
 #   bash benchmarks/gpu_smoke.sh [REPORT_DIR]   # defaults to $OUT (device tool) or runs/gpu_smoke
 #
@@ -41,8 +42,9 @@ fi
 status=0
 small=(--trainer.max_epochs=2 --trainer.check_val_every_n_epoch=1 --trainer.enable_progress_bar=false
        --model.critic_steps=50 --model.actor_steps=200 --model.eval_episodes=2)
-for precision in 32-true bf16-mixed 16-mixed; do
-  dir="$work/$precision" log="$out/$precision.log"
+for run in 32-true bf16-mixed 16-mixed 32-true_compile; do
+  precision="${run%_compile}" dir="$work/$run" log="$out/$run.log"
+  [ "$run" != "$precision" ] && small+=(--model.compile=true)
   if python3 -m awr_modules.cli fit -c configs/pendulum.yaml "${small[@]}" --trainer.accelerator="$accelerator" \
        --trainer.devices=1 --trainer.precision="$precision" --trainer.logger.init_args.save_dir="$dir" \
        --checkpoint.dirpath="$dir/checkpoints" > "$log" 2>&1 \
@@ -53,7 +55,7 @@ for precision in 32-true bf16-mixed 16-mixed; do
        --trainer.accelerator="$accelerator" --trainer.devices=1 --trainer.precision="$precision" \
        --trainer.logger.init_args.save_dir="$dir" --checkpoint.dirpath="$dir/checkpoints" --ckpt_path=last \
        >> "$log" 2>&1; then
-    echo "== $precision: ok"
+    echo "== $run: ok"
     grep -h "eval/return " "$log" | tail -n 1
     python3 - "$dir" <<'PY'
 import csv, pathlib, sys
@@ -63,7 +65,7 @@ print("   last iteration seconds:", {k: round(float(v), 3) for k, v in sorted(ti
 PY
   else
     status=1
-    echo "== $precision: FAILED"; tail -n 25 "$log"
+    echo "== $run: FAILED"; tail -n 25 "$log"
   fi
 done
 exit $status

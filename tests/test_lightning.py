@@ -48,6 +48,13 @@ def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_
     assert float(metrics["env_steps"]) == 2 * FRAMES  # the checkpoint's counter was restored
 
 
+def test_last_checkpoint_holds_the_last_iteration_between_evaluations(tmp_path):
+    _fit(tmp_path, epochs=3, extra=["--trainer.check_val_every_n_epoch=2"])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]
+    assert state["iteration"] == 3  # not 2, the last evaluation
+    assert state["env_steps"] == 3 * FRAMES
+
+
 def test_bf16_mixed_keeps_value_targets_float32(tmp_path):
     _fit(tmp_path, epochs=1, extra=["--trainer.precision=bf16-mixed"])
     stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]["_storage"]
