@@ -9,14 +9,16 @@ target refresh scales with the buffer; compilation happens in the first iteratio
 thread, a hand-written PyTorch loop runs the same number of value and policy steps on the
 same network sizes, batch, optimizer and AWR math (uniform minibatches from 50k stored
 transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-likelihood), with
-no TensorDict, TorchRL or Lightning. Writes ``benchmarks/results/iteration_time_<task>.csv``
-and prints a markdown table.
+no TensorDict, TorchRL or Lightning. ``--baseline-checkout DIR`` adds the eager row of another
+checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``). Writes
+``benchmarks/results/iteration_time_<task>.csv`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,14 +32,17 @@ PHASES = ("collect", "refresh", "value_phase", "policy_phase")
 BUFFER = 50_000
 
 
-def awr_fit_seconds(config: Path, iterations: int, timed: int, extra: list[str]) -> dict[str, float]:
-    """Median seconds per phase over the last ``timed`` iterations of one ``awr fit`` run."""
+def awr_fit_seconds(config: Path, iterations: int, timed: int, extra: list[str],
+                    checkout: Path | None = None) -> dict[str, float]:
+    """Median seconds per phase over the last ``timed`` iterations of one ``awr fit`` run of ``checkout``."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config),
                    f"--trainer.max_epochs={iterations}", "--trainer.check_val_every_n_epoch=100000",
                    "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp}",
                    f"--checkpoint.dirpath={tmp}/checkpoints", *extra]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout is not None else None
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=checkout,
+                       env=env)
         rows = [row for path in Path(tmp).rglob("metrics.csv") for row in csv.DictReader(path.open())]
     rows = sorted((row for row in rows if row.get("time/policy_phase")), key=lambda row: float(row["env_steps"]))
     return {phase: float(np.median([float(row[f"time/{phase}"]) for row in rows[-timed:]])) for phase in PHASES}
@@ -99,6 +104,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=29)
     parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--baseline-checkout", type=Path, help="another checkout whose eager `awr fit` to time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -113,6 +119,12 @@ def main() -> None:
                                                         ["--model.compile=true"]),
         "plain PyTorch loop": plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size),
     }
+    if args.baseline_checkout is not None:
+        checkout = args.baseline_checkout.resolve()
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        config = args.config if args.config.is_absolute() else checkout / args.config  # the checkout's own config
+        rows[f"awr fit (eager) at {commit}"] = awr_fit_seconds(config, args.iterations, args.timed, [], checkout)
     task = args.config.stem
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / f"iteration_time_{task}.csv").open("w", newline="") as f:
