@@ -52,6 +52,18 @@ def _reduce(value: torch.Tensor, reduction: str) -> torch.Tensor:
     return value
 
 
+def _per_transition(value: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """Sum per-action-dimension terms (log-probs, entropies, penalties of a plain Normal) to one per transition."""
+    while value.ndim > batch_dims:
+        value = value.sum(-1)
+    return value
+
+
+def _base(dist: d.Distribution) -> d.Distribution:
+    """The per-dimension distribution inside an ``Independent`` one (IndependentNormal's Normal)."""
+    return dist.base_dist if isinstance(dist, d.Independent) else dist
+
+
 def _entropy(dist: d.Distribution) -> torch.Tensor:
     """Closed-form entropy, or a one-sample estimate -log pi(a~pi) where none exists (TanhNormal)."""
     try:
@@ -338,13 +350,10 @@ class AWRLoss(LossModule):
         return value
 
     def _log_prob(self, dist: d.Distribution, action: torch.Tensor, batch_dims: int) -> torch.Tensor:
-        log_prob = dist.log_prob(action)
-        while log_prob.ndim > batch_dims:  # per-dimension log-probs (plain Normal) sum to the joint one
-            log_prob = log_prob.sum(-1)
-        return log_prob
+        return _per_transition(dist.log_prob(action), batch_dims)  # a plain Normal's per-dimension terms: joint
 
     def _bound_penalty(self, dist: d.Distribution, batch_dims: int) -> torch.Tensor:
-        base = dist.base_dist if isinstance(dist, d.Independent) else dist
+        base = _base(dist)
         if isinstance(dist, TanhNormal) or not isinstance(base, d.Normal):
             raise ValueError(  # noqa: TRY004 -- a setting that does not fit the actor, not a wrong argument type
                 f"AWRLoss: action_bound_penalty needs a Gaussian actor (Normal/IndependentNormal) whose mean "
@@ -352,10 +361,7 @@ class AWRLoss(LossModule):
             )
         mean = base.loc
         excursion = mean - mean.clamp(-1.0, 1.0)
-        penalty = 0.5 * excursion.pow(2)
-        while penalty.ndim > batch_dims:
-            penalty = penalty.sum(-1)
-        return penalty
+        return _per_transition(0.5 * excursion.pow(2), batch_dims)
 
     @staticmethod
     def _action_l2(dist: d.Distribution, batch_dims: int) -> torch.Tensor:
@@ -364,15 +370,12 @@ class AWRLoss(LossModule):
         A categorical only keeps normalised logits; centred ones (the logits up to the constant
         that does not change the policy) stand in for the network's raw logits.
         """
-        base = dist.base_dist if isinstance(dist, d.Independent) else dist
+        base = _base(dist)
         if isinstance(base, (d.Categorical, d.OneHotCategorical)):
             parameters = base.logits - base.logits.mean(-1, keepdim=True)
         else:
             parameters = base.loc
-        penalty = 0.5 * parameters.pow(2)
-        while penalty.ndim > batch_dims:
-            penalty = penalty.sum(-1)
-        return penalty
+        return _per_transition(0.5 * parameters.pow(2), batch_dims)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         """Compute ``loss_actor``, ``loss_value`` and diagnostics for a batch of transitions."""
@@ -419,9 +422,7 @@ class AWRLoss(LossModule):
 
         sample_weight = weight if self.weighting == "loss" else torch.ones_like(weight)
         loss_actor = -sample_weight * log_prob
-        entropy = _entropy(dist)
-        while entropy.ndim > batch_dims:
-            entropy = entropy.sum(-1)
+        entropy = _per_transition(_entropy(dist), batch_dims)
         loss_actor = loss_actor - self.entropy_coeff * entropy
         if self._penalize_action_bound:
             penalty = self._bound_penalty(dist, batch_dims)

@@ -557,7 +557,8 @@ def _to_device(state: Any, device: torch.device | str) -> Any:
     """``state`` with every tensor in its nested dicts, lists and tuples moved to ``device``.
 
     Dicts are copied with their type and attributes: a TensorDict state dict is an
-    ``OrderedDict`` whose ``_metadata`` attribute holds the batch size.
+    ``OrderedDict`` whose ``_metadata`` attribute holds the batch size, which Lightning's
+    ``move_data_to_device`` drops (it rebuilds mappings).
     """
     if isinstance(state, torch.Tensor):
         return state.to(device)
