@@ -41,6 +41,7 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
 from torchrl.modules import ProbabilisticActor, TanhNormal
 
+from awr_modules.cuda_graphs import CapturedGradients
 from awr_modules.loss import AWRLoss
 from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.recipe import Recipe
@@ -79,6 +80,7 @@ class _Runtime:
     collector: Collector | None = None
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
+    captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
 
 
 def _positive(name: str, value: float) -> None:
@@ -126,6 +128,10 @@ class AWRModule(pl.LightningModule):
         compile: run the losses through ``torch.compile`` (default inductor backend): one graph per
             loss, compiled on the first minibatch (seconds); backward and optimizer steps stay
             Lightning's, so every precision and strategy works as without it.
+        cudagraphs: on a CUDA device, replay each phase's gradient computation (minibatch gather,
+            loss, backward) as a CUDA graph (:mod:`awr_modules.cuda_graphs`); optimizer steps stay
+            Lightning's, so every precision works. Combines with ``compile``. Single device only
+            (an error under DDP); without a CUDA device it has no effect (a warning).
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class AWRModule(pl.LightningModule):
         max_env_steps: int | None = None,
         seed: int = 0,
         compile: bool = False,
+        cudagraphs: bool = False,
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
@@ -191,7 +198,7 @@ class AWRModule(pl.LightningModule):
             entropy_coeff=entropy_coeff,
             action_l2_coeff=action_l2_coeff,
             weighting=weighting,
-            check_inputs=False,  # the module checks each phase's data once (see _minibatches)
+            check_inputs=False,  # the module checks each phase's data once (see _phase_inputs)
         )
         self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)
         self.env_steps = 0
@@ -218,6 +225,7 @@ class AWRModule(pl.LightningModule):
                            actor_loss=torch.compile(loss.actor_loss) if self.hparams.compile else loss.actor_loss,
                            value_loss=torch.compile(loss.value_loss) if self.hparams.compile else loss.value_loss)
         if stage == "fit":
+            runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
             runtime.buffer = make_replay_buffer(
                 self.hparams.buffer_size,
@@ -226,6 +234,19 @@ class AWRModule(pl.LightningModule):
                 device=self.trainer.strategy.root_device,  # the module is moved there after setup()
             )
         self.runtime = runtime
+
+    def _captured_gradients(self) -> CapturedGradients | None:
+        """The CUDA-graph cache when ``cudagraphs`` is on and can apply; a clear error or warning if not."""
+        if not self.hparams.cudagraphs:
+            return None
+        if self.trainer.world_size > 1:
+            raise ValueError("AWRModule: cudagraphs is for a single device; under DDP (world size "
+                             f"{self.trainer.world_size}) use compile=true without cudagraphs.")
+        if self.trainer.strategy.root_device.type != "cuda":
+            rank_zero_warn("AWRModule: cudagraphs needs a CUDA device; on "
+                           f"{self.trainer.strategy.root_device.type} the phases run eagerly.")
+            return None
+        return CapturedGradients(warmup=3 if self.hparams.compile else 2)
 
     def on_train_start(self) -> None:
         """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
@@ -274,19 +295,17 @@ class AWRModule(pl.LightningModule):
         clock.lap("collect")
         refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
         clock.lap("refresh")
-        value_out = None
-        for minibatch in self._minibatches(hp.critic_steps, hp.critic_batch_size, prioritized=False):
-            value_out = self.runtime.value_loss(minibatch)                       # 4. value phase
-            self._step(critic_optimizer, value_out["loss_value"], self.critic)
+        value_out = self._phase("value", hp.critic_steps, hp.critic_batch_size, prioritized=False,
+                                loss_fn=self.runtime.value_loss, loss_key="loss_value",      # 4. value phase
+                                optimizer=critic_optimizer, network=self.critic)
         clock.lap("value_phase")
         priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
         refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
                               normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         clock.lap("refresh")
-        actor_out = None
-        for minibatch in self._minibatches(hp.actor_steps, hp.actor_batch_size, prioritized=hp.weighting == "sampling"):
-            actor_out = self.runtime.actor_loss(minibatch)                       # 6. policy phase
-            self._step(actor_optimizer, actor_out["loss_actor"], self.actor)
+        actor_out = self._phase("policy", hp.actor_steps, hp.actor_batch_size,   # 6. policy phase
+                                prioritized=hp.weighting == "sampling", loss_fn=self.runtime.actor_loss,
+                                loss_key="loss_actor", optimizer=actor_optimizer, network=self.actor)
         clock.lap("policy_phase")
         self.iteration += 1
         self._check_finite_losses(value_out, actor_out)
@@ -295,18 +314,47 @@ class AWRModule(pl.LightningModule):
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
-    def _minibatches(self, steps: int, batch_size: int, *, prioritized: bool) -> Iterator[TensorDictBase]:
-        """The ``steps`` minibatches of one phase, their indices drawn at once.
+    def _phase(self, phase: str, steps: int, batch_size: int, *, prioritized: bool,
+               loss_fn: Callable[[TensorDictBase], TensorDictBase], loss_key: str, optimizer: Any,
+               network: torch.nn.Module) -> TensorDictBase | None:
+        """``steps`` minibatch steps of one phase; the loss output of the last one (``None`` if no step).
+
+        Each step computes gradients on ``stored[index]`` (eagerly, or replayed as a CUDA graph
+        with ``cudagraphs``) and then takes Lightning's optimizer step.
+        """
+        inputs = self._phase_inputs(steps, batch_size, prioritized=prioritized)
+        if inputs is None:
+            return None
+        stored, indices = inputs
+
+        def gradients(index: torch.Tensor) -> TensorDictBase:
+            out = loss_fn(stored[index])
+            optimizer.zero_grad()
+            self._backward(out[loss_key])
+            return out
+
+        captured = self.runtime.captured
+        step = captured(phase, stored, gradients) if captured is not None else gradients
+        out = None
+        for index in indices:
+            out = step(index)
+            self._optimizer_step(optimizer, network)
+        return out
+
+    def _phase_inputs(self, steps: int, batch_size: int, *,
+                      prioritized: bool) -> tuple[TensorDictBase, torch.Tensor] | None:
+        """The stored data a phase reads and its ``[steps, batch_size]`` minibatch indices, drawn at once.
 
         Targets and advantages do not change within a phase, so drawing all indices up
         front samples exactly as ``buffer.sample`` per step would (independent draws with
         replacement: uniform, or proportional to the priorities with ``prioritized``), at
-        a fraction of the per-step cost. Each minibatch gathers only the keys the loss reads,
-        and the loss's input checks run once over the stored data instead of once per step.
+        a fraction of the per-step cost. Only the keys the loss reads are kept (a view of
+        the storage, no copy), and the loss's input checks run once over them instead of
+        once per step. ``None`` when ``steps`` is 0.
         """
         buffer = self.runtime.buffer
         if steps == 0:
-            return
+            return None
         storage = buffer.storage
         if prioritized:
             index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
@@ -315,8 +363,16 @@ class AWRModule(pl.LightningModule):
         keys = [*self.loss_module.in_keys, self.loss_module.tensor_keys.sample_log_prob]
         stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
         self.loss_module.check_batch(stored)  # keys and finiteness, once for the whole phase
-        for step_index in index.to(storage.device).view(steps, batch_size):
-            yield stored[step_index]
+        return stored, index.to(storage.device).view(steps, batch_size)
+
+    def _minibatches(self, steps: int, batch_size: int, *, prioritized: bool) -> Iterator[TensorDictBase]:
+        """The ``steps`` minibatches of one phase (see :meth:`_phase_inputs`), gathered one by one."""
+        inputs = self._phase_inputs(steps, batch_size, prioritized=prioritized)
+        if inputs is None:
+            return
+        stored, indices = inputs
+        for index in indices:
+            yield stored[index]
 
     def _check_finite_losses(self, *outputs: TensorDictBase | None) -> None:
         """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).
@@ -358,17 +414,19 @@ class AWRModule(pl.LightningModule):
             if isinstance(normalizer, ObservationNormalizer):
                 normalizer.load_statistics(vecnorm.loc[key], vecnorm.scale[key])
 
-    def _step(self, optimizer: Any, objective: torch.Tensor, network: torch.nn.Module) -> None:
-        """One optimizer step; under DDP gradients are averaged across ranks by hand.
+    def _backward(self, objective: torch.Tensor) -> None:
+        """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`).
 
         The loss is computed outside DDP's forward (many backward passes per Lightning
         step, each touching only one network), so DDP's reducer is bypassed and the
-        gradient of the network actually optimized is all-reduced here.
+        gradient of the network actually optimized is all-reduced by hand.
         """
-        optimizer.zero_grad()
         strategy = self.trainer.strategy
         with strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext():
             self.manual_backward(objective)
+
+    def _optimizer_step(self, optimizer: Any, network: torch.nn.Module) -> None:
+        """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step."""
         if self.trainer.world_size > 1:
             grads = [p.grad for p in network.parameters() if p.grad is not None]
             flat = torch.cat([g.reshape(-1) for g in grads])

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 3, in one command for the lent GPU machine:
+# The GPU checks, in one command for the lent GPU machine:
 #   1. install the carried wheels of benchmarks/gpu_wheels.sh (if .whl/ exists) beside the machine's torch;
-#   2. the test suite on that stack (torch 2.11 + torchrl 0.12 there), as a compatibility check;
-#   3. two short AWR iterations of Pendulum-v1 on the GPU in fp32, bf16-mixed and 16-mixed, each
-#      followed by `awr validate` on its checkpoint and a resumed third iteration (`--ckpt_path last`,
-#      the buffer restored onto the GPU), with the per-phase wall-clock of each run; then the same in
-#      fp32 with `--model.compile true`.
+#   2. the test suite on that stack (torch 2.11 + torchrl 0.12 there), in the background: a compatibility
+#      check, and the CUDA-only tests (tests/test_cuda_graphs.py: graphs train like eager in fp32, bf16, fp16);
+#   3. at the same time, short Pendulum-v1 runs on the GPU, one process chain per mode: fit 2 iterations,
+#      `awr validate` on the checkpoint, a resumed third iteration (`--ckpt_path last`, the buffer restored
+#      onto the GPU); modes: 32-true, bf16-mixed, 16-mixed, each also with --model.cudagraphs true, and
+#      32-true with --model.compile true, alone and with cudagraphs;
+#   4. then, alone on the machine, benchmarks/iteration_time.py --accelerator gpu on LunarLander
+#      (ITERATIONS iterations, the median of the last TIMED), skipped with TIMING=0.
 #
 #   bash benchmarks/gpu_smoke.sh [REPORT_DIR]   # defaults to $OUT (device tool) or runs/gpu_smoke
 #
-# Reports (versions, test summary, one log per precision) go to REPORT_DIR; checkpoints and metrics stay
-# under runs/gpu_smoke/work. ACCELERATOR=cpu runs the same sequence on a machine without a GPU; RUN_TESTS=0 skips step 2.
+# Reports (versions, test summary, one log per mode, the timing table) go to REPORT_DIR; checkpoints and
+# metrics stay under runs/gpu_smoke/work. ACCELERATOR=cpu runs steps 2-3 on a machine without a GPU;
+# RUN_TESTS=0 skips step 2, WHEELS=0 ignores .whl/.
 #
 # Elsewhere (a cluster with a fixed torch): install torchrl/tensordict built for that torch, then
 # `pip install --no-deps -e .` and run this script without .whl/.
@@ -19,7 +23,7 @@ out="${1:-${OUT:-runs/gpu_smoke}}"
 work=runs/gpu_smoke/work
 accelerator="${ACCELERATOR:-gpu}"
 rm -rf "$work"; mkdir -p "$out" "$work"
-if [ -d .whl ]; then
+if [ "${WHEELS:-1}" = 1 ] && [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site
@@ -34,38 +38,64 @@ PrioritizedSampler(8, alpha=1.0, beta=0.0)  # raises if torchrl's compiled exten
 print("prioritized sampler: ok")
 PY
 
+tests_pid=""
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  python3 -m pytest tests -q -p no:cacheprovider -W ignore 2>&1 | tail -n 40 > "$out/pytest.txt"
-  echo "== test suite: $(tail -n 1 "$out/pytest.txt")"
+  (python3 -m pytest tests -q -p no:cacheprovider -W ignore -rs > "$work/pytest.full" 2>&1;
+   tail -n 60 "$work/pytest.full" > "$out/pytest.txt") &
+  tests_pid=$!
 fi
 
-status=0
 small=(--trainer.max_epochs=2 --trainer.check_val_every_n_epoch=1 --trainer.enable_progress_bar=false
        --model.critic_steps=50 --model.actor_steps=200 --model.eval_episodes=2)
-for run in 32-true bf16-mixed 16-mixed 32-true_compile; do
-  precision="${run%_compile}" dir="$work/$run" log="$out/$run.log"
-  [ "$run" != "$precision" ] && small+=(--model.compile=true)
-  if python3 -m awr_modules.cli fit -c configs/pendulum.yaml "${small[@]}" --trainer.accelerator="$accelerator" \
-       --trainer.devices=1 --trainer.precision="$precision" --trainer.logger.init_args.save_dir="$dir" \
-       --checkpoint.dirpath="$dir/checkpoints" > "$log" 2>&1 \
-     && python3 -m awr_modules.cli validate -c configs/pendulum.yaml --trainer.accelerator="$accelerator" --trainer.devices=1 \
-       --trainer.precision="$precision" --model.eval_episodes=2 --trainer.logger.init_args.save_dir="$dir" \
-       --ckpt_path="$dir/checkpoints/last.ckpt" >> "$log" 2>&1 \
-     && python3 -m awr_modules.cli fit -c configs/pendulum.yaml "${small[@]}" --trainer.max_epochs=3 \
-       --trainer.accelerator="$accelerator" --trainer.devices=1 --trainer.precision="$precision" \
-       --trainer.logger.init_args.save_dir="$dir" --checkpoint.dirpath="$dir/checkpoints" --ckpt_path=last \
-       >> "$log" 2>&1; then
-    echo "== $run: ok"
-    grep -h "eval/return " "$log" | tail -n 1
-    python3 - "$dir" <<'PY'
+one_mode() {  # NAME PRECISION EXTRA...: fit 2 iterations, validate, resume to 3; exit status 0 if all ran
+  local run="$1" precision="$2"; shift 2
+  local dir="$work/$run" log="$work/$run.log"
+  local common=(-c configs/pendulum.yaml --trainer.accelerator="$accelerator" --trainer.devices=1
+                --trainer.precision="$precision" --trainer.logger.init_args.save_dir="$dir")
+  python3 -m awr_modules.cli fit "${common[@]}" "${small[@]}" "$@" --checkpoint.dirpath="$dir/checkpoints" > "$log" 2>&1 \
+    && python3 -m awr_modules.cli validate "${common[@]}" --model.eval_episodes=2 \
+         --ckpt_path="$dir/checkpoints/last.ckpt" >> "$log" 2>&1 \
+    && python3 -m awr_modules.cli fit "${common[@]}" "${small[@]}" "$@" --trainer.max_epochs=3 \
+         --checkpoint.dirpath="$dir/checkpoints" --ckpt_path=last >> "$log" 2>&1
+}
+declare -A pids
+runs=()
+for mode in "32-true:32-true" "bf16-mixed:bf16-mixed" "16-mixed:16-mixed" \
+            "32-true_cudagraphs:32-true:--model.cudagraphs=true" "bf16-mixed_cudagraphs:bf16-mixed:--model.cudagraphs=true" \
+            "16-mixed_cudagraphs:16-mixed:--model.cudagraphs=true" "32-true_compile:32-true:--model.compile=true" \
+            "32-true_compile_cudagraphs:32-true:--model.compile=true:--model.cudagraphs=true"; do
+  IFS=: read -r -a parts <<< "$mode"
+  OMP_NUM_THREADS=1 one_mode "${parts[@]}" &
+  pids[${parts[0]}]=$!
+  runs+=("${parts[0]}")
+done
+
+status=0
+summary="$out/smoke.txt"; : > "$summary"
+for run in "${runs[@]}"; do
+  if wait "${pids[$run]}"; then
+    echo "== $run: ok" >> "$summary"
+    grep -h "eval/return " "$work/$run.log" | tail -n 1 >> "$summary"
+    python3 - "$work/$run" >> "$summary" <<'PY'
 import csv, pathlib, sys
 rows = [r for f in pathlib.Path(sys.argv[1]).rglob("metrics.csv") for r in csv.DictReader(open(f))]
+steps = max((float(r["env_steps"]) for r in rows if r.get("env_steps")), default=0)
 times = {k: v for r in rows for k, v in r.items() if k.startswith("time/") and v}
-print("   last iteration seconds:", {k: round(float(v), 3) for k, v in sorted(times.items())})
+print("   env_steps", int(steps), "last iteration seconds:", {k: round(float(v), 3) for k, v in sorted(times.items())})
 PY
   else
     status=1
-    echo "== $run: FAILED"; tail -n 25 "$log"
+    echo "== $run: FAILED" >> "$summary"; tail -n 30 "$work/$run.log" >> "$summary"
   fi
 done
+cat "$summary"
+
+if [ -n "$tests_pid" ]; then
+  wait "$tests_pid"
+  echo "== test suite: $(tail -n 1 "$out/pytest.txt")"
+fi
+if [ "${TIMING:-1}" = 1 ] && [ "$accelerator" = gpu ]; then
+  timeout "${TIMING_LIMIT:-300}" python3 benchmarks/iteration_time.py --config configs/lunarlander.yaml --accelerator gpu \
+    --iterations "${ITERATIONS:-4}" --timed "${TIMED:-2}" --out "$out" 2>&1 | grep -v "Warning\|warn" | tail -n 12 | tee "$out/timing.txt"
+fi
 exit $status

@@ -9,9 +9,11 @@ target refresh scales with the buffer; compilation happens in the first iteratio
 thread, a hand-written PyTorch loop runs the same number of value and policy steps on the
 same network sizes, batch, optimizer and AWR math (uniform minibatches from 50k stored
 transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-likelihood), with
-no TensorDict, TorchRL or Lightning. ``--baseline-checkout DIR`` adds the eager row of another
+no TensorDict, TorchRL or Lightning. ``--accelerator gpu`` times the runs on one GPU, adds the
+``--model.cudagraphs true`` rows, and runs the plain loop on CUDA, eagerly and with each whole
+step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager row of another
 checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``). Writes
-``benchmarks/results/iteration_time_<task>.csv`` and prints a markdown table.
+``benchmarks/results/iteration_time_<task>[_gpu].csv`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ def awr_fit_seconds(config: Path, iterations: int, timed: int, extra: list[str],
                    "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp}",
                    f"--checkpoint.dirpath={tmp}/checkpoints", *extra]
         env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout is not None else None
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=checkout,
-                       env=env)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=checkout, env=env)
+        if result.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
         rows = [row for path in Path(tmp).rglob("metrics.csv") for row in csv.DictReader(path.open())]
     rows = sorted((row for row in rows if row.get("time/policy_phase")), key=lambda row: float(row["env_steps"]))
     return {phase: float(np.median([float(row[f"time/{phase}"]) for row in rows[-timed:]])) for phase in PHASES}
@@ -53,30 +56,42 @@ def _mlp(inputs: int, outputs: int) -> torch.nn.Sequential:
                                torch.nn.ReLU(), torch.nn.Linear(64, outputs))
 
 
-def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int) -> dict[str, float]:
-    """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors."""
-    observation_size = model._env_signature["observation_shape"][-1]
-    action_size = model._env_signature["action_shape"][-1]
-    discrete = model._env_signature["discrete"]
+def env_sizes(model) -> tuple[int, int, bool]:
+    """Observation size, action size (or number of actions) and whether actions are discrete, from the recipe's env."""
+    env = model.recipe.make_env(0)
+    spec = env.action_spec
+    sizes = env.observation_spec["observation"].shape[-1], spec.shape[-1], not spec.dtype.is_floating_point
+    env.close()
+    return sizes
+
+
+def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int, *, device: str = "cpu",
+                          cuda_graph: bool = False) -> dict[str, float]:
+    """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors.
+
+    With ``cuda_graph`` each whole step (gather, forward, backward, SGD step) is one captured
+    CUDA graph (tensordict's ``CudaGraphModule``), replayed with fresh indices each step.
+    """
+    observation_size, action_size, discrete = env_sizes(model)
     hp = model.hparams
-    observation = torch.randn(BUFFER, observation_size)
-    action = (torch.randint(action_size, (BUFFER,)) if discrete else torch.rand(BUFFER, action_size) * 2 - 1)
-    advantage, value_target = torch.randn(BUFFER), torch.randn(BUFFER)
-    actor, critic = _mlp(observation_size, action_size), _mlp(observation_size, 1)
+    observation = torch.randn(BUFFER, observation_size, device=device)
+    action = (torch.randint(action_size, (BUFFER,), device=device) if discrete
+              else torch.rand(BUFFER, action_size, device=device) * 2 - 1)
+    advantage, value_target = torch.randn(BUFFER, device=device), torch.randn(BUFFER, device=device)
+    actor, critic = _mlp(observation_size, action_size).to(device), _mlp(observation_size, 1).to(device)
     actor_optimizer = torch.optim.SGD(actor.parameters(), lr=hp.actor_lr, momentum=hp.momentum)
     critic_optimizer = torch.optim.SGD(critic.parameters(), lr=hp.critic_lr, momentum=hp.momentum)
     value_scale = 1.0 / (1.0 - hp.gamma)
     std = 0.2
 
-    def value_step() -> None:
-        index = torch.randint(BUFFER, (batch,))
+    def value_step(index: torch.Tensor) -> torch.Tensor:
         loss = 0.5 * ((critic(observation[index]).squeeze(-1) - value_target[index]) / value_scale).pow(2).mean()
         critic_optimizer.zero_grad()
         loss.backward()
         critic_optimizer.step()
+        return loss.detach()
 
-    def policy_step() -> None:
-        index = torch.randint(BUFFER, (batch,))
+    def policy_step(index: torch.Tensor) -> torch.Tensor:
         out = actor(observation[index])
         if discrete:
             log_prob = torch.log_softmax(out, -1).gather(-1, action[index].unsqueeze(-1)).squeeze(-1)
@@ -87,16 +102,33 @@ def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int
         actor_optimizer.zero_grad()
         loss.backward()
         actor_optimizer.step()
+        return loss.detach()
 
+    if cuda_graph:
+        from tensordict.nn import CudaGraphModule
+
+        value_step, policy_step = CudaGraphModule(value_step), CudaGraphModule(policy_step)
     seconds = {}
     for phase, step, steps in (("value_phase", value_step, critic_steps), ("policy_phase", policy_step, actor_steps)):
         for _ in range(20):
-            step()
+            step(torch.randint(BUFFER, (batch,), device=device))
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
-            step()
+            step(torch.randint(BUFFER, (batch,), device=device))
+        if device != "cpu":
+            torch.cuda.synchronize()
         seconds[phase] = time.perf_counter() - start
     return seconds
+
+
+MODES = {  # row name -> extra `awr fit` arguments (the CUDA-graph rows only with --accelerator gpu)
+    "awr fit (eager)": [],
+    "awr fit --model.cudagraphs true": ["--model.cudagraphs=true"],
+    "awr fit --model.compile true --model.cudagraphs true": ["--model.compile=true", "--model.cudagraphs=true"],
+    "awr fit --model.compile true": ["--model.compile=true"],
+}
 
 
 def main() -> None:
@@ -104,6 +136,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=29)
     parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: `awr fit` on one GPU (also the CUDA-graph rows), the plain loop on CUDA")
     parser.add_argument("--baseline-checkout", type=Path, help="another checkout whose eager `awr fit` to time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -113,27 +147,40 @@ def main() -> None:
 
     model = cli_main(["-c", str(args.config)], run=False).model  # the config's sizes and step sizes
     hp = model.hparams
-    rows = {
-        "awr fit (eager)": awr_fit_seconds(args.config, args.iterations, args.timed, []),
-        "awr fit --model.compile true": awr_fit_seconds(args.config, args.iterations, args.timed,
-                                                        ["--model.compile=true"]),
-        "plain PyTorch loop": plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size),
-    }
+    gpu = args.accelerator == "gpu"
+    device_args = ["--trainer.accelerator=gpu", "--trainer.devices=1"] if gpu else []
+    modes = MODES if gpu else {name: extra for name, extra in MODES.items() if "cudagraphs" not in name}
+    task = args.config.stem + ("_gpu" if gpu else "")
+    machine = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()} CPU cores, 1 torch thread"
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, float]] = {}
+
+    def record(mode: str, seconds: dict[str, float]) -> None:
+        """Add a row and rewrite the CSV, so a run stopped early keeps the rows it finished."""
+        rows[mode] = seconds
+        with (args.out / f"iteration_time_{task}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mode", *PHASES, "policy_steps_per_second", "machine"])
+            for name, row in rows.items():
+                writer.writerow([name, *(f"{row[p]:.3f}" if p in row else "" for p in PHASES),
+                                 f"{hp.actor_steps / row['policy_phase']:.0f}", machine])
+
+    device = "cuda" if gpu else "cpu"
+    record("plain PyTorch loop", plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size,
+                                                       device=device))
+    if gpu:
+        record("plain PyTorch loop, one CUDA graph per step", plain_pytorch_seconds(
+            model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device, cuda_graph=True))
+    for name, extra in modes.items():
+        record(name, awr_fit_seconds(args.config, args.iterations, args.timed, [*device_args, *extra]))
     if args.baseline_checkout is not None:
         checkout = args.baseline_checkout.resolve()
         commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
                                 capture_output=True, text=True).stdout.strip()
         config = args.config if args.config.is_absolute() else checkout / args.config  # the checkout's own config
-        rows[f"awr fit (eager) at {commit}"] = awr_fit_seconds(config, args.iterations, args.timed, [], checkout)
-    task = args.config.stem
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / f"iteration_time_{task}.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["mode", *PHASES, "policy_steps_per_second"])
-        for mode, seconds in rows.items():
-            writer.writerow([mode, *(f"{seconds[p]:.3f}" if p in seconds else "" for p in PHASES),
-                             f"{hp.actor_steps / seconds['policy_phase']:.0f}"])
-    print(f"| {task} | " + " | ".join(PHASES) + " | policy steps/s |")
+        record(f"awr fit (eager) at {commit}", awr_fit_seconds(config, args.iterations, args.timed, device_args,
+                                                               checkout))
+    print(f"| {task} ({machine}) | " + " | ".join(PHASES) + " | policy steps/s |")
     print("|---" * (len(PHASES) + 2) + "|")
     for mode, seconds in rows.items():
         cells = [f"{seconds[p]:.2f} s" if p in seconds else "-" for p in PHASES]

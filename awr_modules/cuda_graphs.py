@@ -1,0 +1,81 @@
+"""Gradient computations of a phase replayed as CUDA graphs.
+
+AWR's networks are tiny (two hidden layers of 128 and 64 units), so on a GPU an eager
+minibatch step is bound by Python and kernel launches, not arithmetic: gathering the
+minibatch, the loss's forward and its backward are a few hundred small kernels.
+:class:`CapturedGradients` records them once per phase as one CUDA graph, with
+tensordict's :class:`~tensordict.nn.CudaGraphModule` (what TorchRL's fast scripts use), and
+replays the graph for every later minibatch of that phase: one launch instead of hundreds.
+
+What is captured is ``index -> gradients``: zero the gradients, gather ``stored[index]``,
+the loss, and its backward. The optimizer step stays outside the graph, through Lightning,
+so precision plugins (the 16-mixed gradient scaler), ``on_before_optimizer_step`` hooks and
+``trainer.global_step`` behave as in eager mode.
+
+A graph reads the stored tensors at the addresses it saw when it was captured, and their
+length: the buffer grows until it is full, so a phase's graph is recaptured whenever the
+stored data's length or any of its tensors' addresses changed (every iteration until the
+buffer is full, then never). Python side effects inside the captured function (hooks such
+as ``on_after_backward``) run only during the warm-up and capture calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import CudaGraphModule
+
+GradientStep = Callable[[torch.Tensor], TensorDictBase]
+
+
+def _capturable(step: GradientStep) -> GradientStep:
+    """``step`` with a detached output and autocast's weight-cast cache off, as capture requires.
+
+    ``CudaGraphModule`` needs outputs that do not require grad. With autocast's cache on, a
+    captured graph would keep reading the low-precision copies of the weights made before
+    capture, never the updated weights. Precision and dtype stay those of the enclosing
+    autocast region (Lightning's, under ``bf16-mixed`` or ``16-mixed``).
+    """
+
+    def capturable(index: torch.Tensor) -> TensorDictBase:
+        device_type = index.device.type
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                            enabled=torch.is_autocast_enabled(device_type), cache_enabled=False):
+            return step(index).detach()
+
+    return capturable
+
+
+class CapturedGradients:
+    """One captured gradient computation per phase, recaptured when the data it reads moved.
+
+    Args:
+        warmup: eager calls before capture (``CudaGraphModule``'s ``warmup``; compiled losses
+            compile during these). Warm-up and capture calls compute real gradients, so every
+            call is one minibatch step of the phase.
+    """
+
+    def __init__(self, warmup: int = 2) -> None:
+        self.warmup = warmup
+        self._graphs: dict[str, tuple[tuple, CudaGraphModule]] = {}
+
+    @staticmethod
+    def _layout(stored: TensorDictBase) -> tuple:
+        """What a captured graph depends on: the stored length and every tensor's address."""
+        return (tuple(stored.batch_size), tuple(t.data_ptr() for t in stored.values(True, True)))
+
+    def __call__(self, phase: str, stored: TensorDictBase, step: GradientStep) -> GradientStep:
+        """The graphed ``step`` of ``phase`` over ``stored`` (``step(index)`` gathers ``stored[index]``)."""
+        layout = self._layout(stored)
+        cached = self._graphs.get(phase)
+        if cached is None or cached[0] != layout:
+            with warnings.catch_warnings():  # tensordict unregisters TensorDict from pytree, as it must here
+                warnings.filterwarnings("ignore", message="Tensordict is registered in PyTree")
+                graph = CudaGraphModule(_capturable(step), warmup=self.warmup,
+                                        device=next(iter(stored.values(True, True))).device)
+            cached = (layout, graph)
+            self._graphs[phase] = cached
+        return cached[1]

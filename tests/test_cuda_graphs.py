@@ -1,0 +1,112 @@
+"""``cudagraphs=True``: each phase's gradient computation replayed as a CUDA graph.
+
+On any machine:
+- a phase's graph is reused while the stored data keeps its length and addresses, and
+  recaptured when either changes (the buffer grew, a key was reallocated);
+- the captured function returns detached outputs and runs with autocast's cache off
+  (with the cache on, a graph would keep reading stale low-precision weight copies);
+- ``cudagraphs`` under DDP fails before training with a clear message; on a CPU it warns
+  and trains exactly as without it.
+
+On a CUDA device (skipped elsewhere; ``benchmarks/gpu_smoke.sh`` runs them on the lent GPU):
+- two iterations with graphs train the same parameters as eager (fp32), and replays happened;
+- under bf16-mixed and 16-mixed, graphs train parameters close to eager ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning_helpers import tiny_args
+from tensordict import TensorDict
+
+from awr_modules import AWRModule
+from awr_modules.cli import cli_main
+from awr_modules.cuda_graphs import CapturedGradients, _capturable
+from recipes.classic_control import ClassicControl
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _stored(rows: int) -> TensorDict:
+    return TensorDict({"observation": torch.randn(rows, 3, device=DEVICE)}, [rows], device=DEVICE)
+
+
+def test_a_phase_graph_is_reused_until_the_stored_data_moves():
+    captured = CapturedGradients()
+    stored = _stored(64)
+    step = lambda index: TensorDict({"x": stored[index]["observation"].sum()}, [])
+    first = captured("policy", stored, step)
+    assert captured("policy", stored, step) is first
+    assert captured("policy", stored.clone(), step) is not first          # same length, other addresses
+    grown = captured("policy", _stored(128), step)                        # the buffer grew
+    assert grown is not first
+    assert captured("value", stored, step) is not grown                   # one graph per phase
+
+
+def test_captured_function_detaches_and_turns_the_autocast_cache_off():
+    weight = torch.ones(3, requires_grad=True, device=DEVICE)
+    seen = {}
+
+    def step(index):
+        seen["cache"] = torch.is_autocast_cache_enabled()
+        seen["dtype"] = torch.get_autocast_dtype(DEVICE)
+        seen["enabled"] = torch.is_autocast_enabled(DEVICE)
+        return TensorDict({"loss": (weight * index.float()).sum()}, [])
+
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        out = _capturable(step)(torch.arange(3, device=DEVICE))
+        assert torch.is_autocast_cache_enabled()  # restored afterwards
+    assert seen == {"cache": False, "dtype": torch.bfloat16, "enabled": True}
+    assert not out["loss"].requires_grad
+
+
+def test_cudagraphs_under_ddp_fails_with_a_clear_message():
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), cudagraphs=True)
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    with pytest.raises(ValueError, match="cudagraphs is for a single device.*DDP"):
+        module._captured_gradients()
+
+
+def _fit(tmp_path, name: str, extra: list[str]) -> list[torch.Tensor]:
+    args = tiny_args(tmp_path / name, epochs=2, extra=["--model.critic_steps=8", "--model.actor_steps=8", *extra])
+    cli = cli_main(["fit", *args, "--seed_everything=0"])
+    return [p.detach().float().cpu().clone() for p in cli.model.parameters()]
+
+
+def test_cudagraphs_without_cuda_warns_and_trains_as_eager(tmp_path):
+    accelerator = ["--trainer.accelerator=cpu"]
+    eager = _fit(tmp_path, "eager", accelerator)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = _fit(tmp_path, "graphed", [*accelerator, "--model.cudagraphs=true"])
+    assert any("cudagraphs needs a CUDA device" in str(w.message) for w in caught)
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("precision", "tolerance"), [("32-true", 1e-4), ("bf16-mixed", 2e-2), ("16-mixed", 5e-3)])
+def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision, tolerance):
+    graphs = []
+    original = CapturedGradients.__call__
+
+    def spy(self, phase, stored, step):
+        graph = original(self, phase, stored, step)
+        graphs.append(graph)
+        return graph
+
+    monkeypatch.setattr(CapturedGradients, "__call__", spy)
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--trainer.precision={precision}"]
+    eager = _fit(tmp_path, "eager", gpu)
+    assert not graphs
+    graphed = _fit(tmp_path, "graphed", [*gpu, "--model.cudagraphs=true"])
+    assert graphs and all(hasattr(graph, "graph") for graph in graphs)  # each phase was captured
+    for a, b in zip(eager, graphed, strict=True):
+        assert torch.isfinite(b).all()
+        torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
