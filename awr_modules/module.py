@@ -446,7 +446,8 @@ class AWRModule(pl.LightningModule):
         if self.trainer.world_size <= 1 or vecnorm.frozen:
             return
         state = vecnorm.get_extra_state()
-        merged = {key: value if key.startswith("count") else self.trainer.strategy.reduce(value.clone(), reduce_op="mean")
+        reduce = self.trainer.strategy.reduce  # on the module's device (NCCL reduces GPU tensors only)
+        merged = {key: value if key.startswith("count") else reduce(value.to(self.device, copy=True), reduce_op="mean").to(value.device)
                   for key, value in state.items()}
         vecnorm.set_extra_state(merged)
 

@@ -7,8 +7,8 @@
 #      `awr validate` on the checkpoint, a resumed third iteration (`--ckpt_path last`, the buffer restored
 #      onto the GPU); modes: 32-true, bf16-mixed, 16-mixed, each also with --model.cudagraphs true, and
 #      32-true with --model.compile true, alone and with cudagraphs;
-#   4. then, alone on the machine, benchmarks/iteration_time.py --accelerator gpu on LunarLander
-#      (ITERATIONS iterations, the median of the last TIMED), skipped with TIMING=0.
+#   4. then benchmarks/iteration_time.py --accelerator gpu on LunarLander (ITERATIONS iterations, the median
+#      of the last TIMED; the test suite may still run beside it on other cores), skipped with TIMING=0.
 #
 #   bash benchmarks/gpu_smoke.sh [REPORT_DIR]   # defaults to $OUT (device tool) or runs/gpu_smoke
 #
@@ -40,8 +40,9 @@ PY
 
 tests_pid=""
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  (python3 -m pytest tests -q -p no:cacheprovider -W ignore -rs > "$work/pytest.full" 2>&1;
-   tail -n 60 "$work/pytest.full" > "$out/pytest.txt") &
+  (python3 -m pytest tests -q -p no:cacheprovider -W ignore -rfEs --tb=short > "$out/pytest_full.txt" 2>&1;
+   { grep -E '^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed)' "$out/pytest_full.txt"; echo;
+     tail -n 200 "$out/pytest_full.txt"; } > "$out/pytest.txt") &
   tests_pid=$!
 fi
 
@@ -90,12 +91,13 @@ PY
 done
 cat "$summary"
 
+if [ "${TIMING:-1}" = 1 ] && [ "$accelerator" = gpu ]; then  # beside the rest of the test suite, if still running
+  timeout "${TIMING_LIMIT:-300}" python3 benchmarks/iteration_time.py --config configs/lunarlander.yaml --accelerator gpu \
+    --iterations "${ITERATIONS:-4}" --timed "${TIMED:-1}" --out "$out" > "$work/timing.full" 2>&1
+  tail -n 40 "$work/timing.full" | grep -v "Warning\|warn" | tee "$out/timing.txt"
+fi
 if [ -n "$tests_pid" ]; then
   wait "$tests_pid"
-  echo "== test suite: $(tail -n 1 "$out/pytest.txt")"
-fi
-if [ "${TIMING:-1}" = 1 ] && [ "$accelerator" = gpu ]; then
-  timeout "${TIMING_LIMIT:-300}" python3 benchmarks/iteration_time.py --config configs/lunarlander.yaml --accelerator gpu \
-    --iterations "${ITERATIONS:-4}" --timed "${TIMED:-2}" --out "$out" 2>&1 | grep -v "Warning\|warn" | tail -n 12 | tee "$out/timing.txt"
+  echo "== test suite: $(grep -E '[0-9]+ (passed|failed)' "$out/pytest.txt" | tail -n 1)"
 fi
 exit $status

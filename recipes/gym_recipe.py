@@ -148,13 +148,15 @@ class GymRecipe(Recipe):
         the batch (6x more steps/s at 8 envs on one core, measured on Pendulum); TorchRL
         resets finished sub-envs itself (gymnasium autoreset disabled), so the
         ``"next"`` observation of a finished episode is its true final state.
+        The env states its device (the CPU): TorchRL's collectors and rollouts move a
+        GPU policy's actions to the env's device only when it has one.
         """
         if num_envs == 1:
-            return GymEnv(self.env_id, **self.env_kwargs)
+            return GymEnv(self.env_id, device="cpu", **self.env_kwargs)
         vector_env = gym.make_vec(self.env_id, num_envs=num_envs, vectorization_mode="sync",
                                   vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
                                   **self.env_kwargs)
-        return GymWrapper(vector_env)
+        return GymWrapper(vector_env, device="cpu")
 
     def _check_bounded(self, spec) -> None:
         if not isinstance(spec, Bounded) or not (torch.isfinite(spec.space.low).all()

@@ -110,3 +110,4 @@ def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision,
     for a, b in zip(eager, graphed, strict=True):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
+

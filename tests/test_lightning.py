@@ -15,6 +15,7 @@ from lightning_helpers import FRAMES, load_checkpoint, tiny_args
 
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
+from recipes.classic_control import ClassicControl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,3 +204,12 @@ def test_tensorboard_logger_by_config(tmp_path):
     _fit(tmp_path, epochs=1, extra=["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
                                     f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}"])
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_recipe_envs_state_their_device():
+    """A GPU policy's actions reach a CPU env only if the env says it is on the CPU (collector and rollouts cast)."""
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8])
+    for num_envs in (1, 2):
+        env = recipe.make_env(0, num_envs)
+        assert env.device == torch.device("cpu")
+        env.close()
