@@ -7,22 +7,26 @@ minibatch, the loss's forward and its backward are a few hundred small kernels.
 tensordict's :class:`~tensordict.nn.CudaGraphModule` (what TorchRL's fast scripts use), and
 replays the graph for every later minibatch of that phase: one launch instead of hundreds.
 
-What is captured is ``index -> gradients``: zero the gradients, gather ``stored[index]``,
-the loss, and its backward. The optimizer step stays outside the graph, through Lightning,
+What is captured is ``index -> gradients``: gather ``stored[index]``, the loss, zero the
+gradients in place and run the backward. The gradients must be zeroed in place, not set to
+``None``: the call that captures the graph also computes its minibatch's gradients eagerly,
+and a ``None`` reset inside the capture would swap ``.grad`` for tensors the graph has not yet
+written, so that call's optimizer step would read garbage (seen on an H100). The optimizer step stays outside the graph, through Lightning,
 so precision plugins (the 16-mixed gradient scaler), ``on_before_optimizer_step`` hooks and
 ``trainer.global_step`` behave as in eager mode.
 
 A graph reads the stored tensors at the addresses it saw when it was captured, and their
-length: the buffer grows until it is full, so a phase's graph is recaptured whenever the
-stored data's length or any of its tensors' addresses changed (every iteration until the
-buffer is full, then never). Python side effects inside the captured function (hooks such
+length, and writes the gradient tensors it saw: the buffer grows until it is full, and
+Lightning resets gradients to ``None`` before each evaluation, so a phase's graph is
+recaptured whenever the stored data's length, any stored tensor's or any gradient's address
+changed (every iteration until the buffer is full, then after evaluations). Python side effects inside the captured function (hooks such
 as ``on_after_backward``) run only during the warm-up and capture calls.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from tensordict import TensorDictBase
@@ -63,13 +67,18 @@ class CapturedGradients:
         self._graphs: dict[str, tuple[tuple, CudaGraphModule]] = {}
 
     @staticmethod
-    def _layout(stored: TensorDictBase) -> tuple:
-        """What a captured graph depends on: the stored length and every tensor's address."""
-        return (tuple(stored.batch_size), tuple(t.data_ptr() for t in stored.values(True, True)))
+    def _layout(stored: TensorDictBase, parameters: Iterable[torch.Tensor]) -> tuple:
+        """What a captured graph depends on: the stored length, every stored tensor's and gradient's address."""
+        return (tuple(stored.batch_size), tuple(t.data_ptr() for t in stored.values(True, True)),
+                tuple(p.grad.data_ptr() if p.grad is not None else -1 for p in parameters))
 
-    def __call__(self, phase: str, stored: TensorDictBase, step: GradientStep) -> GradientStep:
-        """The graphed ``step`` of ``phase`` over ``stored`` (``step(index)`` gathers ``stored[index]``)."""
-        layout = self._layout(stored)
+    def __call__(self, phase: str, stored: TensorDictBase, step: GradientStep,
+                 parameters: Iterable[torch.Tensor]) -> GradientStep:
+        """The graphed ``step`` of ``phase`` over ``stored``, writing the gradients of ``parameters``.
+
+        ``step(index)`` gathers ``stored[index]`` and computes the gradients of ``parameters``.
+        """
+        layout = self._layout(stored, parameters)
         cached = self._graphs.get(phase)
         if cached is None or cached[0] != layout:
             with warnings.catch_warnings():  # tensordict unregisters TensorDict from pytree, as it must here

@@ -326,15 +326,17 @@ class AWRModule(pl.LightningModule):
         if inputs is None:
             return None
         stored, indices = inputs
+        captured = self.runtime.captured
 
         def gradients(index: torch.Tensor) -> TensorDictBase:
             out = loss_fn(stored[index])
-            optimizer.zero_grad()
+            # A captured graph must write the gradients into tensors that outlive it: zeroed in
+            # place, never set to None (see awr_modules.cuda_graphs).
+            optimizer.zero_grad(set_to_none=captured is None)
             self._backward(out[loss_key])
             return out
 
-        captured = self.runtime.captured
-        step = captured(phase, stored, gradients) if captured is not None else gradients
+        step = captured(phase, stored, gradients, list(network.parameters())) if captured is not None else gradients
         out = None
         for index in indices:
             out = step(index)

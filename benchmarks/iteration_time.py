@@ -42,7 +42,8 @@ def awr_fit_seconds(config: Path, iterations: int, timed: int, extra: list[str],
                    f"--trainer.max_epochs={iterations}", "--trainer.check_val_every_n_epoch=100000",
                    "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp}",
                    f"--checkpoint.dirpath={tmp}/checkpoints", *extra]
-        env = {**os.environ, "PYTHONPATH": str(checkout)} if checkout is not None else None
+        env = ({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+               if checkout is not None else None)
         result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=checkout, env=env)
         if result.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")

@@ -36,16 +36,21 @@ def _stored(rows: int) -> TensorDict:
     return TensorDict({"observation": torch.randn(rows, 3, device=DEVICE)}, [rows], device=DEVICE)
 
 
-def test_a_phase_graph_is_reused_until_the_stored_data_moves():
+def test_a_phase_graph_is_reused_until_the_stored_data_or_the_gradients_move():
     captured = CapturedGradients()
     stored = _stored(64)
+    weight = torch.ones(3, device=DEVICE, requires_grad=True)
+    weight.grad = torch.zeros(3, device=DEVICE)
     step = lambda index: TensorDict({"x": stored[index]["observation"].sum()}, [])
-    first = captured("policy", stored, step)
-    assert captured("policy", stored, step) is first
-    assert captured("policy", stored.clone(), step) is not first          # same length, other addresses
-    grown = captured("policy", _stored(128), step)                        # the buffer grew
+    first = captured("policy", stored, step, [weight])
+    assert captured("policy", stored, step, [weight]) is first
+    assert captured("policy", stored.clone(), step, [weight]) is not first   # same length, other addresses
+    grown = captured("policy", _stored(128), step, [weight])                 # the buffer grew
     assert grown is not first
-    assert captured("value", stored, step) is not grown                   # one graph per phase
+    assert captured("value", stored, step, [weight]) is not grown            # one graph per phase
+    again = captured("value", stored, step, [weight])
+    weight.grad = None                                                       # Lightning's reset before evaluation
+    assert captured("value", stored, step, [weight]) is not again
 
 
 def test_captured_function_detaches_and_turns_the_autocast_cache_off():
@@ -111,3 +116,33 @@ def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision,
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
 
+
+
+class _GradientIdentities:
+    """Stands in for ``CapturedGradients`` on a CPU: runs the steps and records which tensors hold ``.grad``."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __call__(self, phase, stored, step, parameters):
+        seen: list[tuple[int, ...]] = []
+        self.runs.append((phase, seen))
+
+        def recorded(index):
+            out = step(index)
+            seen.append(tuple(id(p.grad) for p in parameters))
+            return out
+
+        return recorded
+
+
+def test_graphed_steps_keep_their_gradient_tensors(tmp_path, monkeypatch):
+    """The call that captures a graph computes its gradients eagerly; they must stay in the tensors the
+    graph writes (zeroed in place, never reset to None), or that step's optimizer update reads garbage."""
+    recorder = _GradientIdentities()
+    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: recorder)
+    _fit(tmp_path, "persist", ["--trainer.accelerator=cpu", "--model.cudagraphs=true"])
+    assert [phase for phase, _ in recorder.runs] == ["value", "policy"] * 2
+    for phase, identities in recorder.runs:
+        assert len(identities) == 8
+        assert len(set(identities)) == 1, f"{phase}: .grad was replaced between the steps of a phase"

@@ -15,7 +15,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _probe(out_dir: Path, mode: str) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{TESTS}"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, str(TESTS / "ddp_probe.py"), str(out_dir), mode], cwd=out_dir, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

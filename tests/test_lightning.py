@@ -73,7 +73,7 @@ def _stored(checkpoint: dict) -> tuple[int, dict, torch.Tensor]:
 
 
 def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     args = tiny_args(tmp_path, epochs=1000)
     process = subprocess.Popen([sys.executable, "-m", "awr_modules.cli", "fit", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

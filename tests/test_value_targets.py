@@ -26,6 +26,7 @@ from tensordict import TensorDict
 from torchrl.objectives.value import GAE, TDLambdaEstimator
 
 from awr_modules import KStepReturnEstimator, make_replay_buffer, refresh_value_targets
+from awr_modules.precision import float32_context
 
 GAMMA = 0.9
 LMBDA = 0.8
@@ -206,3 +207,13 @@ def test_refresh_of_empty_buffer_raises() -> None:
     estimator = TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT))
     with pytest.raises(ValueError, match="empty"):
         refresh_value_targets(buffer, estimator)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_float32_context_switches_autocast_off_without_knowing_the_device(device_type):
+    """A TensorDict's device can be None while its tensors sit on a GPU: the float32 region must not depend on it."""
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        with float32_context(None):
+            assert not torch.is_autocast_enabled(device_type)
+            assert torch.ones(2, 2, device=device_type).matmul(torch.ones(2, 2, device=device_type)).dtype == torch.float32
+        assert torch.is_autocast_enabled(device_type)
