@@ -40,7 +40,7 @@ PY
 
 tests_pid=""
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  (python3 -m pytest tests -q -p no:cacheprovider -W ignore -rfEs --tb=short > "$out/pytest_full.txt" 2>&1;
+  (python3 -m pytest tests -p no:cacheprovider -W ignore -rfEs --tb=short > "$out/pytest_full.txt" 2>&1;
    { grep -E '^(FAILED|ERROR|SKIPPED)|[0-9]+ (passed|failed)' "$out/pytest_full.txt"; echo;
      tail -n 200 "$out/pytest_full.txt"; } > "$out/pytest.txt") &
   tests_pid=$!
