@@ -2,7 +2,8 @@
 # The GPU checks, in one command for the lent GPU machine:
 #   1. install the carried wheels of benchmarks/gpu_wheels.sh (if .whl/ exists) beside the machine's torch;
 #   2. the test suite on that stack (torch 2.11 + torchrl 0.12 there), in the background: a compatibility
-#      check, and the CUDA-only tests (tests/test_cuda_graphs.py: graphs train like eager in fp32, bf16, fp16);
+#      check, and the CUDA-only tests (tests/test_cuda_graphs.py: graphs train like eager in fp32, bf16, fp16;
+#      tests/test_lightning.py: value targets stay float32 under bf16-mixed and 16-mixed on the GPU);
 #   3. at the same time, short Pendulum-v1 runs on the GPU, one process chain per mode: fit 2 iterations,
 #      `awr validate` on the checkpoint, a resumed third iteration (`--ckpt_path last`, the buffer restored
 #      onto the GPU); modes: 32-true, bf16-mixed, 16-mixed, each also with --model.cudagraphs true, and

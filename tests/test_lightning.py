@@ -56,8 +56,16 @@ def test_last_checkpoint_holds_the_last_iteration_between_evaluations(tmp_path):
     assert state["env_steps"] == 3 * FRAMES
 
 
-def test_bf16_mixed_keeps_value_targets_float32(tmp_path):
-    _fit(tmp_path, epochs=1, extra=["--trainer.precision=bf16-mixed"])
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(("accelerator", "precision"), [
+    ("cpu", "bf16-mixed"),
+    pytest.param("gpu", "bf16-mixed", marks=_CUDA),  # on an H100 these targets once came out in bf16 / fp16
+    pytest.param("gpu", "16-mixed", marks=_CUDA),
+])
+def test_mixed_precision_keeps_value_targets_float32(tmp_path, accelerator, precision):
+    _fit(tmp_path, epochs=1, extra=[f"--trainer.precision={precision}", f"--trainer.accelerator={accelerator}"])
     stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]["_storage"]
     for key in ("value_target", "advantage", "state_value"):
         assert stored[key].dtype == torch.float32, key
