@@ -60,6 +60,21 @@ class CapturedGradients:
         warmup: eager calls before capture (``CudaGraphModule``'s ``warmup``; compiled losses
             compile during these). Warm-up and capture calls compute real gradients, so every
             call is one minibatch step of the phase.
+
+    Example (what ``AWRModule`` does in each phase; ``stored`` on a CUDA device)::
+
+        captured = CapturedGradients()
+
+        def gradients(index):  # zero in place: the gradient tensors must outlive the graph
+            out = loss.actor_loss(stored[index])
+            optimizer.zero_grad(set_to_none=False)
+            out["loss_actor"].backward()
+            return out
+
+        step = captured("policy", stored, gradients, list(actor.parameters()))
+        for index in torch.randint(len(stored), (1000, 256), device=stored.device):
+            out = step(index)   # eager twice, then one graph replay per call
+            optimizer.step()    # outside the graph
     """
 
     def __init__(self, warmup: int = 2) -> None:
