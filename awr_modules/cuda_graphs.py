@@ -15,18 +15,18 @@ written, so that call's optimizer step would read garbage (seen on an H100). The
 so precision plugins (the 16-mixed gradient scaler), ``on_before_optimizer_step`` hooks and
 ``trainer.global_step`` behave as in eager mode.
 
-A graph reads the stored tensors at the addresses it saw when it was captured, and their
-length, and writes the gradient tensors it saw: the buffer grows until it is full, and
-Lightning resets gradients to ``None`` before each evaluation, so a phase's graph is
-recaptured whenever the stored data's length, any stored tensor's or any gradient's address
-changed (every iteration until the buffer is full, then after evaluations). Python side effects inside the captured function (hooks such
+A graph reads the stored tensors, the parameters and the network's buffers at the addresses
+it saw when it was captured (and the stored length), and writes the gradient tensors it saw:
+the buffer grows until it is full, and Lightning resets gradients to ``None`` before each
+evaluation, so a phase's graph is recaptured whenever any of these changed (every iteration
+until the buffer is full, then once after each evaluation). Python side effects inside the captured function (hooks such
 as ``on_after_backward``) run only during the warm-up and capture calls.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDictBase
@@ -71,7 +71,7 @@ class CapturedGradients:
             out["loss_actor"].backward()
             return out
 
-        step = captured("policy", stored, gradients, list(actor.parameters()))
+        step = captured("policy", stored, gradients, actor)
         for index in torch.randint(len(stored), (1000, 256), device=stored.device):
             out = step(index)   # eager twice, then one graph replay per call
             optimizer.step()    # outside the graph
@@ -82,18 +82,25 @@ class CapturedGradients:
         self._graphs: dict[str, tuple[tuple, CudaGraphModule]] = {}
 
     @staticmethod
-    def _layout(stored: TensorDictBase, parameters: Iterable[torch.Tensor]) -> tuple:
-        """What a captured graph depends on: the stored length, every stored tensor's and gradient's address."""
+    def _layout(stored: TensorDictBase, network: torch.nn.Module) -> tuple:
+        """What a captured graph reads and writes at fixed addresses: the stored data (and its length), the
+        network's parameters, buffers (e.g. the observation normaliser) and gradients."""
         return (tuple(stored.batch_size), tuple(t.data_ptr() for t in stored.values(True, True)),
-                tuple(p.grad.data_ptr() if p.grad is not None else -1 for p in parameters))
+                tuple(p.data_ptr() for p in network.parameters()), tuple(b.data_ptr() for b in network.buffers()),
+                tuple(p.grad.data_ptr() for p in network.parameters()))
 
     def __call__(self, phase: str, stored: TensorDictBase, step: GradientStep,
-                 parameters: Iterable[torch.Tensor]) -> GradientStep:
-        """The graphed ``step`` of ``phase`` over ``stored``, writing the gradients of ``parameters``.
+                 network: torch.nn.Module) -> GradientStep:
+        """The graphed ``step`` of ``phase`` over ``stored``, writing the gradients of ``network``.
 
-        ``step(index)`` gathers ``stored[index]`` and computes the gradients of ``parameters``.
+        ``step(index)`` gathers ``stored[index]`` and computes the gradients of ``network``'s
+        parameters. Parameters without a gradient get a zero one first, so that the
+        gradients live in tensors that exist before the graph and outlive it.
         """
-        layout = self._layout(stored, parameters)
+        for parameter in network.parameters():
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        layout = self._layout(stored, network)
         cached = self._graphs.get(phase)
         if cached is None or cached[0] != layout:
             with warnings.catch_warnings():  # tensordict unregisters TensorDict from pytree, as it must here

@@ -248,6 +248,10 @@ class AWRModule(pl.LightningModule):
             return None
         return CapturedGradients(warmup=3 if self.hparams.compile else 2)
 
+    def on_fit_start(self) -> None:
+        """The actor sits on its device now: move its distribution's tensor arguments there too."""
+        _move_distribution_kwargs(self.actor, self.device)
+
     def on_train_start(self) -> None:
         """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
         runtime = self.runtime
@@ -336,7 +340,7 @@ class AWRModule(pl.LightningModule):
             self._backward(out[loss_key])
             return out
 
-        step = captured(phase, stored, gradients, list(network.parameters())) if captured is not None else gradients
+        step = captured(phase, stored, gradients, network) if captured is not None else gradients
         out = None
         for index in indices:
             out = step(index)
@@ -612,6 +616,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     name, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
+
+
+def _move_distribution_kwargs(actor: torch.nn.Module, device: torch.device | str) -> None:
+    """Move tensors in ``distribution_kwargs`` (e.g. TanhNormal's ``low``/``high``) to ``device``.
+
+    They sit in a plain dict, which ``module.to(device)`` does not reach: on a GPU each
+    forward would copy them from the host, a copy that a CUDA graph cannot capture.
+    """
+    for module in actor.modules():
+        kwargs = getattr(module, "distribution_kwargs", None)
+        if isinstance(kwargs, dict):
+            for key, value in kwargs.items():
+                if isinstance(value, torch.Tensor):
+                    kwargs[key] = value.to(device)
 
 
 def _to_device(state: Any, device: torch.device | str) -> Any:

@@ -8,12 +8,14 @@ are always computed in float32, also under ``torch.autocast``.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 
-def float32_context(device: torch.device | str | None = None) -> ExitStack:
+@contextmanager
+def float32_context(device: torch.device | str | None = None) -> Iterator[None]:
     """A region where autocast is off, so that ops inside run in their input dtype (float32).
 
     Autocast is switched off for the CPU, for CUDA when it is available, and for
@@ -26,7 +28,7 @@ def float32_context(device: torch.device | str | None = None) -> ExitStack:
         device_types.add("cuda")
     if device is not None:
         device_types.add(torch.device(device).type)
-    stack = ExitStack()
-    for device_type in sorted(device_types):
-        stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-    return stack
+    with ExitStack() as stack:
+        for device_type in sorted(device_types):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield

@@ -1,16 +1,20 @@
 """``cudagraphs=True``: each phase's gradient computation replayed as a CUDA graph.
 
 On any machine:
-- a phase's graph is reused while the stored data keeps its length and addresses, and
-  recaptured when either changes (the buffer grew, a key was reallocated);
+- a phase's graph is reused while the stored data, the parameters and the gradients keep
+  their addresses (and the data its length), and recaptured when one changes (the buffer
+  grew, a key was reallocated, Lightning reset the gradients, a parameter was replaced);
+- gradients keep their tensors through a phase (zeroed in place, never reset to None);
 - the captured function returns detached outputs and runs with autocast's cache off
   (with the cache on, a graph would keep reading stale low-precision weight copies);
 - ``cudagraphs`` under DDP fails before training with a clear message; on a CPU it warns
   and trains exactly as without it.
 
 On a CUDA device (skipped elsewhere; ``benchmarks/gpu_smoke.sh`` runs them on the lent GPU):
-- two iterations with graphs train the same parameters as eager (fp32), and replays happened;
-- under bf16-mixed and 16-mixed, graphs train parameters close to eager ones.
+- two iterations with graphs train the same parameters as eager (fp32, bf16-mixed, 16-mixed;
+  fixed-std Gaussian and TanhNormal actors), each phase captured;
+- with a full buffer and no evaluation in between, one graph per phase is reused across
+  iterations and training still matches eager.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning_helpers import tiny_args
+from lightning_helpers import FRAMES, tiny_args
 from tensordict import TensorDict
 
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.cuda_graphs import CapturedGradients, _capturable
+from awr_modules.module import _move_distribution_kwargs
 from recipes.classic_control import ClassicControl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,21 +41,25 @@ def _stored(rows: int) -> TensorDict:
     return TensorDict({"observation": torch.randn(rows, 3, device=DEVICE)}, [rows], device=DEVICE)
 
 
-def test_a_phase_graph_is_reused_until_the_stored_data_or_the_gradients_move():
+def test_a_phase_graph_is_reused_until_what_it_reads_or_writes_moves():
     captured = CapturedGradients()
     stored = _stored(64)
-    weight = torch.ones(3, device=DEVICE, requires_grad=True)
-    weight.grad = torch.zeros(3, device=DEVICE)
-    step = lambda index: TensorDict({"x": stored[index]["observation"].sum()}, [])
-    first = captured("policy", stored, step, [weight])
-    assert captured("policy", stored, step, [weight]) is first
-    assert captured("policy", stored.clone(), step, [weight]) is not first   # same length, other addresses
-    grown = captured("policy", _stored(128), step, [weight])                 # the buffer grew
+    network = torch.nn.Linear(3, 1).to(DEVICE)
+    step = lambda index: TensorDict({"x": network(stored[index]["observation"]).sum()}, [])
+    first = captured("policy", stored, step, network)
+    assert all(p.grad is not None for p in network.parameters())  # zero gradients exist before any capture
+    assert captured("policy", stored, step, network) is first
+    assert captured("policy", stored.clone(), step, network) is not first   # same length, other addresses
+    grown = captured("policy", _stored(128), step, network)                 # the buffer grew
     assert grown is not first
-    assert captured("value", stored, step, [weight]) is not grown            # one graph per phase
-    again = captured("value", stored, step, [weight])
-    weight.grad = None                                                       # Lightning's reset before evaluation
-    assert captured("value", stored, step, [weight]) is not again
+    assert captured("value", stored, step, network) is not grown            # one graph per phase
+    again = captured("value", stored, step, network)
+    network.zero_grad(set_to_none=True)                                     # Lightning's reset before evaluation
+    recaptured = captured("value", stored, step, network)
+    assert recaptured is not again
+    assert captured("value", stored, step, network) is recaptured           # one recapture per reset
+    network.weight.data = network.weight.data.clone()                       # a parameter replaced, not updated
+    assert captured("value", stored, step, network) is not recaptured
 
 
 def test_captured_function_detaches_and_turns_the_autocast_cache_off():
@@ -78,10 +87,25 @@ def test_cudagraphs_under_ddp_fails_with_a_clear_message():
         module._captured_gradients()
 
 
-def _fit(tmp_path, name: str, extra: list[str]) -> list[torch.Tensor]:
-    args = tiny_args(tmp_path / name, epochs=2, extra=["--model.critic_steps=8", "--model.actor_steps=8", *extra])
+def _fit(tmp_path, name: str, extra: list[str], epochs: int = 2) -> list[torch.Tensor]:
+    args = tiny_args(tmp_path / name, epochs=epochs,
+                     extra=["--model.critic_steps=8", "--model.actor_steps=8", *extra])
     cli = cli_main(["fit", *args, "--seed_everything=0"])
     return [p.detach().float().cpu().clone() for p in cli.model.parameters()]
+
+
+def _spy_on_graphs(monkeypatch) -> list:
+    """Record every graph ``CapturedGradients`` hands out."""
+    graphs = []
+    original = CapturedGradients.__call__
+
+    def spy(self, *args):
+        graph = original(self, *args)
+        graphs.append(graph)
+        return graph
+
+    monkeypatch.setattr(CapturedGradients, "__call__", spy)
+    return graphs
 
 
 def test_cudagraphs_without_cuda_warns_and_trains_as_eager(tmp_path):
@@ -96,18 +120,14 @@ def test_cudagraphs_without_cuda_warns_and_trains_as_eager(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize(("precision", "tolerance"), [("32-true", 1e-4), ("bf16-mixed", 2e-2), ("16-mixed", 5e-3)])
-def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision, tolerance):
-    graphs = []
-    original = CapturedGradients.__call__
-
-    def spy(self, phase, stored, step):
-        graph = original(self, phase, stored, step)
-        graphs.append(graph)
-        return graph
-
-    monkeypatch.setattr(CapturedGradients, "__call__", spy)
-    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--trainer.precision={precision}"]
+@pytest.mark.parametrize(("precision", "policy", "tolerance"), [
+    ("32-true", "fixed_std", 1e-5), ("bf16-mixed", "fixed_std", 1e-3), ("16-mixed", "fixed_std", 1e-3),
+    ("32-true", "tanh_normal", 1e-5),
+])
+def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision, policy, tolerance):
+    graphs = _spy_on_graphs(monkeypatch)
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--trainer.precision={precision}",
+           f"--model.recipe.init_args.policy={policy}"]
     eager = _fit(tmp_path, "eager", gpu)
     assert not graphs
     graphed = _fit(tmp_path, "graphed", [*gpu, "--model.cudagraphs=true"])
@@ -117,6 +137,18 @@ def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision,
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
 
 
+@needs_cuda
+def test_a_full_buffer_replays_one_graph_per_phase_like_eager(tmp_path, monkeypatch):
+    """The path of a long run: buffer full, no evaluation between iterations, graphs reused across iterations."""
+    graphs = _spy_on_graphs(monkeypatch)
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--model.buffer_size={FRAMES}",
+           "--trainer.check_val_every_n_epoch=100"]
+    eager = _fit(tmp_path, "eager", gpu, epochs=3)
+    graphed = _fit(tmp_path, "graphed", [*gpu, "--model.cudagraphs=true"], epochs=3)
+    assert len(graphs) == 6 and len({id(graph) for graph in graphs}) == 2  # 3 iterations x 2 phases, 2 graphs
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
 
 class _GradientIdentities:
     """Stands in for ``CapturedGradients`` on a CPU: runs the steps and records which tensors hold ``.grad``."""
@@ -124,13 +156,13 @@ class _GradientIdentities:
     def __init__(self) -> None:
         self.runs: list[tuple[str, list[tuple[int, ...]]]] = []
 
-    def __call__(self, phase, stored, step, parameters):
+    def __call__(self, phase, stored, step, network):
         seen: list[tuple[int, ...]] = []
         self.runs.append((phase, seen))
 
         def recorded(index):
             out = step(index)
-            seen.append(tuple(id(p.grad) for p in parameters))
+            seen.append(tuple(id(p.grad) for p in network.parameters()))
             return out
 
         return recorded
@@ -146,3 +178,13 @@ def test_graphed_steps_keep_their_gradient_tensors(tmp_path, monkeypatch):
     for phase, identities in recorder.runs:
         assert len(identities) == 8
         assert len(set(identities)) == 1, f"{phase}: .grad was replaced between the steps of a phase"
+
+
+def test_distribution_tensor_arguments_follow_the_actor_to_its_device():
+    """TanhNormal's bounds live in a plain dict that ``.to(device)`` misses; a graph cannot capture their copy."""
+    actor = ClassicControl("Pendulum-v1", hidden_sizes=[8], policy="tanh_normal").make_networks(
+        ClassicControl("Pendulum-v1").make_env(0), value_scale=100.0)[0]
+    _move_distribution_kwargs(actor, "meta")
+    bounds = [value for module in actor.modules() for value in getattr(module, "distribution_kwargs", {}).values()
+              if isinstance(value, torch.Tensor)]
+    assert len(bounds) == 2 and all(bound.device.type == "meta" for bound in bounds)
