@@ -82,8 +82,28 @@ def eval_curve(rows: list[dict[str, str]]) -> list[tuple[float, float]]:
     return sorted(points.items())
 
 
+def milestone_table(curves: dict[int, list[tuple[float, float]]], milestones: list[float]) -> list[str]:
+    """Markdown rows: each seed's last eval return at or before each milestone, then mean +- std over seeds."""
+    header = " | ".join(f"{m / 1000:g}k" if m < 1e6 else f"{m / 1e6:g}M" for m in milestones)
+    lines = [f"| eval return at env steps | {header} |", "|---" * (len(milestones) + 1) + "|"]
+    columns: list[list[float]] = [[] for _ in milestones]
+    for seed, points in curves.items():
+        cells = []
+        for column, milestone in zip(columns, milestones, strict=True):
+            before = [(s, r) for s, r in points if s <= milestone]
+            if before:
+                column.append(before[-1][1])
+                cells.append(f"{before[-1][1]:.1f} (at {int(before[-1][0]):,})")
+            else:
+                cells.append("-")
+        lines.append(f"| seed {seed} | " + " | ".join(cells) + " |")
+    stats = [f"{np.mean(c):.1f} +- {np.std(c):.1f}" if c else "-" for c in columns]
+    lines.append(f"| mean +- std ({len(curves)} seeds) | " + " | ".join(stats) + " |")
+    return lines
+
+
 def summarize(out: Path, seeds: list[int], target: float | None, budget: float | None, title: str,
-              reference: float | None) -> str:
+              reference: float | None, milestones: list[float] | None = None) -> str:
     curves = {s: eval_curve(read_metrics(out, s)) for s in seeds}
     with (out / "curves.csv").open("w", newline="") as f:
         writer = csv.writer(f)
@@ -118,6 +138,8 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
     if finals:
         lines += ["", (f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
                        f"(mean +- std over {len(finals)} seeds).")]
+    if milestones:
+        lines += ["", *milestone_table(curves, milestones)]
     if timing:
         per_phase = ", ".join(f"{p} {np.mean(timing[p]):.2f} s" for p in PHASES if timing[p])
         lines += ["", f"Wall-clock per iteration: {per_phase}."]
@@ -162,12 +184,15 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None, help="env-step budget the target applies to")
     parser.add_argument("--reference", type=float, default=None, help="the reference implementation's return at the budget, drawn on the plot")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--milestones", type=float, nargs="+", default=None,
+                        help="env steps at which to tabulate each seed's last eval return (e.g. 250000 500000 1000000)")
     parser.add_argument("--summarize-only", action="store_true")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         run_seeds(args.config, args.out, args.seeds, args.jobs, overrides)
-    print(summarize(args.out, args.seeds, args.target, args.budget, args.title or args.config.stem, args.reference))
+    print(summarize(args.out, args.seeds, args.target, args.budget, args.title or args.config.stem, args.reference,
+                    args.milestones))
 
 
 if __name__ == "__main__":
