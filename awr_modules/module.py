@@ -371,15 +371,6 @@ class AWRModule(pl.LightningModule):
         self.loss_module.check_batch(stored)  # keys and finiteness, once for the whole phase
         return stored, index.to(storage.device).view(steps, batch_size)
 
-    def _minibatches(self, steps: int, batch_size: int, *, prioritized: bool) -> Iterator[TensorDictBase]:
-        """The ``steps`` minibatches of one phase (see :meth:`_phase_inputs`), gathered one by one."""
-        inputs = self._phase_inputs(steps, batch_size, prioritized=prioritized)
-        if inputs is None:
-            return
-        stored, indices = inputs
-        for index in indices:
-            yield stored[index]
-
     def _check_finite_losses(self, *outputs: TensorDictBase | None) -> None:
         """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).
 

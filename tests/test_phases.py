@@ -41,6 +41,12 @@ def _module_with_buffer(prioritized: bool) -> tuple[AWRModule, torch.Tensor]:
     return module, priority
 
 
+def _minibatches(module: AWRModule, steps: int, batch_size: int, prioritized: bool) -> list[TensorDict]:
+    """The minibatches a phase would train on: its stored view gathered at its drawn indices."""
+    stored, indices = module._phase_inputs(steps, batch_size, prioritized=prioritized)
+    return [stored[index] for index in indices]
+
+
 def _frequencies(batches) -> torch.Tensor:
     rows = torch.cat([batch["observation"][:, 0].long() for batch in batches])
     return torch.bincount(rows, minlength=SIZE).double() / rows.numel()
@@ -50,7 +56,7 @@ def _frequencies(batches) -> torch.Tensor:
 def test_phase_minibatches_sample_like_the_buffer(prioritized):
     module, priority = _module_with_buffer(prioritized)
     torch.manual_seed(0)
-    batches = list(module._minibatches(100, 200, prioritized=prioritized))
+    batches = _minibatches(module, 100, 200, prioritized)
     assert len(batches) == 100
     assert all(batch.batch_size == torch.Size([200]) for batch in batches)
     assert set(batches[0].keys()) == {"observation", "action", "action_log_prob", "advantage", "value_target"}
@@ -62,7 +68,7 @@ def test_phase_minibatches_sample_like_the_buffer(prioritized):
 def test_value_phase_samples_uniformly_even_when_the_actor_samples_by_weight():
     module, _ = _module_with_buffer(prioritized=True)
     torch.manual_seed(0)
-    frequency = _frequencies(module._minibatches(100, 200, prioritized=False))
+    frequency = _frequencies(_minibatches(module, 100, 200, False))
     assert (frequency - 1 / SIZE).abs().max() < 0.01
 
 
@@ -70,7 +76,7 @@ def test_phase_checks_the_stored_data_once_before_its_first_step():
     module, _ = _module_with_buffer(prioritized=False)
     module.runtime.buffer.storage.get(slice(0, SIZE))["advantage"][3] = float("nan")
     with pytest.raises(ValueError, match="advantage.*non-finite"):
-        next(module._minibatches(10, 4, prioritized=False))
+        module._phase_inputs(10, 4, prioritized=False)
 
 
 @pytest.mark.parametrize(("key", "step_size"), [("loss_actor", "actor_lr"), ("loss_value", "critic_lr")])
