@@ -152,7 +152,7 @@ class GymRecipe(Recipe):
         GPU policy's actions to the env's device only when it has one.
         """
         if num_envs == 1:
-            return GymEnv(self.env_id, **{"device": "cpu", **self.env_kwargs})
+            return GymEnv(self.env_id, device="cpu", **self.env_kwargs)
         vector_env = gym.make_vec(self.env_id, num_envs=num_envs, vectorization_mode="sync",
                                   vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.DISABLED},
                                   **self.env_kwargs)

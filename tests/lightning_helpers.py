@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -31,6 +32,11 @@ def tiny_args(save_dir: Path, *, epochs: int = 2, extra: list[str] | None = None
         "--model.recipe.init_args.normalizer_samples=256",
         *(extra or []),
     ]
+
+
+def subprocess_env(*paths: Path) -> dict[str, str]:
+    """This process's environment with ``paths`` put in front of ``PYTHONPATH`` (kept: it may hold installed wheels)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*map(str, paths), os.environ.get("PYTHONPATH")]))}
 
 
 def load_checkpoint(path: Path) -> dict:

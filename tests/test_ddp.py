@@ -3,19 +3,19 @@ from a checkpoint each with its own replay buffer and RNG state."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from lightning_helpers import subprocess_env
 
 TESTS = Path(__file__).resolve().parent
 
 
 def _probe(out_dir: Path, mode: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env(TESTS.parent, TESTS)
     result = subprocess.run([sys.executable, str(TESTS / "ddp_probe.py"), str(out_dir), mode], cwd=out_dir, env=env,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

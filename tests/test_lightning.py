@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import FRAMES, load_checkpoint, tiny_args
+from lightning_helpers import FRAMES, load_checkpoint, subprocess_env, tiny_args
 
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
@@ -81,7 +80,7 @@ def _stored(checkpoint: dict) -> tuple[int, dict, torch.Tensor]:
 
 
 def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = subprocess_env(REPO)
     args = tiny_args(tmp_path, epochs=1000)
     process = subprocess.Popen([sys.executable, "-m", "awr_modules.cli", "fit", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
