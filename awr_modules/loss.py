@@ -12,6 +12,7 @@ and the critic regresses the return (Eq. 9): ``min_V E[(R - V(s))^2]``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -62,6 +63,11 @@ def _per_transition(value: torch.Tensor, batch_dims: int) -> torch.Tensor:
 def _base(dist: d.Distribution) -> d.Distribution:
     """The per-dimension distribution inside an ``Independent`` one (IndependentNormal's Normal)."""
     return dist.base_dist if isinstance(dist, d.Independent) else dist
+
+
+def _parameters_in(params: TensorDictParams | None, network: torch.nn.Module) -> AbstractContextManager:
+    """Swap functional ``params`` into ``network`` for one call; nothing when the loss is not functional."""
+    return params.to_module(network) if params is not None else nullcontext()
 
 
 def _entropy(dist: d.Distribution) -> torch.Tensor:
@@ -129,6 +135,12 @@ class AWRLoss(LossModule):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses).
         check_inputs: check keys and finiteness of the inputs before computing
             (one host sync per call). Turn it off inside a CUDA-graph captured step.
+        functional: keep the networks' parameters as ``actor_network_params`` /
+            ``critic_network_params`` and swap them in on every call (TorchRL's
+            default, for functional calls with other parameters). ``False`` calls the
+            networks as they are, as TorchRL's PPO does with ``functional=False``: no
+            per-call swap (a fixed cost per step that dominates small MLPs on a CPU)
+            and the parameters stay the networks' own, as DDP needs.
 
     Keys (renamable with :meth:`set_keys`, see :class:`AWRLoss._AcceptedKeys`):
         reads ``action``, ``advantage``, ``value_target``, ``sample_log_prob``
@@ -221,6 +233,7 @@ class AWRLoss(LossModule):
         weighting: Literal["loss", "sampling"] = "loss",
         reduction: Literal["mean", "sum", "none"] = "mean",
         check_inputs: bool = True,
+        functional: bool = True,
     ) -> None:
         for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale)):
             if not value > 0:
@@ -235,8 +248,14 @@ class AWRLoss(LossModule):
             raise ValueError(f"AWRLoss: weighting must be one of {_WEIGHTINGS}, got {weighting!r}.")
         self._tensor_keys = self._AcceptedKeys()
         super().__init__()
-        self.convert_to_functional(actor_network, "actor_network")
-        self.convert_to_functional(value_network, "critic_network")
+        self._functional = functional
+        if functional:
+            self.convert_to_functional(actor_network, "actor_network")
+            self.convert_to_functional(value_network, "critic_network")
+        else:
+            self.actor_network, self.critic_network = actor_network, value_network
+            self.actor_network_params = self.critic_network_params = None
+            self.target_actor_network_params = self.target_critic_network_params = None
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.register_buffer("max_weight", torch.tensor(float(max_weight)))
         self.register_buffer("value_scale", torch.tensor(float(value_scale)))
@@ -251,6 +270,11 @@ class AWRLoss(LossModule):
         self.reduction = reduction
         self.check_inputs = check_inputs
         self._in_keys = None
+
+    @property
+    def functional(self) -> bool:
+        """Whether the networks' parameters live in ``*_network_params`` and are swapped in per call."""
+        return self._functional
 
     # ----------------------------------------------------------------- keys
     def _forward_value_estimator_keys(self, **kwargs) -> None:
@@ -330,7 +354,8 @@ class AWRLoss(LossModule):
         if keys.advantage not in tensordict.keys(True) or keys.value_target not in tensordict.keys(True):
             self._check_trajectory_inputs(tensordict)
             with float32_context(tensordict.device), torch.no_grad():
-                self.value_estimator(tensordict, params=self.critic_network_params.detach())
+                params = self.critic_network_params.detach() if self.functional else None
+                self.value_estimator(tensordict, params=params)
         advantage = self._per_sample(tensordict, keys.advantage)
         value_target = self._per_sample(tensordict, keys.value_target)
         return advantage.float(), value_target.float()
@@ -414,7 +439,7 @@ class AWRLoss(LossModule):
             advantage = (advantage - advantage.mean()) / (advantage.std() + _ADVANTAGE_NORMALIZATION_EPS)
         weight = self.weights(advantage)
 
-        with self.actor_network_params.to_module(self.actor_network):
+        with _parameters_in(self.actor_network_params, self.actor_network):
             dist = self.actor_network.get_dist(tensordict)
         log_prob = self._log_prob(dist, tensordict.get(keys.action), batch_dims)
         if self.check_inputs:
@@ -454,7 +479,7 @@ class AWRLoss(LossModule):
         priority_weight: torch.Tensor | None,
     ) -> TensorDictBase:
         keys = self.tensor_keys
-        with self.critic_network_params.to_module(self.critic_network):
+        with _parameters_in(self.critic_network_params, self.critic_network):
             value = self.critic_network(tensordict.select(*self.critic_network.in_keys, strict=False)).get(keys.value)
         value = value.reshape(tensordict.batch_size).float()
         value_error = value - value_target

@@ -75,12 +75,34 @@ class _Runtime:
 
     train_env: EnvBase
     eval_env: EnvBase
-    actor_loss: Callable[[TensorDictBase], TensorDictBase] | None = None
-    value_loss: Callable[[TensorDictBase], TensorDictBase] | None = None
+    actor_loss: MinibatchLoss | None = None
+    value_loss: MinibatchLoss | None = None
     collector: Collector | None = None
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
+
+
+MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
+"""A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
+
+
+def _eager(loss: Callable[[TensorDictBase], TensorDictBase]) -> MinibatchLoss:
+    def minibatch_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+        return loss(stored[index])
+
+    return minibatch_loss
+
+
+def _compiled(loss: Callable[[TensorDictBase], TensorDictBase]) -> MinibatchLoss:
+    """``torch.compile`` of the gather and the loss together.
+
+    One graph per phase whose inputs are the same stored TensorDict and fresh indices:
+    compiling the loss alone would build a new minibatch TensorDict in eager mode every step
+    and check the compiled graph's guards against it, which cost as much as the loss itself
+    for these small networks.
+    """
+    return torch.compile(_eager(loss))
 
 
 def _positive(name: str, value: float) -> None:
@@ -199,6 +221,7 @@ class AWRModule(pl.LightningModule):
             action_l2_coeff=action_l2_coeff,
             weighting=weighting,
             check_inputs=False,  # the module checks each phase's data once (see _phase_inputs)
+            functional=False,  # the networks are called as they are: no parameter swap per minibatch
         )
         self.loss_module.make_value_estimator(gamma=gamma, lmbda=td_lambda)
         self.env_steps = 0
@@ -220,10 +243,11 @@ class AWRModule(pl.LightningModule):
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
         loss = self.loss_module
+        minibatch_loss = _compiled if self.hparams.compile else _eager
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
                            eval_env=self.recipe.make_env(rank_seed + 500),
-                           actor_loss=torch.compile(loss.actor_loss) if self.hparams.compile else loss.actor_loss,
-                           value_loss=torch.compile(loss.value_loss) if self.hparams.compile else loss.value_loss)
+                           actor_loss=minibatch_loss(loss.actor_loss),
+                           value_loss=minibatch_loss(loss.value_loss))
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
@@ -319,7 +343,7 @@ class AWRModule(pl.LightningModule):
             self.trainer.should_stop = True
 
     def _phase(self, phase: str, steps: int, batch_size: int, *, prioritized: bool,
-               loss_fn: Callable[[TensorDictBase], TensorDictBase], loss_key: str, optimizer: Any,
+               loss_fn: MinibatchLoss, loss_key: str, optimizer: Any,
                network: torch.nn.Module) -> TensorDictBase | None:
         """``steps`` minibatch steps of one phase; the loss output of the last one (``None`` if no step).
 
@@ -333,7 +357,7 @@ class AWRModule(pl.LightningModule):
         captured = self.runtime.captured
 
         def gradients(index: torch.Tensor) -> TensorDictBase:
-            out = loss_fn(stored[index])
+            out = loss_fn(stored, index)
             # A captured graph must write the gradients into tensors that outlive it: zeroed in
             # place, never set to None (see awr_modules.cuda_graphs).
             optimizer.zero_grad(set_to_none=captured is None)
@@ -530,7 +554,9 @@ class AWRModule(pl.LightningModule):
                 f"AWRModule: checkpoint is for env {state['env_id']!r} with spaces {state['signature']}, but the "
                 f"config builds {self.recipe.env_id!r} with {self._env_signature}. Use the config it was trained with."
             )
-        self._check_state_shapes(checkpoint.get("state_dict", {}))
+        state_dict = checkpoint.get("state_dict", {})
+        _rename_functional_parameters(state_dict)
+        self._check_state_shapes(state_dict)
         self.env_steps = state["env_steps"]
         self.iteration = state["iteration"]
         for vecnorm, saved in zip(self._normalizers(self.runtime.train_env), state["normalizers"]):
@@ -587,6 +613,18 @@ class AWRModule(pl.LightningModule):
                 "AWRModule: the checkpoint's networks do not match this config (hidden sizes, policy kind?): "
                 f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {mismatched[:4]}."
             )
+
+
+def _rename_functional_parameters(state_dict: dict[str, Any]) -> None:
+    """Read checkpoints written while the loss kept functional parameter copies (``*_network_params``).
+
+    Those copies are now the networks themselves (``AWRLoss(functional=False)``), saved under
+    ``loss_module.<network>.*``; the values are the same tensors as ``actor.*`` / ``critic.*``.
+    """
+    for network in ("actor_network", "critic_network"):
+        old = f"loss_module.{network}_params."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"loss_module.{network}.{key[len(old):]}"] = state_dict.pop(key)
 
 
 def _rng_state() -> dict[str, Any]:

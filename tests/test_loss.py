@@ -80,11 +80,12 @@ def _setup(kind: str, advantage: list[float] = ADVANTAGE, **loss_kwargs):
     return AWRLoss(actor, critic, **loss_kwargs), batch, log_prob, value, actor
 
 
+@pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
-def test_losses_match_hand_computation(kind: str) -> None:
+def test_losses_match_hand_computation(kind: str, functional: bool) -> None:
     temperature, max_weight, value_scale = 0.8, 5.0, 2.0
     loss, batch, log_prob, value, _ = _setup(kind, temperature=temperature, max_weight=max_weight,
-                                            value_scale=value_scale)
+                                            value_scale=value_scale, functional=functional)
     target = batch["value_target"].squeeze(-1)
     out = loss(batch)
 
@@ -394,14 +395,23 @@ def test_sgd_step_raises_log_prob_of_high_advantage_action(kind: str) -> None:
     assert change[0] > change[1]
 
 
-def _grads(params) -> list[torch.Tensor | None]:
-    return [p.grad for p in params.values(True, True)]
+def _grads(params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    return [p.grad for p in params]
 
 
+def _network_parameters(loss: AWRLoss, network: str) -> list[torch.Tensor]:
+    """The parameters the loss optimizes for ``network``: its functional copies, or the network's own."""
+    if loss.functional:
+        return list(getattr(loss, f"{network}_params").values(True, True))
+    return list(getattr(loss, network).parameters())
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])
 @pytest.mark.parametrize("source", ["stored_advantage", "estimator"])
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
-def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str) -> None:
-    loss = AWRLoss(make_actor(kind), make_critic())
+def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str, functional: bool) -> None:
+    loss = AWRLoss(make_actor(kind), make_critic(), functional=functional)
+    actor_params, critic_params = _network_parameters(loss, "actor_network"), _network_parameters(loss, "critic_network")
     if source == "stored_advantage":
         batch = _batch(kind)
     else:
@@ -411,14 +421,25 @@ def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str) ->
     out = loss(batch)
 
     out["loss_actor"].backward(retain_graph=True)
-    assert all(g is None or (g == 0).all() for g in _grads(loss.critic_network_params))
-    assert any(g is not None and (g != 0).any() for g in _grads(loss.actor_network_params))
+    assert all(g is None or (g == 0).all() for g in _grads(critic_params))
+    assert any(g is not None and (g != 0).any() for g in _grads(actor_params))
 
-    for p in loss.actor_network_params.values(True, True):
+    for p in actor_params:
         p.grad = None
     out["loss_value"].backward()
-    assert all(g is None or (g == 0).all() for g in _grads(loss.actor_network_params))
-    assert any(g is not None and (g != 0).any() for g in _grads(loss.critic_network_params))
+    assert all(g is None or (g == 0).all() for g in _grads(actor_params))
+    assert any(g is not None and (g != 0).any() for g in _grads(critic_params))
+
+
+def test_stateful_loss_calls_the_networks_with_their_own_parameters() -> None:
+    """``functional=False`` keeps no parameter copies: the loss's parameters are the networks' own tensors."""
+    actor, critic = make_actor("normal"), make_critic()
+    loss = AWRLoss(actor, critic, functional=False)
+    assert not loss.functional and loss.actor_network_params is None and loss.critic_network_params is None
+    own = {id(p) for p in (*actor.parameters(), *critic.parameters())}
+    assert {id(p) for p in loss.parameters()} == own
+    loss(_batch("normal"))["loss_actor"].backward()
+    assert all(p.grad is not None for p in actor[0].module.parameters())
 
 
 @pytest.mark.parametrize("kind", ["normal", "categorical"])
