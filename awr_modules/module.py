@@ -87,22 +87,25 @@ MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 """A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
 
 
-def _eager(loss: Callable[[TensorDictBase], TensorDictBase]) -> MinibatchLoss:
-    def minibatch_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss(stored[index])
+def _minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
+    """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
 
-    return minibatch_loss
-
-
-def _compiled(loss: Callable[[TensorDictBase], TensorDictBase]) -> MinibatchLoss:
-    """``torch.compile`` of the gather and the loss together.
-
-    One graph per phase whose inputs are the same stored TensorDict and fresh indices:
-    compiling the loss alone would build a new minibatch TensorDict in eager mode every step
-    and check the compiled graph's guards against it, which cost as much as the loss itself
-    for these small networks.
+    With ``compile`` each is one ``torch.compile`` graph of the gather and the loss together,
+    whose inputs are the phase's stored TensorDict (the same for all its steps) and fresh
+    indices. Compiling the loss alone would build a new minibatch TensorDict in eager mode
+    every step and check the graph's guards against it, which costs as much as the loss itself
+    for these small networks. Two functions, so that each phase keeps its own compiled graphs.
     """
-    return torch.compile(_eager(loss))
+
+    def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+        return loss.actor_loss(stored[index])
+
+    def value_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+        return loss.value_loss(stored[index])
+
+    if compile:
+        return torch.compile(actor_loss), torch.compile(value_loss)
+    return actor_loss, value_loss
 
 
 def _positive(name: str, value: float) -> None:
@@ -242,12 +245,9 @@ class AWRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
-        loss = self.loss_module
-        minibatch_loss = _compiled if self.hparams.compile else _eager
+        actor_loss, value_loss = _minibatch_losses(self.loss_module, compile=self.hparams.compile)
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
-                           eval_env=self.recipe.make_env(rank_seed + 500),
-                           actor_loss=minibatch_loss(loss.actor_loss),
-                           value_loss=minibatch_loss(loss.value_loss))
+                           eval_env=self.recipe.make_env(rank_seed + 500), actor_loss=actor_loss, value_loss=value_loss)
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)

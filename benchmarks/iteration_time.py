@@ -11,8 +11,9 @@ same network sizes, batch, optimizer and AWR math (uniform minibatches from 50k 
 transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-likelihood), with
 no TensorDict, TorchRL or Lightning. ``--accelerator gpu`` times the runs on one GPU, adds the
 ``--model.cudagraphs true`` rows, and runs the plain loop on CUDA, eagerly and with each whole
-step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager row of another
-checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``). Writes
+step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager and compiled rows of
+another checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``). The
+plain loop runs again at the end, so that drift of the machine's speed during the run shows. Writes
 ``benchmarks/results/iteration_time_<task>[_gpu].csv`` and prints a markdown table.
 """
 
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,6 +69,64 @@ def env_sizes(model) -> tuple[int, int, bool]:
     return sizes
 
 
+class PlainAWR:
+    """The AWR value and policy losses written in plain PyTorch over stored tensors (no TensorDict, TorchRL, Lightning).
+
+    The config's network sizes, step sizes and weight clip; uniform minibatches from ``BUFFER``
+    random stored transitions, ``w = min(exp(A), max_weight)``, categorical or fixed-std
+    Gaussian log-likelihood.
+    """
+
+    def __init__(self, model, *, device: str = "cpu") -> None:
+        observation_size, action_size, self.discrete = env_sizes(model)
+        hp = model.hparams
+        self.observation = torch.randn(BUFFER, observation_size, device=device)
+        self.action = (torch.randint(action_size, (BUFFER,), device=device) if self.discrete
+                       else torch.rand(BUFFER, action_size, device=device) * 2 - 1)
+        self.advantage = torch.randn(BUFFER, device=device)
+        self.value_target = torch.randn(BUFFER, device=device)
+        self.actor = _mlp(observation_size, action_size).to(device)
+        self.critic = _mlp(observation_size, 1).to(device)
+        self.actor_optimizer = torch.optim.SGD(self.actor.parameters(), lr=hp.actor_lr, momentum=hp.momentum)
+        self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=hp.critic_lr, momentum=hp.momentum)
+        self.value_scale = 1.0 / (1.0 - hp.gamma)
+        self.log_max_weight = float(np.log(hp.max_weight))
+        self.std = 0.2
+
+    def value_loss(self, index: torch.Tensor) -> torch.Tensor:
+        value = self.critic(self.observation[index]).squeeze(-1)
+        return 0.5 * ((value - self.value_target[index]) / self.value_scale).pow(2).mean()
+
+    def policy_loss(self, index: torch.Tensor) -> torch.Tensor:
+        out = self.actor(self.observation[index])
+        if self.discrete:
+            log_prob = torch.log_softmax(out, -1).gather(-1, self.action[index].unsqueeze(-1)).squeeze(-1)
+        else:
+            log_prob = torch.distributions.Normal(out, self.std).log_prob(self.action[index]).sum(-1)
+        weight = torch.exp(self.advantage[index].clamp(max=self.log_max_weight))
+        return -(weight * log_prob).mean()
+
+    def phases(self) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer]]:
+        """Each phase's loss and the optimizer of its network."""
+        return {"value_phase": (self.value_loss, self.critic_optimizer),
+                "policy_phase": (self.policy_loss, self.actor_optimizer)}
+
+
+def time_steps(step: Callable[[torch.Tensor], Any], steps: int, batch: int, device: str = "cpu",
+               warmup: int = 20) -> float:
+    """Seconds of ``steps`` calls of ``step`` on fresh uniform indices into ``BUFFER``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step(torch.randint(BUFFER, (batch,), device=device))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(torch.randint(BUFFER, (batch,), device=device))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int, *, device: str = "cpu",
                           cuda_graph: bool = False) -> dict[str, float]:
     """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors.
@@ -73,54 +134,21 @@ def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int
     With ``cuda_graph`` each whole step (gather, forward, backward, SGD step) is one captured
     CUDA graph (tensordict's ``CudaGraphModule``), replayed with fresh indices each step.
     """
-    observation_size, action_size, discrete = env_sizes(model)
-    hp = model.hparams
-    observation = torch.randn(BUFFER, observation_size, device=device)
-    action = (torch.randint(action_size, (BUFFER,), device=device) if discrete
-              else torch.rand(BUFFER, action_size, device=device) * 2 - 1)
-    advantage, value_target = torch.randn(BUFFER, device=device), torch.randn(BUFFER, device=device)
-    actor, critic = _mlp(observation_size, action_size).to(device), _mlp(observation_size, 1).to(device)
-    actor_optimizer = torch.optim.SGD(actor.parameters(), lr=hp.actor_lr, momentum=hp.momentum)
-    critic_optimizer = torch.optim.SGD(critic.parameters(), lr=hp.critic_lr, momentum=hp.momentum)
-    value_scale = 1.0 / (1.0 - hp.gamma)
-    std = 0.2
-
-    def value_step(index: torch.Tensor) -> torch.Tensor:
-        loss = 0.5 * ((critic(observation[index]).squeeze(-1) - value_target[index]) / value_scale).pow(2).mean()
-        critic_optimizer.zero_grad()
-        loss.backward()
-        critic_optimizer.step()
-        return loss.detach()
-
-    def policy_step(index: torch.Tensor) -> torch.Tensor:
-        out = actor(observation[index])
-        if discrete:
-            log_prob = torch.log_softmax(out, -1).gather(-1, action[index].unsqueeze(-1)).squeeze(-1)
-        else:
-            log_prob = torch.distributions.Normal(out, std).log_prob(action[index]).sum(-1)
-        weight = torch.exp(advantage[index].clamp(max=float(np.log(hp.max_weight))))
-        loss = -(weight * log_prob).mean()
-        actor_optimizer.zero_grad()
-        loss.backward()
-        actor_optimizer.step()
-        return loss.detach()
-
-    if cuda_graph:
-        from tensordict.nn import CudaGraphModule
-
-        value_step, policy_step = CudaGraphModule(value_step), CudaGraphModule(policy_step)
+    plain = PlainAWR(model, device=device)
     seconds = {}
-    for phase, step, steps in (("value_phase", value_step, critic_steps), ("policy_phase", policy_step, actor_steps)):
-        for _ in range(20):
-            step(torch.randint(BUFFER, (batch,), device=device))
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step(torch.randint(BUFFER, (batch,), device=device))
-        if device != "cpu":
-            torch.cuda.synchronize()
-        seconds[phase] = time.perf_counter() - start
+    for (phase, (loss_fn, optimizer)), steps in zip(plain.phases().items(), (critic_steps, actor_steps)):
+        def step(index: torch.Tensor, loss_fn=loss_fn, optimizer=optimizer) -> torch.Tensor:
+            loss = loss_fn(index)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+        if cuda_graph:
+            from tensordict.nn import CudaGraphModule
+
+            step = CudaGraphModule(step)
+        seconds[phase] = time_steps(step, steps, batch, device)
     return seconds
 
 
@@ -139,7 +167,7 @@ def main() -> None:
     parser.add_argument("--timed", type=int, default=5)
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: `awr fit` on one GPU (also the CUDA-graph rows), the plain loop on CUDA")
-    parser.add_argument("--baseline-checkout", type=Path, help="another checkout whose eager `awr fit` to time")
+    parser.add_argument("--baseline-checkout", type=Path, help="another checkout whose `awr fit` to time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -179,8 +207,12 @@ def main() -> None:
         commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
                                 capture_output=True, text=True).stdout.strip()
         config = args.config if args.config.is_absolute() else checkout / args.config  # the checkout's own config
-        record(f"awr fit (eager) at {commit}", awr_fit_seconds(config, args.iterations, args.timed, device_args,
-                                                               checkout))
+        for name, extra in modes.items():
+            if "cudagraphs" not in name:
+                record(f"{name} at {commit}", awr_fit_seconds(config, args.iterations, args.timed,
+                                                              [*device_args, *extra], checkout))
+    record("plain PyTorch loop, again at the end", plain_pytorch_seconds(
+        model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device))
     print(f"| {task} ({machine}) | " + " | ".join(PHASES) + " | policy steps/s |")
     print("|---" * (len(PHASES) + 2) + "|")
     for mode, seconds in rows.items():
