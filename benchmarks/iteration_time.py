@@ -12,9 +12,11 @@ transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-like
 no TensorDict, TorchRL or Lightning. ``--accelerator gpu`` times the runs on one GPU, adds the
 ``--model.cudagraphs true`` rows, and runs the plain loop on CUDA, eagerly and with each whole
 step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager and compiled rows of
-another checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``). The
-plain loop runs again at the end, so that drift of the machine's speed during the run shows. Writes
-``benchmarks/results/iteration_time_<task>[_gpu].csv`` and prints a markdown table.
+another checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``).
+Every row is measured ``--rounds`` times, the rows alternating within each round, so that drift
+of the machine's speed during the run hits all rows alike; the CSV holds the median over rounds
+(and the policy phase's range). Writes ``benchmarks/results/iteration_time_<task>[_gpu].csv``
+and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--iterations", type=int, default=29)
     parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2, help="times every row is measured, in alternation")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: `awr fit` on one GPU (also the CUDA-graph rows), the plain loop on CUDA")
     parser.add_argument("--baseline-checkout", type=Path, help="another checkout whose `awr fit` to time")
@@ -182,26 +186,15 @@ def main() -> None:
     task = args.config.stem + ("_gpu" if gpu else "")
     machine = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()} CPU cores, 1 torch thread"
     args.out.mkdir(parents=True, exist_ok=True)
-    rows: dict[str, dict[str, float]] = {}
-
-    def record(mode: str, seconds: dict[str, float]) -> None:
-        """Add a row and rewrite the CSV, so a run stopped early keeps the rows it finished."""
-        rows[mode] = seconds
-        with (args.out / f"iteration_time_{task}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["mode", *PHASES, "policy_steps_per_second", "machine"])
-            for name, row in rows.items():
-                writer.writerow([name, *(f"{row[p]:.3f}" if p in row else "" for p in PHASES),
-                                 f"{hp.actor_steps / row['policy_phase']:.0f}", machine])
-
     device = "cuda" if gpu else "cpu"
-    record("plain PyTorch loop", plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size,
-                                                       device=device))
+    measurements: dict[str, Callable[[], dict[str, float]]] = {
+        "plain PyTorch loop": lambda: plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps,
+                                                            hp.actor_batch_size, device=device)}
     if gpu:
-        record("plain PyTorch loop, one CUDA graph per step", plain_pytorch_seconds(
-            model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device, cuda_graph=True))
+        measurements["plain PyTorch loop, one CUDA graph per step"] = lambda: plain_pytorch_seconds(
+            model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device, cuda_graph=True)
     for name, extra in modes.items():
-        record(name, awr_fit_seconds(args.config, args.iterations, args.timed, [*device_args, *extra]))
+        measurements[name] = partial(awr_fit_seconds, args.config, args.iterations, args.timed, [*device_args, *extra])
     if args.baseline_checkout is not None:
         checkout = args.baseline_checkout.resolve()
         commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
@@ -209,15 +202,38 @@ def main() -> None:
         config = args.config if args.config.is_absolute() else checkout / args.config  # the checkout's own config
         for name, extra in modes.items():
             if "cudagraphs" not in name:
-                record(f"{name} at {commit}", awr_fit_seconds(config, args.iterations, args.timed,
-                                                              [*device_args, *extra], checkout))
-    record("plain PyTorch loop, again at the end", plain_pytorch_seconds(
-        model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device))
-    print(f"| {task} ({machine}) | " + " | ".join(PHASES) + " | policy steps/s |")
+                measurements[f"{name} at {commit}"] = partial(awr_fit_seconds, config, args.iterations, args.timed,
+                                                              [*device_args, *extra], checkout)
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    for _ in range(args.rounds):  # each round measures every row once: drift of the machine's speed hits all rows
+        for name, measure in measurements.items():
+            runs.setdefault(name, []).append(measure())
+            write_csv(args.out / f"iteration_time_{task}.csv", runs, hp.actor_steps, machine)
+    print(f"| {task} ({machine}), median of {args.rounds} round(s) | " + " | ".join(PHASES) + " | policy steps/s |")
     print("|---" * (len(PHASES) + 2) + "|")
-    for mode, seconds in rows.items():
+    for mode, seconds in median_rows(runs).items():
         cells = [f"{seconds[p]:.2f} s" if p in seconds else "-" for p in PHASES]
         print(f"| {mode} | " + " | ".join(cells) + f" | {hp.actor_steps / seconds['policy_phase']:.0f} |")
+
+
+def median_rows(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per row, the median over rounds of each phase's seconds."""
+    return {name: {phase: float(np.median([run[phase] for run in row])) for phase in row[0]}
+            for name, row in runs.items()}
+
+
+def write_csv(path: Path, runs: dict[str, list[dict[str, float]]], actor_steps: int, machine: str) -> None:
+    """The rows measured so far (median over their rounds), rewritten after each, so a stopped run keeps them."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["mode", *PHASES, "policy_steps_per_second", "policy_phase_min", "policy_phase_max",
+                         "rounds", "machine"])
+        for name, row in median_rows(runs).items():
+            policy = [run["policy_phase"] for run in runs[name]]
+            writer.writerow([name, *(f"{row[p]:.3f}" if p in row else "" for p in PHASES),
+                             f"{actor_steps / row['policy_phase']:.0f}", f"{min(policy):.3f}", f"{max(policy):.3f}",
+                             len(policy), machine])
 
 
 if __name__ == "__main__":
