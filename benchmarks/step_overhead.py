@@ -45,13 +45,13 @@ from awr_modules.module import _minibatch_losses
 class _Steps(pl.LightningModule):
     """Times each way of stepping in its ``training_step``: one Lightning step per round."""
 
-    def __init__(self, model, batch: int, steps: int) -> None:
+    def __init__(self, model, batch: int, steps: int, rounds: int) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.plain = PlainAWR(model)
         self.actor = model.actor
         self.plain_actor = self.plain.actor
-        self.batch, self.steps = batch, steps
+        self.batch, self.steps, self.rounds = batch, steps, rounds
         self.stored = self._stored(model)
         self.loss_fns = {"eager": _minibatch_losses(model.loss_module)[0],
                          "compiled": _minibatch_losses(model.loss_module, compile=True)[0]}
@@ -73,7 +73,7 @@ class _Steps(pl.LightningModule):
         return [self.plain.actor_optimizer, self.awr_optimizer]
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(range(self.trainer.max_epochs), batch_size=1)
+        return DataLoader(range(self.rounds), batch_size=1)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         plain_lightning, awr_lightning = self.optimizers()
@@ -112,7 +112,7 @@ class _Steps(pl.LightningModule):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--steps", type=int, default=1000, help="timed steps per way and round")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -120,9 +120,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     model = cli_main(["-c", str(args.config)], run=False).model
-    steps = _Steps(model, model.hparams.actor_batch_size, args.steps)
+    steps = _Steps(model, model.hparams.actor_batch_size, args.steps, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:  # the callbacks of `awr fit` with --trainer.enable_progress_bar=false
-        trainer = pl.Trainer(max_epochs=args.rounds, accelerator="cpu", devices=1, logger=False,
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
                              enable_progress_bar=False, callbacks=[ModelCheckpoint(dirpath=tmp)])
         trainer.fit(steps)
 
