@@ -150,9 +150,10 @@ class AWRModule(pl.LightningModule):
         eval_episodes: episodes of the deterministic policy per evaluation.
         max_env_steps: stop training once this many env steps (all ranks) were collected.
         seed: base seed; rank ``r`` collects with ``seed + 1000 * r``.
-        compile: run the losses through ``torch.compile`` (default inductor backend): one graph per
-            loss, compiled on the first minibatch (seconds); backward and optimizer steps stay
-            Lightning's, so every precision and strategy works as without it.
+        compile: run each phase's minibatch gather and loss through ``torch.compile`` (default
+            inductor backend): one graph per phase, compiled on its first minibatch (seconds) and
+            once more with a dynamic buffer length when the buffer has grown; backward and optimizer
+            steps stay Lightning's, so every precision and strategy works as without it.
         cudagraphs: on a CUDA device, replay each phase's gradient computation (minibatch gather,
             loss, backward) as a CUDA graph (:mod:`awr_modules.cuda_graphs`); optimizer steps stay
             Lightning's, so every precision works. Combines with ``compile``. Single device only
