@@ -135,12 +135,12 @@ class AWRLoss(LossModule):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses).
         check_inputs: check keys and finiteness of the inputs before computing
             (one host sync per call). Turn it off inside a CUDA-graph captured step.
-        functional: keep the networks' parameters as ``actor_network_params`` /
-            ``critic_network_params`` and swap them in on every call (TorchRL's
-            default, for functional calls with other parameters). ``False`` calls the
-            networks as they are, as TorchRL's PPO does with ``functional=False``: no
-            per-call swap (a fixed cost per step that dominates small MLPs on a CPU)
-            and the parameters stay the networks' own, as DDP needs.
+        functional: hold the networks' parameters in ``actor_network_params`` /
+            ``critic_network_params`` (TensorDicts of the same parameter tensors) and
+            swap them into the networks on every call: TorchRL's default, which lets a
+            caller pass other parameters. ``False``, as TorchRL's PPO option of that
+            name, holds the networks as submodules and calls them as they are, without
+            the per-call swap (a fixed cost per step, noticeable for small MLPs on a CPU).
 
     Keys (renamable with :meth:`set_keys`, see :class:`AWRLoss._AcceptedKeys`):
         reads ``action``, ``advantage``, ``value_target``, ``sample_log_prob``
@@ -213,10 +213,10 @@ class AWRLoss(LossModule):
 
     actor_network: ProbabilisticTensorDictSequential
     critic_network: TensorDictModule
-    actor_network_params: TensorDictParams
-    critic_network_params: TensorDictParams
-    target_actor_network_params: TensorDictParams
-    target_critic_network_params: TensorDictParams
+    actor_network_params: TensorDictParams | None  # None with functional=False
+    critic_network_params: TensorDictParams | None
+    target_actor_network_params: TensorDictParams | None
+    target_critic_network_params: TensorDictParams | None
 
     def __init__(
         self,

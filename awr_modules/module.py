@@ -69,6 +69,10 @@ class _PhaseClock:
         self._last = now
 
 
+MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
+"""A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
+
+
 @dataclass
 class _Runtime:
     """What ``setup()`` builds: kept outside the module tree so envs never enter ``state_dict`` or DDP."""
@@ -83,18 +87,15 @@ class _Runtime:
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
 
 
-MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
-"""A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
-
-
 def _minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
     """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
 
     With ``compile`` each is one ``torch.compile`` graph of the gather and the loss together,
     whose inputs are the phase's stored TensorDict (the same for all its steps) and fresh
     indices. Compiling the loss alone would build a new minibatch TensorDict in eager mode
-    every step and check the graph's guards against it, which costs as much as the loss itself
-    for these small networks. Two functions, so that each phase keeps its own compiled graphs.
+    every step and check the graph's guards against it: a fixed cost per step, large beside the
+    compiled loss of these small networks. Two functions, so that each phase keeps its own
+    compiled graphs.
     """
 
     def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
@@ -617,10 +618,10 @@ class AWRModule(pl.LightningModule):
 
 
 def _rename_functional_parameters(state_dict: dict[str, Any]) -> None:
-    """Read checkpoints written while the loss kept functional parameter copies (``*_network_params``).
+    """Read checkpoints written while the loss was functional (keys ``loss_module.<network>_params.*``).
 
-    Those copies are now the networks themselves (``AWRLoss(functional=False)``), saved under
-    ``loss_module.<network>.*``; the values are the same tensors as ``actor.*`` / ``critic.*``.
+    With ``AWRLoss(functional=False)`` the loss holds the networks as submodules, so the same
+    tensors (also saved as ``actor.*`` / ``critic.*``) are now saved under ``loss_module.<network>.*``.
     """
     for network in ("actor_network", "critic_network"):
         old = f"loss_module.{network}_params."

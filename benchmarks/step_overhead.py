@@ -3,8 +3,9 @@
     python benchmarks/step_overhead.py --config configs/lunarlander.yaml
 
 Times one policy-phase minibatch step (batch of the config, from 50k stored transitions, one
-torch thread) in five ways, in rounds that alternate them so that drift of the machine's
-speed hits all alike, and reports the median milliseconds per step of each:
+torch thread) in six ways, in rounds that alternate them (each round starting one way later)
+so that drift of the machine's speed hits all alike, and reports the median milliseconds per
+step of each:
 
 - ``plain``: the plain PyTorch step of ``iteration_time.py`` (gather, forward, ``loss.backward()``,
   SGD step);
@@ -14,7 +15,10 @@ speed hits all alike, and reports the median milliseconds per step of each:
   and ``on_before_optimizer_step`` hooks run every step);
 - ``AWRLoss eager`` / ``AWRLoss compiled``: ``AWRModule``'s own minibatch loss (the gather
   ``stored[index]`` and ``AWRLoss.actor_loss``, eager or ``torch.compile``d as with
-  ``--model.compile true``) with ``loss.backward()`` and a raw SGD step, no Lightning;
+  ``--model.compile true``; the module's private ``_minibatch_losses``) with ``loss.backward()``
+  and a raw SGD step, no Lightning;
+- ``AWRLoss eager, functional=True``: the same eager step with TorchRL's default functional loss,
+  which swaps the parameters into the networks on every call (``AWRModule`` uses ``functional=False``);
 - ``AWRLoss compiled, Lightning calls``: that compiled loss with Lightning's calls, i.e. a
   policy step of ``awr fit --model.compile true``.
 
@@ -27,6 +31,7 @@ import argparse
 import csv
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tensordict import TensorDict
 from torch.utils.data import DataLoader
 
+from awr_modules import AWRLoss
 from awr_modules.cli import cli_main
 from awr_modules.module import _minibatch_losses
 
@@ -53,8 +59,15 @@ class _Steps(pl.LightningModule):
         self.plain_actor = self.plain.actor
         self.batch, self.steps, self.rounds = batch, steps, rounds
         self.stored = self._stored(model)
-        self.loss_fns = {"eager": _minibatch_losses(model.loss_module)[0],
-                         "compiled": _minibatch_losses(model.loss_module, compile=True)[0]}
+        loss = model.loss_module
+        functional = AWRLoss(model.actor, model.critic, temperature=float(loss.temperature),
+                             max_weight=float(loss.max_weight), value_scale=float(loss.value_scale),
+                             action_bound_penalty=float(loss.action_bound_penalty),
+                             entropy_coeff=float(loss.entropy_coeff), action_l2_coeff=float(loss.action_l2_coeff),
+                             weighting=loss.weighting, check_inputs=False, functional=True)
+        self.loss_fns = {"eager": _minibatch_losses(loss)[0],
+                         "compiled": _minibatch_losses(loss, compile=True)[0],
+                         "eager, functional": _minibatch_losses(functional)[0]}
         self.milliseconds: dict[str, list[float]] = {}
 
     @staticmethod
@@ -89,8 +102,12 @@ class _Steps(pl.LightningModule):
             "AWRLoss eager": (self._awr_loss("eager"), awr_raw, raw_backward),
             "AWRLoss compiled": (self._awr_loss("compiled"), awr_raw, raw_backward),
             "AWRLoss compiled, Lightning calls": (self._awr_loss("compiled"), awr_lightning, lightning_backward),
+            "AWRLoss eager, functional=True": (self._awr_loss("eager, functional"), awr_raw, raw_backward),
         }
-        for name, (loss_fn, optimizer, backward) in ways.items():
+        names = list(ways)
+        start = batch_idx % len(names)  # each round starts one way later: no way always follows the same one
+        for name in names[start:] + names[:start]:
+            loss_fn, optimizer, backward = ways[name]
             def step(index: torch.Tensor, loss_fn=loss_fn, optimizer=optimizer, backward=backward) -> None:
                 loss = loss_fn(index)
                 optimizer.zero_grad()
@@ -100,7 +117,8 @@ class _Steps(pl.LightningModule):
             seconds = time_steps(step, self.steps, self.batch, warmup=30)
             self.milliseconds.setdefault(name, []).append(1e3 * seconds / self.steps)
 
-    def _awr_loss(self, mode: str):
+    def _awr_loss(self, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The AWR policy loss on ``stored[index]`` as a function of the indices."""
         loss_fn, stored = self.loss_fns[mode], self.stored
 
         def loss(index: torch.Tensor) -> torch.Tensor:

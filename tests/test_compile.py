@@ -17,6 +17,7 @@ import torch._dynamo
 from conftest import ACTOR_KINDS, make_actor, make_batch, make_critic
 
 from awr_modules import AWRLoss
+from awr_modules.module import _minibatch_losses
 
 
 def _update_step(loss: AWRLoss, optimizer: torch.optim.Optimizer, batch):
@@ -48,9 +49,34 @@ def test_compiled_update_step_matches_eager() -> None:
         assert not torch.equal(p_eager, p_initial), f"{name} did not move: the comparison would be trivial"
 
 
+@pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
-def test_forward_has_no_graph_break(kind: str) -> None:
-    loss = AWRLoss(make_actor(kind), make_critic(), check_inputs=False,
+def test_forward_has_no_graph_break(kind: str, functional: bool) -> None:
+    loss = AWRLoss(make_actor(kind), make_critic(), check_inputs=False, functional=functional,
                    action_bound_penalty=1.0 if kind in ("normal", "plain_normal") else 0.0)
     explanation = torch._dynamo.explain(loss)(make_batch(kind))
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+
+
+def test_minibatch_losses_gather_and_loss_in_one_graph_recompiled_once_as_the_buffer_grows() -> None:
+    """What ``AWRModule`` compiles: ``loss(stored[index])`` per phase, equal to eager, one graph each.
+
+    The stored data grows by one collection per iteration until the buffer is full; the
+    second length makes it a dynamic size, after which no length recompiles.
+    """
+    kind = "normal"
+    loss = AWRLoss(make_actor(kind), make_critic(), check_inputs=False, functional=False)
+    eager, compiled = _minibatch_losses(loss), _minibatch_losses(loss, compile=True)
+    stored_all = make_batch(kind, n=256)
+    index = torch.randint(64, (16,))
+    for phase in (0, 1):
+        explanation = torch._dynamo.explain(eager[phase])(stored_all[:64], index)
+        assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+
+    torch._dynamo.utils.counters.clear()
+    for length in (64, 128, 192, 256, 256):
+        stored = stored_all[:length]
+        for phase, key in ((0, "loss_actor"), (1, "loss_value")):
+            torch.testing.assert_close(compiled[phase](stored, index)[key], eager[phase](stored, index)[key],
+                                       atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # two phases, a fixed then a dynamic length

@@ -24,7 +24,7 @@ import statistics
 import pytest
 import torch
 from conftest import ACT_DIM, ACTOR_KINDS, FixedStd, dist_params, make_actor, make_batch, make_critic
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictParams
 from tensordict.nn import TensorDictModule
 from torch import distributions as d
 from torch import nn
@@ -406,18 +406,21 @@ def _network_parameters(loss: AWRLoss, network: str) -> list[torch.Tensor]:
     return list(getattr(loss, network).parameters())
 
 
+def _trajectory_batch_with_actions(kind: str) -> TensorDict:
+    """A trajectory batch without advantages (the loss's value estimator computes them) and ``kind``'s actions."""
+    batch = _trajectory_batch()
+    action = make_batch(kind, n=batch.numel())["action"]
+    batch.set("action", action.reshape(*batch.shape, -1))
+    return batch
+
+
 @pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])
 @pytest.mark.parametrize("source", ["stored_advantage", "estimator"])
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
 def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str, functional: bool) -> None:
     loss = AWRLoss(make_actor(kind), make_critic(), functional=functional)
     actor_params, critic_params = _network_parameters(loss, "actor_network"), _network_parameters(loss, "critic_network")
-    if source == "stored_advantage":
-        batch = _batch(kind)
-    else:
-        batch = _trajectory_batch()
-        action = make_batch(kind, n=batch.numel())["action"]
-        batch.set("action", action.reshape(*batch.shape, -1))
+    batch = _batch(kind) if source == "stored_advantage" else _trajectory_batch_with_actions(kind)
     out = loss(batch)
 
     out["loss_actor"].backward(retain_graph=True)
@@ -431,15 +434,23 @@ def test_no_gradient_crosses_between_actor_and_critic(kind: str, source: str, fu
     assert any(g is not None and (g != 0).any() for g in _grads(critic_params))
 
 
-def test_stateful_loss_calls_the_networks_with_their_own_parameters() -> None:
-    """``functional=False`` keeps no parameter copies: the loss's parameters are the networks' own tensors."""
+def test_stateful_loss_calls_the_networks_without_swapping_parameters(monkeypatch) -> None:
+    """``functional=False`` holds the networks as submodules and never swaps parameters in."""
     actor, critic = make_actor("normal"), make_critic()
     loss = AWRLoss(actor, critic, functional=False)
     assert not loss.functional and loss.actor_network_params is None and loss.critic_network_params is None
-    own = {id(p) for p in (*actor.parameters(), *critic.parameters())}
-    assert {id(p) for p in loss.parameters()} == own
-    loss(_batch("normal"))["loss_actor"].backward()
+    children = dict(loss.named_children())
+    assert children["actor_network"] is actor and children["critic_network"] is critic
+
+    def no_swap(*args, **kwargs):
+        raise AssertionError("a stateful loss swapped parameters into a network")
+
+    monkeypatch.setattr(TensorDictParams, "to_module", no_swap)
+    out = loss(_trajectory_batch_with_actions("normal"))  # the value estimator runs too
+    out["loss_actor"].backward()
     assert all(p.grad is not None for p in actor[0].module.parameters())
+    with pytest.raises(AssertionError, match="swapped"):
+        AWRLoss(make_actor("normal"), make_critic())(_batch("normal"))  # the functional default does swap
 
 
 @pytest.mark.parametrize("kind", ["normal", "categorical"])
