@@ -115,6 +115,20 @@ class PlainAWR:
                 "policy_phase": (self.policy_loss, self.actor_optimizer)}
 
 
+def update_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer: Any,
+                backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One SGD update on the minibatch at ``index``: loss, zeroed gradients, ``backward(loss)``, optimizer step."""
+
+    def step(index: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(index)
+        optimizer.zero_grad()
+        backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
 def time_steps(step: Callable[[torch.Tensor], Any], steps: int, batch: int, device: str = "cpu",
                warmup: int = 20) -> float:
     """Seconds of ``steps`` calls of ``step`` on fresh uniform indices into ``BUFFER``, after ``warmup`` calls."""
@@ -140,13 +154,7 @@ def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int
     plain = PlainAWR(model, device=device)
     seconds = {}
     for (phase, (loss_fn, optimizer)), steps in zip(plain.phases().items(), (critic_steps, actor_steps)):
-        def step(index: torch.Tensor, loss_fn=loss_fn, optimizer=optimizer) -> torch.Tensor:
-            loss = loss_fn(index)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-
+        step = update_step(loss_fn, optimizer)
         if cuda_graph:
             from tensordict.nn import CudaGraphModule
 

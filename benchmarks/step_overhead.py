@@ -38,7 +38,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from iteration_time import BUFFER, PlainAWR, time_steps
+from iteration_time import BUFFER, PlainAWR, time_steps, update_step
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensordict import TensorDict
 from torch.utils.data import DataLoader
@@ -91,11 +91,7 @@ class _Steps(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         plain_lightning, awr_lightning = self.optimizers()
         plain_raw, awr_raw = plain_lightning.optimizer, awr_lightning.optimizer
-        lightning_backward = self.manual_backward
-
-        def raw_backward(loss: torch.Tensor) -> None:
-            loss.backward()
-
+        lightning_backward, raw_backward = self.manual_backward, torch.Tensor.backward
         ways = {
             "plain": (self.plain.policy_loss, plain_raw, raw_backward),
             "plain, Lightning calls": (self.plain.policy_loss, plain_lightning, lightning_backward),
@@ -107,14 +103,7 @@ class _Steps(pl.LightningModule):
         names = list(ways)
         start = batch_idx % len(names)  # each round starts one way later: no way always follows the same one
         for name in names[start:] + names[:start]:
-            loss_fn, optimizer, backward = ways[name]
-            def step(index: torch.Tensor, loss_fn=loss_fn, optimizer=optimizer, backward=backward) -> None:
-                loss = loss_fn(index)
-                optimizer.zero_grad()
-                backward(loss)
-                optimizer.step()
-
-            seconds = time_steps(step, self.steps, self.batch, warmup=30)
+            seconds = time_steps(update_step(*ways[name]), self.steps, self.batch, warmup=30)
             self.milliseconds.setdefault(name, []).append(1e3 * seconds / self.steps)
 
     def _awr_loss(self, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
