@@ -20,7 +20,6 @@ merged after each collection, so parameters stay identical on every rank.
 from __future__ import annotations
 
 import copy
-import inspect
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
 from torchrl.modules import ProbabilisticActor, TanhNormal
 
+from awr_modules.collector import make_collector
 from awr_modules.cuda_graphs import CapturedGradients
 from awr_modules.loss import AWRLoss
 from awr_modules.normalizer import ObservationNormalizer
@@ -49,10 +49,6 @@ from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.value_targets import refresh_value_targets
 
 CHECKPOINT_KEY = "awr"
-# The recipe's env is complete for a feed-forward policy: torchrl >= 0.14 would otherwise warn that it will
-# append an InitTracker from 0.15 on (the keyword does not exist in 0.12-0.13, which never append anything).
-_KEEP_ENV_AS_BUILT = ({"auto_register_policy_transforms": False}
-                      if "auto_register_policy_transforms" in inspect.signature(Collector.__init__).parameters else {})
 EVAL_MAX_STEPS = 100_000  # a safety bound only: evaluation episodes end at the env's own time limit
 
 
@@ -281,14 +277,13 @@ class AWRModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
         runtime = self.runtime
-        runtime.collector = Collector(
+        runtime.collector = make_collector(
             runtime.train_env,
             self.actor,
             frames_per_batch=self.hparams.frames_per_iteration,
             total_frames=-1,
             policy_device=self.device,
             storing_device=self.device,
-            **_KEEP_ENV_AS_BUILT,
         )
         runtime.batches = iter(runtime.collector)
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
-from torchrl.collectors import Collector
 
 from awr_modules import AWRLoss, make_replay_buffer, refresh_value_targets
+from awr_modules.collector import make_collector
 from recipes.classic_control import ClassicControl
 
 
@@ -58,7 +58,7 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
     actor_optim = torch.optim.Adam(loss.actor_network_params.values(True, True), lr=settings.actor_lr)
     critic_optim = torch.optim.Adam(loss.critic_network_params.values(True, True), lr=settings.critic_lr)
     buffer = make_replay_buffer(settings.buffer_size, prioritized=False, batch_size=settings.batch_size)
-    collector = Collector(env, actor, frames_per_batch=settings.frames_per_batch,
+    collector = make_collector(env, actor, frames_per_batch=settings.frames_per_batch,
                           total_frames=settings.iterations * settings.frames_per_batch)
     history = []
     for iteration, batch in enumerate(collector):

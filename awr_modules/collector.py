@@ -1,0 +1,27 @@
+"""A TorchRL ``Collector`` over an env that already holds every transform the policy needs.
+
+torchrl 0.14 warns that from 0.15 on the collector will append the transforms a policy asks for
+(``InitTracker``) unless told not to, through a keyword that torchrl 0.12-0.13 do not have (they
+never append anything). AWR's feed-forward policies need no such transform, and the recipes' envs
+are complete as built, so :func:`make_collector` passes that keyword where it exists: the same call
+runs without a warning, and collects from the same env, on torchrl 0.12 to 0.15.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torchrl.collectors import Collector
+from torchrl.envs import EnvBase
+
+_KEEP_ENV_AS_BUILT: dict[str, bool] = (
+    {"auto_register_policy_transforms": False}
+    if "auto_register_policy_transforms" in inspect.signature(Collector.__init__).parameters
+    else {}
+)
+
+
+def make_collector(env: EnvBase, policy: Any, **collector_kwargs: Any) -> Collector:
+    """``Collector(env, policy, **collector_kwargs)`` that keeps ``env``'s transforms as they are."""
+    return Collector(env, policy, **collector_kwargs, **_KEEP_ENV_AS_BUILT)
