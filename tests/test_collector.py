@@ -17,4 +17,4 @@ def test_collector_over_a_recipe_env_warns_nothing_and_collects_the_env_as_built
     collector.shutdown()
     assert batch.numel() == 8
     assert set(batch.keys()) >= {"observation", "action", "next"}
-    assert "is_init" not in batch.keys()  # no InitTracker was appended to the env
+    assert "is_init" not in batch  # no InitTracker was appended to the env
