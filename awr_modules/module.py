@@ -42,6 +42,7 @@ from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from awr_modules.collector import make_collector
 from awr_modules.cuda_graphs import CapturedGradients
+from awr_modules.evaluation import first_episodes
 from awr_modules.loss import AWRLoss
 from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.recipe import Recipe
@@ -245,7 +246,8 @@ class AWRModule(pl.LightningModule):
         rank_seed = self.hparams.seed + 1000 * self.global_rank
         actor_loss, value_loss = _minibatch_losses(self.loss_module, compile=self.hparams.compile)
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
-                           eval_env=self.recipe.make_env(rank_seed + 500), actor_loss=actor_loss, value_loss=value_loss)
+                           eval_env=self.recipe.make_env(rank_seed + 500, self.hparams.eval_episodes),
+                           actor_loss=actor_loss, value_loss=value_loss)
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
@@ -493,8 +495,7 @@ class AWRModule(pl.LightningModule):
         """Episodes of the deterministic (mean / mode) policy (its normaliser holds the training statistics)."""
         runtime = self.runtime
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            return [runtime.eval_env.rollout(max_steps=EVAL_MAX_STEPS, policy=self.actor, auto_cast_to_device=True,
-                                             break_when_any_done=True) for _ in range(episodes)]
+            return first_episodes(runtime.eval_env, self.actor, EVAL_MAX_STEPS)[:episodes]
 
     def _log_evaluation(self, prefix: str) -> None:
         rollouts = self._evaluation_episodes(self.hparams.eval_episodes)

@@ -1,0 +1,42 @@
+"""Evaluation episodes stepped side by side: one episode in each sub-env of a batched env.
+
+Evaluating ``eval_episodes`` episodes one after another pays TorchRL's per-step cost (transforms,
+policy call, TensorDict bookkeeping) once per env step; a MuJoCo evaluation of 10 episodes of
+1,000 steps is then 10,000 such steps. Stepping the episodes side by side in one batched env pays
+it once per step of the longest episode. Each sub-env contributes its first episode: the env
+resets a finished sub-env (TorchRL's partial reset) and its later steps are dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.envs import EnvBase
+
+
+def first_episodes(env: EnvBase, policy: TensorDictModuleBase, max_steps: int) -> list[TensorDictBase]:
+    """Run ``policy`` in every sub-env of ``env`` until each has finished one episode.
+
+    Returns one TensorDict per sub-env (in sub-env order), shaped ``[episode_length]`` with the
+    keys of ``env.rollout`` (``"next"`` included), on the env's device. The policy runs on its own
+    device; an episode still running after ``max_steps`` steps is returned as far as it got.
+    """
+    envs = max(env.batch_size.numel(), 1)
+    policy_device = next(policy.parameters()).device
+    lengths = torch.full((envs,), max_steps, dtype=torch.long)
+    finished = torch.zeros(envs, dtype=torch.bool)
+    steps = []
+    tensordict = env.reset()
+    for step in range(max_steps):
+        tensordict = policy(tensordict.to(policy_device)).to(env.device)
+        tensordict, next_tensordict = env.step_and_maybe_reset(tensordict)
+        steps.append(tensordict.reshape(envs).clone())
+        done = tensordict["next", "done"].reshape(envs).cpu()
+        lengths[done & ~finished] = step + 1
+        finished |= done
+        if finished.all():
+            break
+        tensordict = next_tensordict
+    stacked = torch.stack(steps, dim=-1)  # [envs, steps]
+    return [stacked[index, : int(lengths[index])] for index in range(envs)]

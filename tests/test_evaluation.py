@@ -1,0 +1,34 @@
+"""first_episodes: episodes stepped side by side equal the same episodes run one by one."""
+
+import torch
+from torchrl.envs import ExplorationType, set_exploration_type
+
+from awr_modules.evaluation import first_episodes
+from recipes.classic_control import ClassicControl
+
+
+def test_side_by_side_episodes_equal_one_by_one_rollouts_of_the_same_seeds() -> None:
+    """CartPole episodes of different lengths: each sub-env's first episode, none of its steps after the reset."""
+    torch.manual_seed(0)
+    recipe = ClassicControl("CartPole-v1", hidden_sizes=[8])
+    batched = recipe.make_env(seed=7, num_envs=4)  # gymnasium seeds sub-env i with 7 + i
+    actor, _ = recipe.make_networks(batched)
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        episodes = first_episodes(batched, actor, max_steps=10_000)
+        one_by_one = [recipe.make_env(seed=7 + i).rollout(10_000, actor, break_when_any_done=True) for i in range(4)]
+    assert len({episode.shape[-1] for episode in episodes}) > 1  # the test covers unequal lengths
+    for episode, rollout in zip(episodes, one_by_one, strict=True):
+        assert episode.shape == rollout.shape
+        torch.testing.assert_close(episode["observation"], rollout["observation"])
+        torch.testing.assert_close(episode["next", "reward"], rollout["next", "reward"])
+        assert episode["next", "done"][-1].all() and not episode["next", "done"][:-1].any()
+
+
+def test_an_unfinished_episode_is_returned_as_far_as_it_got() -> None:
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8])
+    env = recipe.make_env(seed=0)  # one env, no batch dimension
+    actor, _ = recipe.make_networks(env)
+    with torch.no_grad():
+        (episode,) = first_episodes(env, actor, max_steps=5)
+    assert episode.shape == (5,)
+    assert not episode["next", "done"].any()
