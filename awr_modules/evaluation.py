@@ -19,17 +19,27 @@ def first_episodes(env: EnvBase, policy: TensorDictModuleBase, max_steps: int) -
     """Run ``policy`` in every sub-env of ``env`` until each has finished one episode.
 
     Returns one TensorDict per sub-env (in sub-env order), shaped ``[episode_length]`` with the
-    keys of ``env.rollout`` (``"next"`` included), on the env's device. The policy runs on its own
-    device; an episode still running after ``max_steps`` steps is returned as far as it got.
+    keys of ``env.rollout`` (``"next"`` included), on the env's device. Observations move to
+    the device of the policy's parameters and actions back to the env's device (each where there
+    is one); an episode still running after ``max_steps`` steps is returned as far as it got. Sub-envs that have finished keep stepping
+    until the last one does, and every step is kept until then: memory grows with
+    ``envs x longest episode``, which the envs' own time limits bound.
     """
+    if max_steps < 1:
+        raise ValueError(f"first_episodes: max_steps must be >= 1, got {max_steps}.")
     envs = max(env.batch_size.numel(), 1)
-    policy_device = next(policy.parameters()).device
+    parameter = next(policy.parameters(), None)
+    policy_device = None if parameter is None else parameter.device
     lengths = torch.full((envs,), max_steps, dtype=torch.long)
     finished = torch.zeros(envs, dtype=torch.bool)
     steps = []
     tensordict = env.reset()
     for step in range(max_steps):
-        tensordict = policy(tensordict.to(policy_device)).to(env.device)
+        if policy_device is not None:
+            tensordict = tensordict.to(policy_device)
+        tensordict = policy(tensordict)
+        if env.device is not None:
+            tensordict = tensordict.to(env.device)
         tensordict, next_tensordict = env.step_and_maybe_reset(tensordict)
         steps.append(tensordict.reshape(envs).clone())
         done = tensordict["next", "done"].reshape(envs).cpu()

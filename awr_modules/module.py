@@ -82,6 +82,7 @@ class _Runtime:
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
+    predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
 
 
 def _minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
@@ -491,14 +492,16 @@ class AWRModule(pl.LightningModule):
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)
 
     # ---------------------------------------------------------- evaluation
-    def _evaluation_episodes(self, episodes: int) -> list[TensorDictBase]:
-        """Episodes of the deterministic (mean / mode) policy (its normaliser holds the training statistics)."""
-        runtime = self.runtime
+    def _evaluation_episodes(self) -> list[TensorDictBase]:
+        """``eval_episodes`` episodes of the deterministic (mean / mode) policy, one per sub-env of the eval env.
+
+        The policy's normaliser holds the training statistics.
+        """
         with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            return first_episodes(runtime.eval_env, self.actor, EVAL_MAX_STEPS)[:episodes]
+            return first_episodes(self.runtime.eval_env, self.actor, EVAL_MAX_STEPS)
 
     def _log_evaluation(self, prefix: str) -> None:
-        rollouts = self._evaluation_episodes(self.hparams.eval_episodes)
+        rollouts = self._evaluation_episodes()
         returns = [rollout["next", "reward"].sum().item() for rollout in rollouts]
         self.log(f"{prefix}/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
         self.log(f"{prefix}/return_std", float(np.std(returns)), sync_dist=True)
@@ -519,9 +522,13 @@ class AWRModule(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(range(self.hparams.eval_episodes), batch_size=1)
 
+    def on_predict_epoch_start(self) -> None:
+        """Run the ``eval_episodes`` episodes once, side by side; ``predict_step`` hands them out."""
+        self.runtime.predicted = self._evaluation_episodes()
+
     def predict_step(self, batch: Any, batch_idx: int) -> TensorDictBase:
         """One deterministic episode per item (``awr predict``): the rollout TensorDict, on the CPU."""
-        return self._evaluation_episodes(1)[0].cpu()
+        return self.runtime.predicted[batch_idx].cpu()
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -59,7 +59,7 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
     critic_optim = torch.optim.Adam(loss.critic_network_params.values(True, True), lr=settings.critic_lr)
     buffer = make_replay_buffer(settings.buffer_size, prioritized=False, batch_size=settings.batch_size)
     collector = make_collector(env, actor, frames_per_batch=settings.frames_per_batch,
-                          total_frames=settings.iterations * settings.frames_per_batch)
+                               total_frames=settings.iterations * settings.frames_per_batch)
     history = []
     for iteration, batch in enumerate(collector):
         episode_returns = batch["next", "episode_reward"][batch["next", "done"]]

@@ -1,6 +1,8 @@
 """first_episodes: episodes stepped side by side equal the same episodes run one by one."""
 
+import pytest
 import torch
+from tensordict.nn import TensorDictModule
 from torchrl.envs import ExplorationType, set_exploration_type
 
 from awr_modules.evaluation import first_episodes
@@ -32,3 +34,14 @@ def test_an_unfinished_episode_is_returned_as_far_as_it_got() -> None:
         (episode,) = first_episodes(env, actor, max_steps=5)
     assert episode.shape == (5,)
     assert not episode["next", "done"].any()
+
+
+def test_a_policy_without_parameters_runs_and_max_steps_must_be_positive() -> None:
+    env = ClassicControl("Pendulum-v1").make_env(seed=0)
+    push_right = TensorDictModule(lambda observation: torch.ones(*observation.shape[:-1], 1),
+                                  in_keys=["observation"], out_keys=["action"])
+    (episode,) = first_episodes(env, push_right, max_steps=3)
+    assert episode.shape == (3,)
+    assert (episode["action"] == 1).all()
+    with pytest.raises(ValueError, match="max_steps"):
+        first_episodes(env, push_right, max_steps=0)

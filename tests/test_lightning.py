@@ -205,16 +205,40 @@ def test_every_config_builds_its_module_with_the_reference_networks(config):
     assert cli.model.hparams.max_env_steps is not None
 
 
+# AWR.md's reference table: actor step size and fixed action std per MuJoCo task.
+REFERENCE_MUJOCO = {"halfcheetah": (5e-5, 0.4), "hopper": (1e-4, 0.4), "walker2d": (2.5e-5, 0.4),
+                    "ant": (5e-5, 0.2), "humanoid": (5e-5, 0.2)}
+
+
+@pytest.mark.parametrize("task", sorted(REFERENCE_MUJOCO))
+def test_mujoco_configs_hold_the_reference_settings(task):
+    cli = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml")], run=False)
+    hparams, recipe = cli.model.hparams, cli.model.recipe
+    assert (hparams.actor_lr, recipe.action_std) == REFERENCE_MUJOCO[task]
+    assert (recipe.policy, recipe.normalizer_samples, hparams.optimizer, hparams.momentum) == (
+        "fixed_std", 300_000, "sgd", 0.9)
+    assert (hparams.critic_lr, hparams.critic_steps, hparams.actor_steps, hparams.frames_per_iteration) == (
+        0.01, 200, 1000, 2048)
+    assert (hparams.buffer_size, hparams.max_weight, hparams.td_lambda, hparams.temperature) == (50_000, 20, 0.95, 1)
+
+
 def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
-    _fit(tmp_path, epochs=1)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    tested = cli_main(["test", *tiny_args(tmp_path), f"--ckpt_path={last}"])
-    assert -2000 < float(tested.trainer.callback_metrics["test/return"]) <= 0
-    predicted = cli_main(["predict", *tiny_args(tmp_path), f"--ckpt_path={last}"])
+    """Three episodes side by side in a batched eval env: ``test`` logs their mean, ``predict`` returns them."""
+    three = ["--model.eval_episodes=3"]  # in the checkpoint's hyperparameters, which LightningCLI applies
+    _fit(tmp_path, epochs=1, extra=three)
+    three.append(f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    tested = cli_main(["test", *tiny_args(tmp_path), *three])
+    assert float(tested.trainer.callback_metrics["test/episode_length"]) == 200
+    predicted = cli_main(["predict", *tiny_args(tmp_path), *three])
     episodes = predicted.trainer.predict_loop.predictions
-    assert len(episodes) == 1  # eval_episodes=1 in the tiny config
-    assert episodes[0].shape[-1] == 200  # a full Pendulum episode
-    assert episodes[0]["next", "truncated"][-1].all()
+    assert len(episodes) == 3
+    assert [episode.shape[-1] for episode in episodes] == [200, 200, 200]  # full Pendulum episodes
+    assert all(episode["next", "truncated"][-1].all() for episode in episodes)
+    assert not torch.equal(episodes[0]["observation"][0], episodes[1]["observation"][0])  # own seeds
+    returns = [float(episode["next", "reward"].sum()) for episode in episodes]
+    assert -2000 < min(returns) and max(returns) <= 0
+    # Same checkpoint, same env seeds, deterministic policy: test's mean is the mean of these episodes.
+    assert float(tested.trainer.callback_metrics["test/return"]) == pytest.approx(sum(returns) / 3, rel=1e-5)
 
 
 def test_sampling_weighting_trains_from_a_prioritized_buffer_and_resumes(tmp_path):
