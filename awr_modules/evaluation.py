@@ -21,9 +21,9 @@ def first_episodes(env: EnvBase, policy: TensorDictModuleBase, max_steps: int) -
     Returns one TensorDict per sub-env (in sub-env order), shaped ``[episode_length]`` with the
     keys of ``env.rollout`` (``"next"`` included), on the env's device. Observations move to
     the device of the policy's parameters and actions back to the env's device (each where there
-    is one); an episode still running after ``max_steps`` steps is returned as far as it got. Sub-envs that have finished keep stepping
-    until the last one does, and every step is kept until then: memory grows with
-    ``envs x longest episode``, which the envs' own time limits bound.
+    is one); an episode still running after ``max_steps`` steps is returned as far as it got.
+    Sub-envs that have finished keep stepping until the last one does, and every step is kept
+    until then: memory grows with ``envs x longest episode``, which the envs' own time limits bound.
     """
     if max_steps < 1:
         raise ValueError(f"first_episodes: max_steps must be >= 1, got {max_steps}.")
