@@ -1,7 +1,7 @@
 """The ``awr`` console script: Lightning's CLI over :class:`~awr_modules.AWRModule`.
 
     awr fit -c configs/pendulum.yaml
-    awr validate -c configs/pendulum.yaml --ckpt_path runs/pendulum/.../checkpoints/last.ckpt
+    awr validate -c configs/pendulum.yaml --ckpt_path runs/pendulum/checkpoints/last.ckpt
     awr fit -c configs/pendulum.yaml --ckpt_path last      # resume after a crash
 
 The config is the signature: every field is a constructor argument of
@@ -11,6 +11,7 @@ The config is the signature: every field is a constructor argument of
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -50,6 +51,24 @@ class AWRCLI(LightningCLI):
         if config.get("num_threads", 0) <= 0:
             raise ValueError(f"awr: --num_threads must be >= 1, got {config.get('num_threads')}.")
         torch.set_num_threads(config["num_threads"])
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = _experiment_checkpoint_dir(config.trainer.logger)
+
+
+def _experiment_checkpoint_dir(logger: Any) -> str | None:
+    """``<save_dir>/<name>/checkpoints`` of the configured logger: one folder per experiment, not per version.
+
+    Lightning's default puts checkpoints under the logger's ``version_N``, and every run starts a
+    new version, so ``--ckpt_path last`` would look in the new run's empty folder and silently
+    start over. ``None`` (Lightning's default) when the config has no single logger with a
+    ``save_dir``.
+    """
+    init_args = getattr(logger, "init_args", None)
+    save_dir = getattr(init_args, "save_dir", None)
+    if save_dir is None:
+        return None
+    name = getattr(init_args, "name", "lightning_logs")
+    return os.path.join(save_dir, name, "checkpoints") if name else os.path.join(save_dir, "checkpoints")
 
 
 def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:

@@ -12,7 +12,10 @@ FRAMES = 128
 
 
 def tiny_args(save_dir: Path, *, epochs: int = 2, extra: list[str] | None = None) -> list[str]:
-    """CLI arguments for a few-second Pendulum run: small batches, few steps, one eval episode."""
+    """CLI arguments for a few-second Pendulum run: small batches, few steps, one eval episode.
+
+    Checkpoints go where ``awr`` puts them by default: :func:`checkpoint_dir`.
+    """
     return [
         "-c", str(CONFIG),
         f"--trainer.max_epochs={epochs}",
@@ -21,7 +24,6 @@ def tiny_args(save_dir: Path, *, epochs: int = 2, extra: list[str] | None = None
         f"--trainer.logger.init_args.save_dir={save_dir}",
         "--trainer.logger.init_args.name=test",
         f"--trainer.default_root_dir={save_dir}",
-        f"--checkpoint.dirpath={save_dir / 'checkpoints'}",
         f"--model.frames_per_iteration={FRAMES}",
         "--model.critic_steps=3",
         "--model.actor_steps=3",
@@ -32,6 +34,11 @@ def tiny_args(save_dir: Path, *, epochs: int = 2, extra: list[str] | None = None
         "--model.recipe.init_args.normalizer_samples=256",
         *(extra or []),
     ]
+
+
+def checkpoint_dir(save_dir: Path) -> Path:
+    """The checkpoint folder of a :func:`tiny_args` run: ``<save_dir>/<logger name>/checkpoints``, for every version."""
+    return save_dir / "test" / "checkpoints"
 
 
 def subprocess_env(*paths: Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import FRAMES, load_checkpoint, subprocess_env, tiny_args
+from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, subprocess_env, tiny_args
 
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
@@ -27,7 +28,7 @@ def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_
     cli = _fit(tmp_path, epochs=2)
     assert cli.model.env_steps == 2 * FRAMES
     assert cli.model.iteration == 2
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = checkpoint_dir(tmp_path) / "last.ckpt"
     # the networks normalise raw observations with the statistics recorded at collection
     vecnorm = load_checkpoint(last)["awr"]["normalizers"][0]
     mean = vecnorm["loc.-|-.observation"]
@@ -50,7 +51,7 @@ def test_fit_writes_checkpoint_and_metrics_and_validate_reports_eval_return(tmp_
 
 def test_last_checkpoint_holds_the_last_iteration_between_evaluations(tmp_path):
     _fit(tmp_path, epochs=3, extra=["--trainer.check_val_every_n_epoch=2"])
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]
+    state = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
     assert state["iteration"] == 3  # not 2, the last evaluation
     assert state["env_steps"] == 3 * FRAMES
 
@@ -65,7 +66,7 @@ _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA d
 ])
 def test_mixed_precision_keeps_value_targets_float32(tmp_path, accelerator, precision):
     _fit(tmp_path, epochs=1, extra=[f"--trainer.precision={precision}", f"--trainer.accelerator={accelerator}"])
-    stored = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]["_storage"]
+    stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]["_storage"]
     for key in ("value_target", "advantage", "state_value"):
         assert stored[key].dtype == torch.float32, key
         assert torch.isfinite(stored[key][:FRAMES]).all()
@@ -84,7 +85,7 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
     args = tiny_args(tmp_path, epochs=1000)
     process = subprocess.Popen([sys.executable, "-m", "awr_modules.cli", "fit", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = checkpoint_dir(tmp_path) / "last.ckpt"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -128,7 +129,7 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_bad_config_values_fail_before_training_with_the_field_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, extra=[override])
-    assert not (tmp_path / "checkpoints").exists()
+    assert not (checkpoint_dir(tmp_path)).exists()
 
 
 def test_unknown_config_field_is_an_error_naming_it(tmp_path, capsys):
@@ -139,7 +140,7 @@ def test_unknown_config_field_is_an_error_naming_it(tmp_path, capsys):
 
 def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
     _fit(tmp_path, epochs=1)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = checkpoint_dir(tmp_path) / "last.ckpt"
     with pytest.raises(ValueError, match="do not match"):
         cli_main(["validate", *tiny_args(tmp_path, extra=["--model.recipe.init_args.hidden_sizes=[8, 8]"]),
                   f"--ckpt_path={last}"])
@@ -155,7 +156,7 @@ def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
 def test_checkpoint_with_functional_loss_parameters_still_loads(tmp_path):
     """Checkpoints from before ``AWRLoss(functional=False)`` saved ``loss_module.actor_network_params.*``."""
     _fit(tmp_path, epochs=1)
-    checkpoint = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    checkpoint = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")
     state = checkpoint["state_dict"]
     for network in ("actor_network", "critic_network"):
         for key in [k for k in state if k.startswith(f"loss_module.{network}.")]:
@@ -222,11 +223,26 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     assert (hparams.buffer_size, hparams.max_weight, hparams.td_lambda, hparams.temperature) == (50_000, 20, 0.95, 1)
 
 
+
+def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path):
+    """``awr fit --ckpt_path last`` resumes a run whose metrics went to an earlier ``version_N``.
+
+    Lightning's default checkpoint folder is per logger version, so a second run would look for
+    ``last`` in its own, empty folder and start from zero; ``awr`` keeps one folder per experiment.
+    """
+    _fit(tmp_path, epochs=1)
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2), "--ckpt_path=last"])
+    assert resumed.model.env_steps == 2 * FRAMES
+    with (tmp_path / "test" / "version_1" / "metrics.csv").open() as f:
+        logged = {float(row["env_steps"]) for row in csv.DictReader(f) if row["env_steps"]}
+    assert logged == {2 * FRAMES}  # the second run trained only the second iteration: it resumed
+    assert resumed.trainer.checkpoint_callback.dirpath == str(checkpoint_dir(tmp_path))
+
 def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
     """Three episodes side by side in a batched eval env: ``test`` logs their mean, ``predict`` returns them."""
     three = ["--model.eval_episodes=3"]  # in the checkpoint's hyperparameters, which LightningCLI applies
     _fit(tmp_path, epochs=1, extra=three)
-    three.append(f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    three.append(f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}")
     tested = cli_main(["test", *tiny_args(tmp_path), *three])
     assert float(tested.trainer.callback_metrics["test/episode_length"]) == 200
     predicted = cli_main(["predict", *tiny_args(tmp_path), *three])
