@@ -16,6 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MIN_STD = 0.01
+"""Floor of the normaliser's std, the reference's normaliser ``eps``. ``VecNormV2`` floors at 1e-4: a state
+dimension that stayed constant while the statistics were recorded (Ant's contact forces before the first
+contact) would then blow a later value of 1 up to 10,000 and the critic's regression diverges; the
+reference's floor bounds it at 100."""
+
 
 class ObservationNormalizer(nn.Module):
     """``(x - loc) / scale``, with ``loc`` and ``scale`` as buffers (saved with the networks).
@@ -34,6 +40,9 @@ class ObservationNormalizer(nn.Module):
 
     @torch.no_grad()
     def load_statistics(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """Copy in place, so functional copies of the parameters (``AWRLoss``) see the new values."""
+        """Set mean and std (floored at :data:`MIN_STD`).
+
+        Copies in place, so functional copies of the parameters (``AWRLoss``) see the new values.
+        """
         self.loc.copy_(loc.to(self.loc))
-        self.scale.copy_(scale.to(self.scale))
+        self.scale.copy_(scale.to(self.scale).clamp_min(MIN_STD))

@@ -1,0 +1,19 @@
+"""The networks' state normaliser: ``(x - mean) / max(std, 0.01)``, as the reference's normaliser."""
+
+import torch
+
+from awr_modules.normalizer import MIN_STD, ObservationNormalizer
+
+
+def test_normalizes_with_the_loaded_mean_and_std():
+    normalizer = ObservationNormalizer(2)
+    normalizer.load_statistics(torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(normalizer(torch.tensor([[3.0, -1.0]])), torch.tensor([[1.0, 2.0]]))
+
+
+def test_a_dimension_constant_while_recording_is_scaled_by_the_floor():
+    """A contact force that was 0 in every recorded state and then reads 1 maps to 100, not 10,000."""
+    normalizer = ObservationNormalizer(2)
+    normalizer.load_statistics(torch.zeros(2), torch.tensor([1e-4, 1.0]))  # VecNormV2's own floor is 1e-4
+    assert MIN_STD == 0.01
+    torch.testing.assert_close(normalizer(torch.tensor([[1.0, 1.0]])), torch.tensor([[100.0, 1.0]]))
