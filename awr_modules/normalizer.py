@@ -40,9 +40,11 @@ class ObservationNormalizer(nn.Module):
 
     @torch.no_grad()
     def load_statistics(self, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """Set mean and std (floored at :data:`MIN_STD`).
+        """Set mean and std (floored at :data:`MIN_STD`; a nan std counts as 0).
 
+        ``VecNormV2`` computes the std as ``sqrt(E[x^2] - E[x]^2)``: for a dimension that is constant
+        (Humanoid-v5 has some), rounding can make the difference negative and the std nan.
         Copies in place, so functional copies of the parameters (``AWRLoss``) see the new values.
         """
         self.loc.copy_(loc.to(self.loc))
-        self.scale.copy_(scale.to(self.scale).clamp_min(MIN_STD))
+        self.scale.copy_(torch.nan_to_num(scale.to(self.scale), nan=0.0).clamp_min(MIN_STD))

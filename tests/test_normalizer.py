@@ -1,4 +1,4 @@
-"""The networks' state normaliser: ``(x - mean) / max(std, 0.01)``, as the reference's normaliser."""
+"""The networks' state normaliser: ``(x - mean) / max(std, 0.01)``, as the reference's normaliser (nan std: 0.01)."""
 
 import torch
 
@@ -17,3 +17,10 @@ def test_a_dimension_constant_while_recording_is_scaled_by_the_floor():
     normalizer.load_statistics(torch.zeros(2), torch.tensor([1e-4, 1.0]))  # VecNormV2's own floor is 1e-4
     assert MIN_STD == 0.01
     torch.testing.assert_close(normalizer(torch.tensor([[1.0, 1.0]])), torch.tensor([[100.0, 1.0]]))
+
+
+def test_a_nan_std_from_a_constant_dimension_is_scaled_by_the_floor():
+    """``sqrt(E[x^2] - E[x]^2)`` of a constant dimension can be nan after rounding; inputs must stay finite."""
+    normalizer = ObservationNormalizer(2)
+    normalizer.load_statistics(torch.tensor([5.0, 0.0]), torch.tensor([float("nan"), 2.0]))
+    torch.testing.assert_close(normalizer(torch.tensor([[5.5, 1.0]])), torch.tensor([[50.0, 0.5]]))
