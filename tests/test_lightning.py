@@ -129,7 +129,7 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
 def test_bad_config_values_fail_before_training_with_the_field_named(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, extra=[override])
-    assert not (checkpoint_dir(tmp_path)).exists()
+    assert not checkpoint_dir(tmp_path).exists()
 
 
 def test_unknown_config_field_is_an_error_naming_it(tmp_path, capsys):
@@ -233,7 +233,7 @@ def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path)
     _fit(tmp_path, epochs=1)
     resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2), "--ckpt_path=last"])
     assert resumed.model.env_steps == 2 * FRAMES
-    with (tmp_path / "test" / "version_1" / "metrics.csv").open() as f:
+    with (checkpoint_dir(tmp_path).parent / "version_1" / "metrics.csv").open() as f:
         logged = {float(row["env_steps"]) for row in csv.DictReader(f) if row["env_steps"]}
     assert logged == {2 * FRAMES}  # the second run trained only the second iteration: it resumed
     assert resumed.trainer.checkpoint_callback.dirpath == str(checkpoint_dir(tmp_path))
