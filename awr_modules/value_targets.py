@@ -24,6 +24,32 @@ ADVANTAGE_NORMALIZATION_EPS = 1e-5  # the reference's epsilon
 DEFAULT_TRAJ_ID_KEY = ("collector", "traj_ids")
 
 
+def mean_and_std(values: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased std of ``values`` (std 0 for a single value), over the ``valid`` entries if given.
+
+    ``valid`` is a boolean mask of ``values``' shape (e.g. the unpadded rows of a batch); invalid
+    entries are selected away, never multiplied, so a nan there does not spread.
+    """
+    if valid is None:
+        std = values.std() if values.numel() > 1 else torch.zeros_like(values.sum())
+        return values.mean(), std
+    zero = torch.zeros_like(values)
+    count = valid.sum()
+    mean = torch.where(valid, values, zero).sum() / count.clamp_min(1)
+    variance = torch.where(valid, values - mean, zero).pow(2).sum() / (count - 1).clamp_min(1)
+    return mean, variance.sqrt()
+
+
+def standardize_advantage(advantage: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``(A - mean(A)) / (std(A) + 1e-5)``, the reference's normalisation of advantages before weighting.
+
+    ``valid`` restricts the mean and std to the valid entries (see :func:`mean_and_std`); every
+    entry is still standardised.
+    """
+    mean, std = mean_and_std(advantage, valid)
+    return (advantage - mean) / (std + ADVANTAGE_NORMALIZATION_EPS)
+
+
 def chronological_indices(buffer: ReplayBuffer) -> torch.Tensor:
     """Storage indices of a FIFO ring buffer, oldest transition first.
 
@@ -115,9 +141,7 @@ def refresh_value_targets(
     data.set(done_key, stored_done)
 
     if normalize_advantage:
-        advantage = data.get(keys.advantage)
-        advantage = (advantage - advantage.mean()) / (advantage.std() + ADVANTAGE_NORMALIZATION_EPS)
-        data.set(keys.advantage, advantage)
+        data.set(keys.advantage, standardize_advantage(data.get(keys.advantage)))
 
     buffer.storage.set(index, data.select(*refreshed), set_cursor=False)  # rewrite in place, length unchanged
     stored_keys = buffer.storage.get(index[:1]).keys(True)

@@ -177,9 +177,9 @@ def test_action_bound_penalty(distribution_class: type) -> None:
 
 @pytest.mark.parametrize("kind", ["tanh_normal", "categorical"])
 def test_action_bound_penalty_needs_a_gaussian_actor(kind: str) -> None:
-    loss, batch, _, _, _ = _setup(kind, action_bound_penalty=10.0)
+    """Refused when the loss is built, before any batch: the one place that decides is the constructor."""
     with pytest.raises(ValueError, match="Gaussian"):
-        loss(batch)
+        _setup(kind, action_bound_penalty=10.0)
 
 
 @pytest.mark.parametrize("kind", ["normal", "plain_normal", "categorical"])

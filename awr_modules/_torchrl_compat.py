@@ -1,0 +1,56 @@
+"""What ``AWRLoss`` needs from TorchRL's ``LossModule`` that torchrl 0.12 does not have yet.
+
+torchrl 0.13 added ``LossModule._reduce_loss`` (reduction that honours TorchRL's validity masks),
+``LossModule.register_coeff_buffer`` and ``dispatch_value_estimator``. The package supports torchrl
+0.12 to 0.14 (clusters cannot always pick their torch), so :class:`LossModuleFallbacks` provides the
+first two with the same behaviour, and is placed *after* ``LossModule`` in ``AWRLoss``'s bases: where
+TorchRL has the method, TorchRL's is the one that runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+
+try:  # torchrl >= 0.13
+    from torchrl.objectives.utils import dispatch_value_estimator
+except ImportError:  # torchrl 0.12
+    dispatch_value_estimator = None
+
+AUTO_LOSS_MASK_KEYS: tuple[NestedKey, ...] = (("collector", "mask"), "shifted_valid")
+"""The validity masks TorchRL writes (a padding ``SliceSampler``, the value estimators), as in torchrl 0.14."""
+
+__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "dispatch_value_estimator"]
+
+
+class LossModuleFallbacks:
+    """torchrl 0.14's ``_reduce_loss`` and ``register_coeff_buffer`` for torchrl 0.12."""
+
+    def register_coeff_buffer(self, name: str, value: float | torch.Tensor) -> None:
+        self.register_buffer(name, torch.as_tensor(float(value)))
+
+    def _loss_mask_keys(self) -> tuple[NestedKey, ...]:
+        return AUTO_LOSS_MASK_KEYS
+
+    def _reduce_loss(
+        self, loss: torch.Tensor, tensordict: TensorDictBase | None = None, *, reduction: str | None = None
+    ) -> torch.Tensor:
+        """Reduce ``loss`` over the positions the input's masks mark valid; ``"none"`` keeps the shape."""
+        reduction = self.reduction if reduction is None else reduction
+        mask = None
+        if tensordict is not None:
+            for key in self._loss_mask_keys():
+                found = tensordict.get(key, None)
+                if found is not None:
+                    found = found.reshape(loss.shape)
+                    mask = found if mask is None else mask & found
+        if mask is not None:
+            loss = torch.where(mask, loss, torch.zeros_like(loss))  # select: padded rows may hold nan
+            if reduction == "mean":
+                return loss.sum() / mask.sum().clamp_min(1)
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss
