@@ -9,10 +9,35 @@ resets a finished sub-env (TorchRL's partial reset) and its later steps are drop
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
-from torchrl.envs import EnvBase
+from torchrl.envs import EnvBase, ExplorationType, set_exploration_type
+
+EVAL_MAX_STEPS = 100_000  # a safety bound only: evaluation episodes end at the env's own time limit
+
+
+@dataclass
+class Evaluation:
+    """The episodes of one evaluation, with their undiscounted returns and lengths."""
+
+    episodes: list[TensorDictBase]
+
+    @property
+    def returns(self) -> list[float]:
+        return [episode["next", "reward"].sum().item() for episode in self.episodes]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [episode.shape[-1] for episode in self.episodes]
+
+
+def evaluate(env: EnvBase, policy: TensorDictModuleBase, max_steps: int = EVAL_MAX_STEPS) -> Evaluation:
+    """One episode of the deterministic (mean / mode) ``policy`` in each sub-env of ``env``, side by side."""
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        return Evaluation(first_episodes(env, policy, max_steps))
 
 
 def first_episodes(env: EnvBase, policy: TensorDictModuleBase, max_steps: int) -> list[TensorDictBase]:

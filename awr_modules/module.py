@@ -11,46 +11,47 @@ One Lightning *epoch* is one AWR iteration (``../shared/DESIGN.md``):
 7. log; Lightning's validation loop evaluates the deterministic policy every
    ``check_val_every_n_epoch`` iterations.
 
-Lightning does devices, precision, DDP, checkpointing and logging. Under DDP every
-rank collects with its own seed and runs the same number of steps; gradients are
-averaged across ranks before each optimizer step, and observation statistics are
-merged after each collection, so parameters stay identical on every rank.
+Lightning does devices, precision, DDP, checkpointing and logging. The rest lives in
+modules of its own: DDP gradient and statistics sync in :mod:`awr_modules.distributed`,
+the observation statistics in :mod:`awr_modules.observation_statistics` (handed over by
+the recipe), evaluation in :mod:`awr_modules.evaluation`, and what a checkpoint holds
+besides Lightning's own in :mod:`awr_modules.run_state`.
 """
 
 from __future__ import annotations
 
-import copy
-import random
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
-from torch import distributions as d
 from torch.utils.data import DataLoader
 from torchrl.collectors import Collector
 from torchrl.data import ReplayBuffer
-from torchrl.envs import EnvBase, ExplorationType, VecNormV2, set_exploration_type
-from torchrl.modules import ProbabilisticActor, TanhNormal
+from torchrl.envs import EnvBase
 
 from awr_modules.collector import make_collector
 from awr_modules.cuda_graphs import CapturedGradients
-from awr_modules.evaluation import first_episodes
+from awr_modules.distributed import average_gradients, gather_rank_states, mean_across_ranks, no_backward_sync
+from awr_modules.evaluation import Evaluation, evaluate
 from awr_modules.loss import AWRLoss
-from awr_modules.normalizer import ObservationNormalizer
+from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.recipe import Recipe
 from awr_modules.replay_buffer import make_replay_buffer
+from awr_modules.run_state import (
+    CHECKPOINT_KEY,
+    checked_run_state,
+    env_signature,
+    own_rank_state,
+    rank_state,
+    restore_rank_state,
+)
 from awr_modules.value_targets import refresh_value_targets
-
-CHECKPOINT_KEY = "awr"
-EVAL_MAX_STEPS = 100_000  # a safety bound only: evaluation episodes end at the env's own time limit
 
 
 class _PhaseClock:
@@ -81,6 +82,7 @@ class _Runtime:
     collector: Collector | None = None
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
+    statistics: ObservationStatistics | None = None  # the recipe's link from env statistics to the networks
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
 
@@ -139,8 +141,9 @@ class AWRModule(pl.LightningModule):
         value_scale: ``s_v``; ``None`` means ``1 / (1 - gamma)`` as the reference. The critic network predicts
             ``V / s_v`` (the recipe scales its output) and the loss divides the value error by ``s_v``, so the
             network regresses ``R / s_v`` with the reference's step sizes.
-        action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10); not applied
-            to actors without an unbounded Gaussian mean (categorical, TanhNormal).
+        action_bound_penalty: penalty on the Gaussian mean leaving ``[-1, 1]`` (reference 10). ``None``: the
+            reference's setting for the recipe's actor (10 for a Gaussian mean, 0 for categorical or
+            TanhNormal actors); a positive value with such an actor is refused (see ``AWRLoss``).
         entropy_coeff: entropy bonus (reference 0).
         action_l2_coeff: L2 penalty on the Gaussian mean or the logits (reference ``action_l2_weight``:
             0, and 0.001 for LunarLander).
@@ -180,7 +183,7 @@ class AWRModule(pl.LightningModule):
         max_weight: float = 20.0,
         normalize_advantage: bool = True,
         value_scale: float | None = None,
-        action_bound_penalty: float = 10.0,
+        action_bound_penalty: float | None = None,
         entropy_coeff: float = 0.0,
         action_l2_coeff: float = 0.0,
         weighting: Literal["loss", "sampling"] = "loss",
@@ -211,7 +214,7 @@ class AWRModule(pl.LightningModule):
         spec_env = recipe.make_env(seed)
         value_scale = value_scale if value_scale is not None else 1.0 / (1.0 - gamma)
         self.actor, self.critic = recipe.make_networks(spec_env, value_scale)
-        self._env_signature = self._signature(spec_env)
+        self._env_signature = env_signature(spec_env)
         spec_env.close()
         self.loss_module = AWRLoss(
             self.actor,
@@ -219,7 +222,7 @@ class AWRModule(pl.LightningModule):
             temperature=temperature,
             max_weight=max_weight,
             value_scale=value_scale,
-            action_bound_penalty=action_bound_penalty if _has_unbounded_gaussian_mean(self.actor) else 0.0,
+            action_bound_penalty=action_bound_penalty,
             entropy_coeff=entropy_coeff,
             action_l2_coeff=action_l2_coeff,
             weighting=weighting,
@@ -232,16 +235,6 @@ class AWRModule(pl.LightningModule):
         self.runtime: _Runtime | None = None
 
     # ------------------------------------------------------------ building
-    @staticmethod
-    def _signature(env: EnvBase) -> dict[str, Any]:
-        """What a checkpoint must match: the env id and the shapes of its spaces."""
-        spec = env.action_spec
-        return {
-            "observation_shape": list(env.observation_spec["observation"].shape),
-            "action_shape": list(spec.shape),
-            "discrete": not spec.dtype.is_floating_point,
-        }
-
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
@@ -249,12 +242,13 @@ class AWRModule(pl.LightningModule):
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
                            eval_env=self.recipe.make_env(rank_seed + 500, self.hparams.eval_episodes),
                            actor_loss=actor_loss, value_loss=value_loss)
+        runtime.statistics = self.recipe.observation_statistics(runtime.train_env, self.actor, self.critic)
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
             runtime.buffer = make_replay_buffer(
                 self.hparams.buffer_size,
-                prioritized=self.hparams.weighting == "sampling",
+                prioritized=self.loss_module.samples_by_weight,
                 priority="weight",
                 device=self.trainer.strategy.root_device,  # the module is moved there after setup()
             )
@@ -327,12 +321,12 @@ class AWRModule(pl.LightningModule):
                                 loss_fn=self.runtime.value_loss, loss_key="loss_value",      # 4. value phase
                                 optimizer=critic_optimizer, network=self.critic)
         clock.lap("value_phase")
-        priority_fn = self._sampling_priority if hp.weighting == "sampling" else None
+        priority_fn = loss.sampling_priority if loss.samples_by_weight else None
         refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
                               normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         clock.lap("refresh")
         actor_out = self._phase("policy", hp.actor_steps, hp.actor_batch_size,   # 6. policy phase
-                                prioritized=hp.weighting == "sampling", loss_fn=self.runtime.actor_loss,
+                                prioritized=loss.samples_by_weight, loss_fn=self.runtime.actor_loss,
                                 loss_key="loss_actor", optimizer=actor_optimizer, network=self.actor)
         clock.lap("policy_phase")
         self.iteration += 1
@@ -390,7 +384,7 @@ class AWRModule(pl.LightningModule):
             index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
         else:
             index = torch.randint(len(buffer), (steps * batch_size,), device=storage.device)
-        keys = [*self.loss_module.in_keys, self.loss_module.tensor_keys.sample_log_prob]
+        keys = [*self.loss_module.in_keys_given_targets, self.loss_module.tensor_keys.sample_log_prob]
         stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
         self.loss_module.check_batch(stored)  # keys and finiteness, once for the whole phase
         return stored, index.to(storage.device).view(steps, batch_size)
@@ -412,70 +406,26 @@ class AWRModule(pl.LightningModule):
                         f"diverged. Lower {'critic_lr' if key == 'loss_value' else 'actor_lr'} or check the rewards."
                     )
 
-    def _sampling_priority(self, data: TensorDictBase) -> torch.Tensor:
-        """Priorities for ``weighting="sampling"``: the AWR weights themselves."""
-        return self.loss_module.weights(data[self.loss_module.tensor_keys.advantage])
-
     def _collect(self) -> TensorDictBase:
+        """Step 1: the next batch of the collector; the observation statistics follow it."""
         data = next(self.runtime.batches)
         self.env_steps += data.numel() * self.trainer.world_size
-        for vecnorm in self._normalizers(self.runtime.train_env):
-            self._merge_across_ranks(vecnorm)
-            self._load_statistics(vecnorm)
-            if self.env_steps >= self.recipe.normalizer_samples and not vecnorm.frozen:
-                vecnorm.freeze()
+        statistics = self.runtime.statistics
+        if statistics is not None:
+            pool = mean_across_ranks(self.trainer.strategy, self.device) if self.trainer.world_size > 1 else None
+            statistics.update(self.env_steps, pool)
         return data
 
-    def _load_statistics(self, vecnorm: VecNormV2) -> None:
-        """Give the networks' observation normaliser the running statistics of the collected states."""
-        if vecnorm.frozen:
-            return
-        (key,) = vecnorm.in_keys
-        for normalizer in self.modules():
-            if isinstance(normalizer, ObservationNormalizer):
-                normalizer.load_statistics(vecnorm.loc[key], vecnorm.scale[key])
-
     def _backward(self, objective: torch.Tensor) -> None:
-        """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`).
-
-        The loss is computed outside DDP's forward (many backward passes per Lightning
-        step, each touching only one network), so DDP's reducer is bypassed and the
-        gradient of the network actually optimized is all-reduced by hand.
-        """
-        strategy = self.trainer.strategy
-        with strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext():
+        """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`)."""
+        with no_backward_sync(self.trainer.strategy):
             self.manual_backward(objective)
 
     def _optimizer_step(self, optimizer: Any, network: torch.nn.Module) -> None:
         """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step."""
         if self.trainer.world_size > 1:
-            grads = [p.grad for p in network.parameters() if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            average_gradients(network.parameters(), self.trainer.strategy)
         optimizer.step()
-
-    def _merge_across_ranks(self, vecnorm: VecNormV2) -> None:
-        """Average observation statistics over ranks so that every rank normalises alike.
-
-        ``VecNormV2`` keeps running first and second moments (``loc`` = E[x], ``var`` = E[x^2]);
-        every rank saw the same number of samples, so their mean is the pooled moment.
-        """
-        if self.trainer.world_size <= 1 or vecnorm.frozen:
-            return
-        state = vecnorm.get_extra_state()
-        reduce = self.trainer.strategy.reduce  # on the module's device (NCCL reduces GPU tensors only)
-        merged = {key: value if key.startswith("count") else reduce(value.to(self.device, copy=True), reduce_op="mean").to(value.device)
-                  for key, value in state.items()}
-        vecnorm.set_extra_state(merged)
-
-    @staticmethod
-    def _normalizers(env: EnvBase) -> list[VecNormV2]:
-        transform = getattr(env, "transform", None)
-        return [t for t in (transform if transform is not None else []) if isinstance(t, VecNormV2)]
 
     def _log_iteration(self, data: TensorDictBase, outputs: list[TensorDictBase], seconds: dict[str, float]) -> None:
         done = data["next", "done"]
@@ -492,20 +442,16 @@ class AWRModule(pl.LightningModule):
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)
 
     # ---------------------------------------------------------- evaluation
-    def _evaluation_episodes(self) -> list[TensorDictBase]:
-        """``eval_episodes`` episodes of the deterministic (mean / mode) policy, one per sub-env of the eval env.
-
-        The policy's normaliser holds the training statistics.
-        """
-        with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
-            return first_episodes(self.runtime.eval_env, self.actor, EVAL_MAX_STEPS)
+    def _evaluate(self) -> Evaluation:
+        """``eval_episodes`` episodes of the deterministic policy, side by side; its normaliser holds the
+        training statistics."""
+        return evaluate(self.runtime.eval_env, self.actor)
 
     def _log_evaluation(self, prefix: str) -> None:
-        rollouts = self._evaluation_episodes()
-        returns = [rollout["next", "reward"].sum().item() for rollout in rollouts]
-        self.log(f"{prefix}/return", float(np.mean(returns)), prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}/return_std", float(np.std(returns)), sync_dist=True)
-        self.log(f"{prefix}/episode_length", float(np.mean([r.shape[-1] for r in rollouts])), sync_dist=True)
+        evaluation = self._evaluate()
+        self.log(f"{prefix}/return", float(np.mean(evaluation.returns)), prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/return_std", float(np.std(evaluation.returns)), sync_dist=True)
+        self.log(f"{prefix}/episode_length", float(np.mean(evaluation.lengths)), sync_dist=True)
         self.log("env_steps", float(self.env_steps), sync_dist=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -524,7 +470,7 @@ class AWRModule(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         """Run the ``eval_episodes`` episodes once, side by side; ``predict_step`` hands them out."""
-        self.runtime.predicted = self._evaluation_episodes()
+        self.runtime.predicted = self._evaluate().episodes
 
     def predict_step(self, batch: Any, batch_idx: int) -> TensorDictBase:
         """One deterministic episode per item (``awr predict``): the rollout TensorDict, on the CPU."""
@@ -532,124 +478,29 @@ class AWRModule(pl.LightningModule):
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what Lightning does not: buffers, normaliser, counters, RNG states, the env signature.
-
-        Lightning calls this hook on every rank and writes rank 0's dictionary; each rank's
-        replay buffer and RNG states differ, so they are gathered into ``ranks[r]``.
-        """
+        """Store what Lightning does not (:mod:`awr_modules.run_state`): counters, observation statistics,
+        the env signature, and every rank's replay buffer and RNG states (gathered: Lightning writes rank 0's)."""
+        runtime = self.runtime
         checkpoint[CHECKPOINT_KEY] = {
             "env_id": self.recipe.env_id,
             "signature": self._env_signature,
             "env_steps": self.env_steps,
             "iteration": self.iteration,
-            "normalizers": [v.get_extra_state() for v in self._normalizers(self.runtime.train_env)],
-            "ranks": self._gather_rank_states({"buffer": self._buffer_state(), "rng": _rng_state()}),
+            "normalizers": [runtime.statistics.state_dict()] if runtime.statistics is not None else [],
+            "ranks": gather_rank_states(rank_state(runtime.buffer), self.trainer.world_size),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another task or shape before any weight is loaded, then restore the run."""
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            raise ValueError(
-                f"AWRModule: the checkpoint has no {CHECKPOINT_KEY!r} section; it was not written by AWRModule "
-                f"(or is corrupt). Pass a checkpoint from `awr fit`."
-            )
-        if state["env_id"] != self.recipe.env_id or state["signature"] != self._env_signature:
-            raise ValueError(
-                f"AWRModule: checkpoint is for env {state['env_id']!r} with spaces {state['signature']}, but the "
-                f"config builds {self.recipe.env_id!r} with {self._env_signature}. Use the config it was trained with."
-            )
-        state_dict = checkpoint.get("state_dict", {})
-        _rename_functional_parameters(state_dict)
-        self._check_state_shapes(state_dict)
+        state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
         self.env_steps = state["env_steps"]
         self.iteration = state["iteration"]
-        for vecnorm, saved in zip(self._normalizers(self.runtime.train_env), state["normalizers"]):
-            if saved:
-                vecnorm.set_extra_state(saved)
-                if self.env_steps >= self.recipe.normalizer_samples:
-                    vecnorm.freeze()
-        own = self._own_rank_state(state)
-        buffer = self.runtime.buffer
-        if own["buffer"] is not None and buffer is not None:  # checkpoints load on the CPU: back to the buffer's device
-            saved = _to_device(own["buffer"], buffer.storage.device)
-            buffer.load_state_dict({**buffer.state_dict(), **saved})
-        _set_rng_state(own["rng"])
-
-    def _gather_rank_states(self, local: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every rank's ``local`` state (on the CPU), in rank order; a one-item list without DDP."""
-        local = _to_device(local, "cpu")
-        if self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return [local]
-        states: list[Any] = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(states, local)
-        return states
-
-    def _own_rank_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        """This rank's buffer and RNG states; another world size reuses the saved ranks' states in turn."""
-        ranks = state.get("ranks") or [{"buffer": state.get("buffer"), "rng": state["rng"]}]  # before per-rank states
-        if len(ranks) != self.trainer.world_size:
-            rank_zero_warn(
-                f"AWRModule: the checkpoint holds the replay buffers of {len(ranks)} rank(s), this run has "
-                f"{self.trainer.world_size}; rank r resumes with the buffer of saved rank r % {len(ranks)}."
-            )
-        return ranks[self.global_rank % len(ranks)]
-
-    def _buffer_state(self) -> dict[str, Any] | None:
-        """The buffer's storage and cursor, in types ``torch.load(weights_only=True)`` accepts.
-
-        Sampler priorities are left out: they are rewritten from the refreshed
-        advantages before the policy phase of every iteration, the only place they are used.
-        """
-        if self.runtime is None or self.runtime.buffer is None:
-            return None
-        return {k: v for k, v in self.runtime.buffer.state_dict().items() if k != "_sampler"}
-
-    def _check_state_shapes(self, saved: dict[str, torch.Tensor]) -> None:
-        """Fail with one clear message on mismatched network sizes, instead of a partial load."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(saved))
-        unexpected = sorted(set(saved) - set(own))
-        mismatched = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-                      for k, v in own.items()
-                      if isinstance(v, torch.Tensor) and k in saved and saved[k].shape != v.shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                "AWRModule: the checkpoint's networks do not match this config (hidden sizes, policy kind?): "
-                f"missing {missing[:4]}, unexpected {unexpected[:4]}, shape mismatches {mismatched[:4]}."
-            )
-
-
-def _rename_functional_parameters(state_dict: dict[str, Any]) -> None:
-    """Read checkpoints written while the loss was functional (keys ``loss_module.<network>_params.*``).
-
-    With ``AWRLoss(functional=False)`` the loss holds the networks as submodules, so the same
-    tensors (also saved as ``actor.*`` / ``critic.*``) are now saved under ``loss_module.<network>.*``.
-    """
-    for network in ("actor_network", "critic_network"):
-        old = f"loss_module.{network}_params."
-        for key in [k for k in state_dict if k.startswith(old)]:
-            state_dict[f"loss_module.{network}.{key[len(old):]}"] = state_dict.pop(key)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Torch (CPU and, once used, CUDA), NumPy and Python generator states, in ``weights_only``-safe types."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position,
-             has_gauss, cached], "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    random.setstate(state["python"])
+        statistics = self.runtime.statistics
+        if statistics is not None and state["normalizers"]:
+            statistics.load_state_dict(state["normalizers"][0], self.env_steps)
+        own = own_rank_state(state["ranks"], self.trainer.world_size, self.global_rank)
+        loss = self.loss_module
+        restore_rank_state(own, self.runtime.buffer, loss.sampling_priority if loss.samples_by_weight else None)
 
 
 def _move_distribution_kwargs(actor: torch.nn.Module, device: torch.device | str) -> None:
@@ -664,28 +515,3 @@ def _move_distribution_kwargs(actor: torch.nn.Module, device: torch.device | str
             for key, value in kwargs.items():
                 if isinstance(value, torch.Tensor):
                     kwargs[key] = value.to(device)
-
-
-def _to_device(state: Any, device: torch.device | str) -> Any:
-    """``state`` with every tensor in its nested dicts, lists and tuples moved to ``device``.
-
-    Dicts are copied with their type and attributes: a TensorDict state dict is an
-    ``OrderedDict`` whose ``_metadata`` attribute holds the batch size, which Lightning's
-    ``move_data_to_device`` drops (it rebuilds mappings).
-    """
-    if isinstance(state, torch.Tensor):
-        return state.to(device)
-    if isinstance(state, dict):
-        moved = copy.copy(state)
-        for key, value in state.items():
-            moved[key] = _to_device(value, device)
-        return moved
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_device(value, device) for value in state)
-    return state
-
-
-def _has_unbounded_gaussian_mean(actor: ProbabilisticActor) -> bool:
-    """The bound penalty applies to a Gaussian mean that can leave [-1, 1]: not to TanhNormal or categoricals."""
-    distribution = actor[-1].distribution_class
-    return issubclass(distribution, (d.Normal, d.Independent)) and not issubclass(distribution, TanhNormal)

@@ -4,7 +4,8 @@ A recipe knows one environment family (classic control, Box2D, MuJoCo, ...):
 how to build the TorchRL env with its transforms, and the actor and critic that
 fit its observation and action spaces. The module asks for them in ``setup()``
 and ``__init__`` and owns everything else (collection, buffer, the AWR phases,
-keeping the networks' observation normaliser up to date).
+keeping the networks' observation normaliser up to date through the
+:class:`~awr_modules.observation_statistics.ObservationStatistics` the recipe hands over).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from abc import ABC, abstractmethod
 
 from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor, ValueOperator
+
+from awr_modules.observation_statistics import ObservationStatistics
 
 
 class Recipe(ABC):
@@ -43,3 +46,10 @@ class Recipe(ABC):
         network itself predicts the *normalised* value ``V / s_v`` as the reference's critic
         does (``s_v = 1 / (1 - gamma)``), so its outputs stay O(1) and the reference's step sizes apply.
         """
+
+    def observation_statistics(self, env: EnvBase, actor: ProbabilisticActor,
+                               critic: ValueOperator) -> ObservationStatistics | None:
+        """The link from ``env``'s recorded observation moments to the networks' normaliser, for a recipe that
+        normalises states inside the networks (``env`` from :meth:`make_env`, networks from
+        :meth:`make_networks`); ``None`` (the default) for one that does not."""
+        return None

@@ -38,6 +38,7 @@ from torchrl.envs import (
 from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
 from awr_modules.normalizer import ObservationNormalizer
+from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.recipe import Recipe
 
 STATISTICS_KEY = "observation_vecnorm"  # VecNormV2 only records statistics: the networks read raw observations
@@ -194,6 +195,16 @@ class GymRecipe(Recipe):
         module = TensorDictModule(head, in_keys=["observation"], out_keys=["loc", "scale"])
         return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=distribution,
                                   distribution_kwargs=kwargs, return_log_prob=True)
+
+    def observation_statistics(self, env: EnvBase, actor: ProbabilisticActor,
+                               critic: ValueOperator) -> ObservationStatistics:
+        """The ``VecNormV2`` that :meth:`make_env` puts after ``DoubleToFloat`` and the normaliser that
+        :meth:`make_networks` puts at the front of both networks."""
+        recorder, normalizer = env.transform[1], critic.module[0]
+        if not isinstance(recorder, VecNormV2) or not isinstance(normalizer, ObservationNormalizer):
+            raise TypeError(f"{type(self).__name__}.observation_statistics: pass an env from make_env and the "
+                            f"networks from make_networks (got {type(recorder).__name__}, {type(normalizer).__name__}).")
+        return ObservationStatistics(recorder, normalizer, self.normalizer_samples)
 
     def _policy_mlp(self, in_features: int, out_features: int) -> MLP:
         mlp = MLP(in_features=in_features, out_features=out_features, num_cells=self.hidden_sizes,

@@ -153,23 +153,6 @@ def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
         cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={corrupt}"])
 
 
-def test_checkpoint_with_functional_loss_parameters_still_loads(tmp_path):
-    """Checkpoints from before ``AWRLoss(functional=False)`` saved ``loss_module.actor_network_params.*``."""
-    _fit(tmp_path, epochs=1)
-    checkpoint = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")
-    state = checkpoint["state_dict"]
-    for network in ("actor_network", "critic_network"):
-        for key in [k for k in state if k.startswith(f"loss_module.{network}.")]:
-            state[key.replace(f"loss_module.{network}.", f"loss_module.{network}_params.")] = state.pop(key)
-    old = tmp_path / "old_layout.ckpt"
-    torch.save(checkpoint, old)
-
-    validated = cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={old}"])
-    for key, value in validated.model.actor.state_dict().items():
-        torch.testing.assert_close(value, state[f"actor.{key}"])
-    assert "eval/return" in validated.trainer.callback_metrics
-
-
 def test_action_space_the_recipe_cannot_handle_is_refused():
     import gymnasium as gym
     import numpy as np
