@@ -573,7 +573,10 @@ class AWRModule(pl.LightningModule):
         buffer = self.runtime.buffer
         if own["buffer"] is not None and buffer is not None:  # checkpoints load on the CPU: back to the buffer's device
             saved = _to_device(own["buffer"], buffer.storage.device)
-            buffer.load_state_dict({**buffer.state_dict(), **saved})
+            current = buffer.state_dict()
+            if isinstance(saved.get("_sampler"), dict) and _SAMPLER_TREES[0] in saved["_sampler"]:
+                saved["_sampler"] = _trees_from_tensors(saved["_sampler"], current["_sampler"])
+            buffer.load_state_dict({**current, **saved})
         _set_rng_state(own["rng"])
 
     def _gather_rank_states(self, local: dict[str, Any]) -> list[dict[str, Any]]:
@@ -596,14 +599,17 @@ class AWRModule(pl.LightningModule):
         return ranks[self.global_rank % len(ranks)]
 
     def _buffer_state(self) -> dict[str, Any] | None:
-        """The buffer's storage and cursor, in types ``torch.load(weights_only=True)`` accepts.
+        """The buffer's storage, cursor and sampler, in types ``torch.load(weights_only=True)`` accepts.
 
-        Sampler priorities are left out: they are rewritten from the refreshed
-        advantages before the policy phase of every iteration, the only place they are used.
+        A prioritized sampler's sum and min trees are C++ objects: they are saved as tensors of
+        their leaves (see :func:`_trees_as_tensors`).
         """
         if self.runtime is None or self.runtime.buffer is None:
             return None
-        return {k: v for k, v in self.runtime.buffer.state_dict().items() if k != "_sampler"}
+        state = self.runtime.buffer.state_dict()
+        if _SAMPLER_TREES[0] in state["_sampler"]:
+            state["_sampler"] = _trees_as_tensors(state["_sampler"])
+        return state
 
     def _check_state_shapes(self, saved: dict[str, torch.Tensor]) -> None:
         """Fail with one clear message on mismatched network sizes, instead of a partial load."""
@@ -630,6 +636,33 @@ def _rename_functional_parameters(state_dict: dict[str, Any]) -> None:
         old = f"loss_module.{network}_params."
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[f"loss_module.{network}.{key[len(old):]}"] = state_dict.pop(key)
+
+
+_SAMPLER_TREES = ("_sum_tree", "_min_tree")  # a prioritized sampler's segment trees in its state_dict
+
+
+def _trees_as_tensors(sampler_state: dict[str, Any]) -> dict[str, Any]:
+    """A prioritized sampler's state with each segment tree replaced by the tensor of its leaves.
+
+    The leaves are what the sampler stores per slot, ``(priority + eps) ** alpha``.
+    """
+    state = dict(sampler_state)
+    for name in _SAMPLER_TREES:
+        tree = state[name]
+        state[name] = torch.as_tensor(tree[torch.arange(tree.size, device=getattr(tree, "device", "cpu"))])
+    return state
+
+
+def _trees_from_tensors(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_trees_as_tensors`: the saved leaves written into the trees of ``current``,
+    a ``state_dict()`` of the sampler being restored (its trees are copies, on the sampler's device)."""
+    state = dict(saved)
+    for name in _SAMPLER_TREES:
+        tree = current[name]
+        device = getattr(tree, "device", "cpu")  # TorchRL's CUDA segment trees say where they live, CPU ones do not
+        tree[torch.arange(tree.size, device=device)] = saved[name].to(device)
+        state[name] = tree
+    return state
 
 
 def _rng_state() -> dict[str, Any]:
