@@ -35,6 +35,9 @@ class AWRCLI(LightningCLI):
             "checkpoint.save_last": True,  # `--ckpt_path last` resumes from it
             # after every iteration, not only after evaluations (Lightning's choice when check_val_every_n_epoch > 1)
             "checkpoint.save_on_train_epoch_end": True,
+            # a fresh run into an existing folder overwrites `last.ckpt` instead of writing `last-v1.ckpt`, so the
+            # README's `validate --ckpt_path .../last.ckpt` loads the newest run, not an older one
+            "checkpoint.enable_version_counter": False,
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         })
         parser.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pendulum.yaml"
@@ -49,3 +50,29 @@ def subprocess_env(*paths: Path) -> dict[str, str]:
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint the way Lightning does by default (``weights_only=True``)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RecordPriorities(pl.Callback):
+    """Record a run's replay buffer, its sampler's priorities and stored advantages over the stored slots.
+
+    ``"start"``: right after setup and any checkpoint restore (``on_train_start``); ``"end"``: after the
+    last iteration (``on_train_end``). Add with ``--trainer.callbacks+=lightning_helpers.RecordPriorities``.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict] = {}
+
+    def _record(self, stage: str, module: pl.LightningModule) -> None:
+        buffer = module.runtime.buffer
+        index = torch.arange(len(buffer))
+        self.records[stage] = {
+            "buffer": buffer,
+            "priority": torch.as_tensor(buffer.sampler._sum_tree[index]).clone(),  # (p + eps) ** alpha per slot
+            "advantage": buffer.storage.get(index)["advantage"].reshape(-1).clone() if len(buffer) else None,
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._record("start", module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._record("end", module)

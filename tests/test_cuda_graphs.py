@@ -7,8 +7,13 @@ On any machine:
 - gradients keep their tensors through a phase (zeroed in place, never reset to None);
 - the captured function returns detached outputs and runs with autocast's cache off
   (with the cache on, a graph would keep reading stale low-precision weight copies);
-- ``cudagraphs`` under DDP fails before training with a clear message; on a CPU it warns
-  and trains exactly as without it.
+- ``CapturedGradients`` hands ``CudaGraphModule`` its warm-up (3 with ``compile``, else 2), the
+  stored data's device and a detached step (checked with a stand-in that replays eagerly);
+- the module's graphed path, with ``CudaGraphModule`` replaced by that eager stand-in, trains
+  exactly the parameters of the eager path and recaptures only when the layout moved (this
+  checks the module's side of the graphs, not CUDA graph capture itself);
+- ``cudagraphs`` under DDP fails before training with a clear message; on a CPU it warns,
+  builds no ``CapturedGradients`` and so runs the eager path.
 
 On a CUDA device (skipped elsewhere; ``benchmarks/gpu_smoke.sh`` runs them on the lent GPU):
 - two iterations with graphs train the same parameters as eager (fp32, bf16-mixed, 16-mixed;
@@ -108,13 +113,95 @@ def _spy_on_graphs(monkeypatch) -> list:
     return graphs
 
 
-def test_cudagraphs_without_cuda_warns_and_trains_as_eager(tmp_path):
+def test_cudagraphs_on_a_cpu_warns_and_builds_no_graph(tmp_path, monkeypatch):
+    """On a CPU ``cudagraphs=true`` is refused with a warning: no ``CapturedGradients`` is built or called,
+    so the phases run the eager path and train the same parameters as without the flag."""
     accelerator = ["--trainer.accelerator=cpu"]
     eager = _fit(tmp_path, "eager", accelerator)
+    graphs = _spy_on_graphs(monkeypatch)
+    built = []
+    original = AWRModule._captured_gradients
+    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: built.append(original(module)) or built[-1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         graphed = _fit(tmp_path, "graphed", [*accelerator, "--model.cudagraphs=true"])
     assert any("cudagraphs needs a CUDA device" in str(w.message) for w in caught)
+    assert built == [None]  # asked once, at setup; nothing to capture with
+    assert graphs == []
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("compile", "warmup"), [(False, 2), (True, 3)])
+def test_a_single_cuda_device_gets_captured_gradients_with_the_warmup_compile_needs(compile, warmup):
+    """The choice made at setup, with the trainer faked: no CUDA device is touched to build the cache."""
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), cudagraphs=True, compile=compile)
+    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    captured = module._captured_gradients()
+    assert isinstance(captured, CapturedGradients)
+    assert captured.warmup == warmup
+
+
+class _EagerGraphs:
+    """Stands in for ``CudaGraphModule`` on a CPU: records each graph built and replays its function eagerly."""
+
+    def __init__(self) -> None:
+        self.built: list[dict] = []
+
+    def __call__(self, function, warmup, device):
+        record = {"warmup": warmup, "device": torch.device(device), "calls": 0}
+        self.built.append(record)
+
+        def replay(*args):
+            record["calls"] += 1
+            return function(*args)
+
+        return replay
+
+
+def test_capture_receives_a_detached_step_and_preallocated_gradients(monkeypatch):
+    """What ``CapturedGradients`` hands to ``CudaGraphModule``: its warm-up, the stored data's device, and a
+    function whose outputs are detached and whose gradients land in tensors allocated before the capture."""
+    graphs = _EagerGraphs()
+    monkeypatch.setattr("awr_modules.cuda_graphs.CudaGraphModule", graphs)
+    stored = TensorDict({"observation": torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])}, [2])
+    network = torch.nn.Linear(3, 1)
+
+    def step(index):
+        network.zero_grad(set_to_none=False)
+        loss = network(stored[index]["observation"]).sum()
+        loss.backward()
+        return TensorDict({"loss": loss}, [])
+
+    captured = CapturedGradients(warmup=5)
+    graph = captured("policy", stored, step, network)
+    grads = [p.grad for p in network.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # zero gradients exist before the first replay
+    out = graph(torch.tensor([0, 1, 1]))
+    assert not out["loss"].requires_grad
+    # d/dW sum_i (W s_i + b) = sum_i s_i over rows 0, 1, 1; d/db = 3
+    torch.testing.assert_close(network.weight.grad, torch.tensor([[-1.0, 3.0, 3.0]]))
+    torch.testing.assert_close(network.bias.grad, torch.tensor([3.0]))
+    assert all(a is b for a, b in zip(grads, [p.grad for p in network.parameters()], strict=True))  # same tensors
+    assert graphs.built == [{"warmup": 5, "device": torch.device("cpu"), "calls": 1}]
+
+
+@pytest.mark.parametrize(("extra", "epochs", "captures"), [
+    ([], 2, 4),  # the buffer grows every iteration: each phase recaptures every iteration
+    ([f"--model.buffer_size={FRAMES}", "--trainer.check_val_every_n_epoch=100"], 3, 2),  # full, no evaluation
+], ids=["growing_buffer", "full_buffer"])
+def test_the_graphed_path_with_eager_replay_trains_like_eager(tmp_path, monkeypatch, extra, epochs, captures):
+    """The module's graphed path (gradients zeroed in place, optimizer step outside the graph, one cache of
+    graphs per phase) on a CPU, with ``CudaGraphModule`` replaced by eager replay: it trains exactly the
+    parameters of the eager path, and builds a new graph only when what a graph reads moved."""
+    cpu = ["--trainer.accelerator=cpu", *extra]
+    eager = _fit(tmp_path, "eager", cpu, epochs=epochs)
+    graphs = _EagerGraphs()
+    monkeypatch.setattr("awr_modules.cuda_graphs.CudaGraphModule", graphs)
+    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: CapturedGradients(warmup=2))
+    graphed = _fit(tmp_path, "graphed", [*cpu, "--model.cudagraphs=true"], epochs=epochs)
+    assert len(graphs.built) == captures
+    assert sum(graph["calls"] for graph in graphs.built) == 2 * 8 * epochs  # 8 steps per phase, 2 phases
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 

@@ -106,19 +106,45 @@ def test_kstep_return_matches_formula(k: int, batched: bool) -> None:
     torch.testing.assert_close(td["advantage"], expected_target - expected_value, atol=1e-5, rtol=0)
 
 
-def test_kstep_reference_is_not_degenerate() -> None:
-    """The three horizons give different targets on this trajectory, so each case above pins something."""
-    _, obs, next_obs, reward = _trajectory()
-    targets = [kstep_reference(obs, next_obs, reward, k) for k in (1, 3, 100)]
-    assert len({tuple(target) for target in targets}) == 3
-    # Spot checks by hand. t=0, k=3: bootstrap from s_3 = [0.6, 1, 0.3], V = 1.2 + 0.5 - 0.3.
-    assert targets[1][0] == pytest.approx(1.0 + 0.9 * -0.5 + 0.81 * 2.0 + 0.729 * 1.4)
+# k-step returns worked out by hand on the trajectory above: (k, t, R_t).
+HAND_RETURNS = [
+    # t=0, k=3: bootstrap from s_3 = [0.6, 1, 0.3], V = 1.2 + 0.5 - 0.3.
+    (3, 0, 1.0 + 0.9 * -0.5 + 0.81 * 2.0 + 0.729 * 1.4),
     # t=0, k=100: stops at the termination at t=3, no bootstrap.
-    assert targets[2][0] == pytest.approx(1.0 + 0.9 * -0.5 + 0.81 * 2.0 + 0.729 * 0.4)
+    (100, 0, 1.0 + 0.9 * -0.5 + 0.81 * 2.0 + 0.729 * 0.4),
+    # t=2, k=3: only the two steps 2, 3 before the termination, no bootstrap.
+    (3, 2, 2.0 + 0.9 * 0.4),
     # t=4, k=3: runs 4, 5, 6 and bootstraps from the truncated s'_6 = [-1.5, 1, 0.7], V = -3 + 0.5 - 0.7.
-    assert targets[1][4] == pytest.approx(0.3 + 0.9 * 1.5 + 0.81 * -1.0 + 0.729 * -3.2)
-    # t=9, k=1: the end of the time axis bootstraps from s'_9 = [0.9, 1, 1.0], V = 1.8 + 0.5 - 1.0.
-    assert targets[0][9] == pytest.approx(-0.6 + 0.9 * 1.3)
+    (3, 4, 0.3 + 0.9 * 1.5 + 0.81 * -1.0 + 0.729 * -3.2),
+    # t=6, k=100: the truncation at t=6 bootstraps from s'_6 although the horizon is longer.
+    (100, 6, -1.0 + 0.9 * -3.2),
+    # t=7, k=3: runs 7, 8, 9 and bootstraps from the end-of-axis s'_9 = [0.9, 1, 1.0], V = 1.8 + 0.5 - 1.0.
+    (3, 7, 0.8 + 0.9 * 0.2 + 0.81 * -0.6 + 0.729 * 1.3),
+    # t=9, k=1: the end of the time axis bootstraps from s'_9.
+    (1, 9, -0.6 + 0.9 * 1.3),
+]
+
+
+def _estimator_targets(k: int) -> list[float]:
+    td = KStepReturnEstimator(gamma=GAMMA, horizon=k, value_network=make_linear_critic(WEIGHT))(_trajectory()[0])
+    return td["value_target"].squeeze(-1).tolist()
+
+
+def _reference_targets(k: int) -> list[float]:
+    _, obs, next_obs, reward = _trajectory()
+    return kstep_reference(obs, next_obs, reward, k)
+
+
+@pytest.mark.parametrize("targets", [_estimator_targets, _reference_targets], ids=["estimator", "reference"])
+def test_hand_computed_returns(targets) -> None:
+    """The estimator's own ``value_target`` (and the plain-Python reference) equal returns worked out by hand."""
+    for k, t, expected in HAND_RETURNS:
+        assert targets(k)[t] == pytest.approx(expected, abs=1e-5), f"k={k}, t={t}"
+
+
+def test_the_three_horizons_give_different_targets() -> None:
+    """So that each horizon of the formula test pins something of its own."""
+    assert len({tuple(_estimator_targets(k)) for k in (1, 3, 100)}) == 3
 
 
 def test_horizon_one_equals_torchrl_td0() -> None:

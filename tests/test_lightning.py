@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, subprocess_env, tiny_args
+from lightning_helpers import FRAMES, RecordPriorities, checkpoint_dir, load_checkpoint, subprocess_env, tiny_args
+from tensordict import TensorDict
+from torchrl.data import TensorDictPrioritizedReplayBuffer
 
+from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
 from recipes.classic_control import ClassicControl
@@ -138,7 +141,7 @@ def test_unknown_config_field_is_an_error_naming_it(tmp_path, capsys):
     assert "no_such_field" in capsys.readouterr().err
 
 
-def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
+def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path, monkeypatch):
     _fit(tmp_path, epochs=1)
     last = checkpoint_dir(tmp_path) / "last.ckpt"
     with pytest.raises(ValueError, match="do not match"):
@@ -149,8 +152,15 @@ def test_checkpoint_of_other_networks_or_env_is_refused(tmp_path):
                   f"--ckpt_path={last}"])
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(last.read_bytes()[: 1000])
-    with pytest.raises(Exception):  # noqa: B017 - torch's own unpickling error, before any weight is loaded
-        cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={corrupt}"])
+    logged = []
+    monkeypatch.setattr(AWRModule, "log", lambda module, name, *args, **kwargs: logged.append(name))
+    for subcommand in ("validate", "fit"):
+        # torch's own error, raised when LightningCLI reads the checkpoint's hyperparameters: before the module
+        # is built, so before any metric is logged and before the run's folder exists
+        with pytest.raises(RuntimeError, match="PytorchStreamReader failed reading zip archive"):
+            cli_main([subcommand, *tiny_args(tmp_path / subcommand), f"--ckpt_path={corrupt}"])
+        assert not (tmp_path / subcommand).exists()
+    assert logged == []
 
 
 def test_action_space_the_recipe_cannot_handle_is_refused():
@@ -221,14 +231,24 @@ def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path)
     assert logged == {2 * FRAMES}  # the second run trained only the second iteration: it resumed
     assert resumed.trainer.checkpoint_callback.dirpath == str(checkpoint_dir(tmp_path))
 
+def _without_eval_episodes(args: list[str]) -> list[str]:
+    return [arg for arg in args if not arg.startswith("--model.eval_episodes")]
+
+
 def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
-    """Three episodes side by side in a batched eval env: ``test`` logs their mean, ``predict`` returns them."""
-    three = ["--model.eval_episodes=3"]  # in the checkpoint's hyperparameters, which LightningCLI applies
-    _fit(tmp_path, epochs=1, extra=three)
-    three.append(f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}")
-    tested = cli_main(["test", *tiny_args(tmp_path), *three])
+    """Three episodes side by side in a batched eval env: ``test`` logs their mean, ``predict`` returns them.
+
+    ``test`` and ``predict`` are not told ``eval_episodes`` (the config says 10): the 3 come from the
+    checkpoint's hyperparameters, which LightningCLI applies over the config.
+    """
+    _fit(tmp_path, epochs=1, extra=["--model.eval_episodes=3"])
+    args = [*_without_eval_episodes(tiny_args(tmp_path)), f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}"]
+    config_default = cli_main(_without_eval_episodes(tiny_args(tmp_path)), run=False).model.hparams.eval_episodes
+    assert config_default == 10
+    tested = cli_main(["test", *args])
+    assert tested.model.hparams.eval_episodes == 3
     assert float(tested.trainer.callback_metrics["test/episode_length"]) == 200
-    predicted = cli_main(["predict", *tiny_args(tmp_path), *three])
+    predicted = cli_main(["predict", *args])
     episodes = predicted.trainer.predict_loop.predictions
     assert len(episodes) == 3
     assert [episode.shape[-1] for episode in episodes] == [200, 200, 200]  # full Pendulum episodes
@@ -240,11 +260,107 @@ def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
     assert float(tested.trainer.callback_metrics["test/return"]) == pytest.approx(sum(returns) / 3, rel=1e-5)
 
 
+def _recorder(cli) -> RecordPriorities:
+    (recorder,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, RecordPriorities)]
+    return recorder
+
+
 def test_sampling_weighting_trains_from_a_prioritized_buffer_and_resumes(tmp_path):
-    cli = _fit(tmp_path, epochs=1, extra=["--model.weighting=sampling"])
+    """``weighting=sampling``: the buffer samples with priority ``w = min(exp(A / beta), w_max)`` of the stored
+    (normalised) advantages (alpha 1, plus TorchRL's eps), and the priorities survive a resume."""
+    sampling = ["--model.weighting=sampling", "--trainer.callbacks+=lightning_helpers.RecordPriorities"]
+    cli = _fit(tmp_path, epochs=1, extra=sampling)
     assert cli.model.loss_module.weighting == "sampling"
-    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=["--model.weighting=sampling"]), "--ckpt_path=last"])
+    end = _recorder(cli).records["end"]
+    assert isinstance(end["buffer"], TensorDictPrioritizedReplayBuffer)
+    assert len(end["priority"]) == FRAMES
+    eps = end["buffer"].sampler._eps
+    weights = cli.model.loss_module.weights(end["advantage"])
+    torch.testing.assert_close(end["priority"], weights + eps, rtol=1e-6, atol=0)
+    assert weights.max() > 2 * weights.min()  # the priorities differ: not one default priority everywhere
+    load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")  # weights_only=True still loads it
+
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=sampling), "--ckpt_path=last"])
     assert resumed.model.env_steps == 2 * FRAMES
+    restored = _recorder(resumed).records["start"]
+    torch.testing.assert_close(restored["advantage"], end["advantage"], rtol=0, atol=0)
+    torch.testing.assert_close(restored["priority"], end["priority"], rtol=0, atol=0)  # rewritten on restore
+
+
+def test_max_env_steps_stops_the_run(tmp_path):
+    cli = _fit(tmp_path, epochs=100, extra=[f"--model.max_env_steps={2 * FRAMES}"])
+    assert (cli.model.iteration, cli.model.env_steps) == (2, 2 * FRAMES)
+    assert load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["iteration"] == 2
+
+
+def test_num_threads_sets_torch_threads_and_refuses_zero(tmp_path):
+    try:
+        cli_main(tiny_args(tmp_path, extra=["--num_threads=2"]), run=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(ValueError, match="--num_threads must be >= 1, got 0"):
+        cli_main(tiny_args(tmp_path, extra=["--num_threads=0"]), run=False)
+
+
+def _record_parameters(monkeypatch) -> list[list[torch.Tensor]]:
+    """The module's parameters as they are when training starts (after setup), one list per fit."""
+    records = []
+    original = AWRModule.on_train_start
+
+    def record(module):
+        records.append([p.detach().clone() for p in module.parameters()])
+        original(module)
+
+    monkeypatch.setattr(AWRModule, "on_train_start", record)
+    return records
+
+
+def test_learned_std_policy_trains_its_std_output(tmp_path, monkeypatch):
+    """``policy: learned_std``: the actor's last layer has a std unit per action dimension beside the mean's,
+    the std depends on the state, and training moves the std units' weights."""
+    initial = _record_parameters(monkeypatch)
+    cli = _fit(tmp_path, epochs=1, extra=["--model.recipe.init_args.policy=learned_std"])
+    actor = cli.model.actor
+    linears = [m for m in actor.modules() if isinstance(m, torch.nn.Linear)]
+    head = linears[-1]
+    assert head.out_features == 2  # Pendulum: 1 action dimension, mean and std
+    (before,) = initial
+    head_before = dict(zip([n for n, _ in cli.model.named_parameters()], before, strict=True))
+    prefix = next(n for n, p in cli.model.named_parameters() if p is head.weight).removesuffix("weight")
+    assert not torch.equal(head.weight[1], head_before[prefix + "weight"][1])  # the std unit was trained
+    assert not torch.equal(head.bias[1], head_before[prefix + "bias"][1])
+    observations = torch.tensor([[1.0, 0.0, 0.0], [-0.5, 0.8, 3.0]])
+    with torch.no_grad():
+        scale = actor[0](TensorDict({"observation": observations}, [2]))["scale"]
+    assert scale.shape == (2, 1) and (scale > 0).all()
+    assert scale[0] != scale[1]  # an output of the network, not a constant
+
+
+def test_adam_optimizer_by_config(tmp_path, monkeypatch):
+    initial = _record_parameters(monkeypatch)
+    cli = _fit(tmp_path, epochs=1, extra=["--model.optimizer=adam", "--model.actor_lr=0.003",
+                                          "--model.critic_lr=0.02"])
+    actor_optimizer, critic_optimizer = (wrapped.optimizer for wrapped in cli.model.optimizers())
+    for optimizer, network, lr in ((actor_optimizer, cli.model.actor, 0.003),
+                                   (critic_optimizer, cli.model.critic, 0.02)):
+        assert type(optimizer) is torch.optim.Adam
+        assert [group["lr"] for group in optimizer.param_groups] == [lr]
+        assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in network.parameters()}
+        assert all(float(optimizer.state[p]["step"]) == 3 for p in network.parameters())  # 3 steps per phase
+    (before,) = initial
+    changed = [not torch.equal(a, b) for a, b in zip(before, cli.model.parameters(), strict=True)]
+    assert all(changed)  # every parameter moved: the actor's and the critic's
+
+
+def test_a_fresh_run_into_the_same_folder_overwrites_last_ckpt(tmp_path):
+    """``awr validate --ckpt_path <folder>/last.ckpt`` must load the newest run, so no ``last-v1.ckpt``."""
+    _fit(tmp_path, epochs=1)
+    _fit(tmp_path, epochs=2)  # fresh: no --ckpt_path
+    folder = checkpoint_dir(tmp_path)
+    assert not list(folder.glob("last-v*.ckpt"))
+    state = load_checkpoint(folder / "last.ckpt")["awr"]
+    assert (state["iteration"], state["env_steps"]) == (2, 2 * FRAMES)
 
 
 def test_tensorboard_logger_by_config(tmp_path):

@@ -23,7 +23,16 @@ import statistics
 
 import pytest
 import torch
-from conftest import ACT_DIM, ACTOR_KINDS, FixedStd, dist_params, make_actor, make_batch, make_critic
+from conftest import (
+    ACT_DIM,
+    ACTOR_KINDS,
+    FixedStd,
+    dist_params,
+    make_actor,
+    make_batch,
+    make_critic,
+    make_linear_critic,
+)
 from tensordict import TensorDict, TensorDictParams
 from tensordict.nn import TensorDictModule
 from torch import distributions as d
@@ -274,22 +283,83 @@ def _trajectory_batch(n_steps: int = 5) -> TensorDict:
     )
 
 
+RENAME_WEIGHT = [0.5, -1.0, 2.0]  # V(s) = 0.5 s0 - s1 + 2 s2: the critic of the renamed-keys test
+RENAME_GAMMA = 0.9
+# Row 0 terminates at t=2 (a new episode starts at t=3); row 1 is truncated at t=1.
+RENAME_DONE = [[False, False, True, False, False], [False, True, False, False, False]]
+RENAME_TERMINATED = [[False, False, True, False, False], [False, False, False, False, False]]
+
+
+def _episodes_batch() -> TensorDict:
+    """[2, 5] trajectories whose ``next`` observation is the next row's, except at an episode's end."""
+    obs = torch.randn(2, 5, 3)
+    next_obs = torch.cat([obs[:, 1:], torch.randn(2, 1, 3)], 1)
+    for row, dones in enumerate(RENAME_DONE):
+        for t, done in enumerate(dones):
+            if done:
+                next_obs[row, t] = torch.randn(3)  # the last state of the episode, not the next one's reset
+    return TensorDict(
+        {
+            "observation": obs,
+            "action": torch.randn(2, 5, ACT_DIM),
+            "next": {
+                "observation": next_obs,
+                "reward": torch.randn(2, 5, 1),
+                "done": torch.tensor(RENAME_DONE).unsqueeze(-1),
+                "terminated": torch.tensor(RENAME_TERMINATED).unsqueeze(-1),
+            },
+        },
+        [2, 5],
+    )
+
+
+def _two_step_returns(batch: TensorDict) -> list[list[float]]:
+    """``R_t = r_t + gamma r_{t+1} + gamma^2 V(s'_{t+1})`` by hand, cut at ends (no bootstrap after a termination)."""
+    def value(s: list[float]) -> float:
+        return sum(si * wi for si, wi in zip(s, RENAME_WEIGHT, strict=True))
+
+    reward = batch["next", "reward"].squeeze(-1).tolist()
+    next_obs = batch["next", "observation"].tolist()
+    returns = []
+    for row in range(2):
+        horizon, row_returns = len(reward[row]), []
+        for t in range(horizon):
+            total = 0.0
+            for i in range(2):
+                s = t + i
+                total += RENAME_GAMMA**i * reward[row][s]
+                end = RENAME_DONE[row][s] or s == horizon - 1
+                if end or i == 1:
+                    if not RENAME_TERMINATED[row][s]:
+                        total += RENAME_GAMMA ** (i + 1) * value(next_obs[row][s])
+                    break
+            row_returns.append(total)
+        returns.append(row_returns)
+    return returns
+
+
 @pytest.mark.parametrize("order", ["keys_first", "estimator_first"])
 def test_renamed_keys_reach_the_value_estimator(order: str) -> None:
-    loss = AWRLoss(make_actor("normal"), make_critic())
+    """The estimator reads the renamed reward/done/terminated and writes the renamed advantage/target:
+    the loss's value targets equal two-step returns computed by hand with a critic of known weights."""
+    loss = AWRLoss(make_actor("normal"), make_linear_critic(RENAME_WEIGHT))
     rename = {"advantage": "adv", "value_target": "ret", "reward": "rew", "done": "end", "terminated": "fail"}
     if order == "keys_first":
         loss.set_keys(**rename)
-    loss.make_value_estimator(KStepReturnEstimator, gamma=0.9, horizon=2)
+    loss.make_value_estimator(KStepReturnEstimator, gamma=RENAME_GAMMA, horizon=2)
     if order == "estimator_first":
         loss.set_keys(**rename)
-    batch = _trajectory_batch()
+    batch = _episodes_batch()
+    expected_target = torch.tensor(_two_step_returns(batch))
+    expected_value = batch["observation"] @ torch.tensor(RENAME_WEIGHT)
     for old, new in (("reward", "rew"), ("done", "end"), ("terminated", "fail")):
         batch.rename_key_(("next", old), ("next", new))
     out = loss(batch)
-    assert {"adv", "ret"} <= set(batch.keys()) and "advantage" not in batch
-    expected_value = 0.5 * (batch["state_value"] - batch["ret"]).pow(2).mean()
-    torch.testing.assert_close(out["loss_value"], expected_value)
+    assert {"adv", "ret"} <= set(batch.keys()) and "advantage" not in batch and "value_target" not in batch
+    torch.testing.assert_close(batch["ret"].squeeze(-1), expected_target, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["adv"].squeeze(-1), expected_target - expected_value, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["loss_value"], 0.5 * (expected_value - expected_target).pow(2).mean(),
+                               atol=1e-5, rtol=1e-5)
 
 
 def _with(batch: TensorDict, key, value) -> TensorDict:

@@ -109,7 +109,7 @@ def test_renamed_keys_read_and_write_the_new_names(kind):
     out = loss(renamed)
     for key in loss.out_keys:
         torch.testing.assert_close(out[key], expected[key], msg=key)
-    assert "prio" in renamed.keys() and "td_error" not in renamed.keys()
+    assert "prio" in renamed and "td_error" not in renamed
 
 
 def _padded(kind: str) -> tuple[TensorDict, TensorDict]:
