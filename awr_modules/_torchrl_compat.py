@@ -4,7 +4,8 @@ torchrl 0.13 added ``LossModule._reduce_loss`` (reduction that honours TorchRL's
 ``LossModule.register_coeff_buffer`` and ``dispatch_value_estimator``. The package supports torchrl
 0.12 to 0.14 (clusters cannot always pick their torch), so :class:`LossModuleFallbacks` provides the
 first two with the same behaviour, and is placed *after* ``LossModule`` in ``AWRLoss``'s bases: where
-TorchRL has the method, TorchRL's is the one that runs.
+TorchRL has the method, TorchRL's is the one that runs; :func:`build_builtin_estimator` uses
+TorchRL's estimator registry where it exists.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
+from torchrl.objectives.utils import ValueEstimators, default_value_kwargs
+from torchrl.objectives.value import GAE, TD0Estimator, TD1Estimator, TDLambdaEstimator
 
 try:  # torchrl >= 0.13
     from torchrl.objectives.utils import dispatch_value_estimator
@@ -21,7 +24,26 @@ except ImportError:  # torchrl 0.12
 AUTO_LOSS_MASK_KEYS: tuple[NestedKey, ...] = (("collector", "mask"), "shifted_valid")
 """The validity masks TorchRL writes (a padding ``SliceSampler``, the value estimators), as in torchrl 0.14."""
 
-__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "dispatch_value_estimator"]
+__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator"]
+
+_BUILTIN_ESTIMATORS = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
+                       ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE}
+
+
+def build_builtin_estimator(loss_module, value_type: ValueEstimators, supported: tuple, **hyperparams) -> None:
+    """Give ``loss_module`` one of TorchRL's estimators on its ``critic_network``: through TorchRL's
+    registry (``dispatch_value_estimator``, torchrl >= 0.13), else built here with TorchRL's defaults."""
+    if dispatch_value_estimator is not None:
+        dispatch_value_estimator(loss_module, value_type, supported=supported, **hyperparams)
+        return
+    if value_type not in supported:
+        raise NotImplementedError(
+            f"Value type {value_type!r} is not implemented for loss {type(loss_module).__name__}. "
+            f"Supported value types: {sorted(v.name for v in supported)}."
+        )
+    kwargs = {**default_value_kwargs(value_type), **hyperparams}
+    loss_module._value_estimator = _BUILTIN_ESTIMATORS[value_type](value_network=loss_module.critic_network, **kwargs)
+    loss_module.value_type = value_type
 
 
 class LossModuleFallbacks:

@@ -110,3 +110,17 @@ class CapturedGradients:
             cached = (layout, graph)
             self._graphs[phase] = cached
         return cached[1]
+
+
+def move_distribution_kwargs(actor: torch.nn.Module, device: torch.device | str) -> None:
+    """Move tensors in ``distribution_kwargs`` (e.g. TanhNormal's ``low``/``high``) to ``device``.
+
+    They sit in a plain dict, which ``module.to(device)`` does not reach: on a GPU each
+    forward would copy them from the host, a copy that a CUDA graph cannot capture.
+    """
+    for module in actor.modules():
+        kwargs = getattr(module, "distribution_kwargs", None)
+        if isinstance(kwargs, dict):
+            for key, value in kwargs.items():
+                if isinstance(value, torch.Tensor):
+                    kwargs[key] = value.to(device)

@@ -21,8 +21,6 @@ from tensordict import TensorDict, TensorDictBase, TensorDictParams
 from tensordict.nn import (
     ProbabilisticTensorDictSequential,
     TensorDictModule,
-    TensorDictModuleBase,
-    TensorDictSequential,
     composite_lp_aggregate,
     dispatch,
 )
@@ -30,67 +28,33 @@ from tensordict.utils import NestedKey
 from torch import distributions as d
 from torchrl.modules import TanhNormal
 from torchrl.objectives import LossModule
-from torchrl.objectives.utils import ValueEstimators, default_value_kwargs
-from torchrl.objectives.value import GAE, TD0Estimator, TD1Estimator, TDLambdaEstimator, ValueEstimatorBase
+from torchrl.objectives.utils import ValueEstimators
+from torchrl.objectives.value import ValueEstimatorBase
 
-from awr_modules._torchrl_compat import LossModuleFallbacks, dispatch_value_estimator
+from awr_modules._torchrl_compat import LossModuleFallbacks, build_builtin_estimator
+from awr_modules.batch_checks import check_finite, check_keys_and_values, check_trajectory_inputs, per_sample
+from awr_modules.diagnostics import batch_diagnostics
+from awr_modules.distributions import (
+    action_bound_penalty_for,
+    action_parameters,
+    base_distribution,
+    closed_form_or_sampled_entropy,
+    distribution_class,
+    per_transition,
+)
 from awr_modules.precision import float32_context
-from awr_modules.value_targets import mean_and_std, standardize_advantage
+from awr_modules.value_targets import standardize_advantage
 
-REFERENCE_ACTION_BOUND_PENALTY = 10.0
-"""The reference's ``action_bound_weight``: what ``action_bound_penalty=None`` means for a Gaussian actor."""
 _WEIGHTINGS = ("loss", "sampling")
 _REDUCTIONS = ("mean", "sum", "none")
-_BUILTIN_ESTIMATORS = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
-                       ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE}
 _ESTIMATOR_KEYS = ("advantage", "value_target", "value", "reward", "done", "terminated")
 _NETWORK_PARAMS = ("actor_network_params", "critic_network_params",
                    "target_actor_network_params", "target_critic_network_params")
 
 
-def _per_transition(value: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """Sum per-action-dimension terms (log-probs, entropies, penalties of a plain Normal) to one per transition."""
-    while value.ndim > batch_dims:
-        value = value.sum(-1)
-    return value
-
-
-def _base(dist: d.Distribution) -> d.Distribution:
-    """The per-dimension distribution inside an ``Independent`` one (IndependentNormal's Normal)."""
-    return dist.base_dist if isinstance(dist, d.Independent) else dist
-
-
 def _parameters_in(params: TensorDictParams | None, network: torch.nn.Module) -> AbstractContextManager:
     """Swap functional ``params`` into ``network`` for one call; nothing when the loss is not functional."""
     return params.to_module(network) if params is not None else nullcontext()
-
-
-def _entropy(dist: d.Distribution) -> torch.Tensor:
-    """Closed-form entropy, or a one-sample estimate -log pi(a~pi) where none exists (TanhNormal)."""
-    try:
-        return dist.entropy()
-    except NotImplementedError:
-        sample = dist.rsample() if dist.has_rsample else dist.sample()
-        return -dist.log_prob(sample)
-
-
-def _distribution_class(actor: TensorDictModuleBase) -> type | None:
-    """The distribution class of a TorchRL actor (a ``ProbabilisticActor``'s last module has it)."""
-    module = actor[-1] if isinstance(actor, TensorDictSequential) else actor
-    return getattr(module, "distribution_class", None)
-
-
-def has_unbounded_gaussian_mean(actor: TensorDictModuleBase) -> bool:
-    """Whether ``actor``'s distribution is a Gaussian whose mean can leave ``[-1, 1]`` (not TanhNormal)."""
-    distribution = _distribution_class(actor)
-    return (isinstance(distribution, type) and issubclass(distribution, (d.Normal, d.Independent))
-            and not issubclass(distribution, TanhNormal))
-
-
-def _masked_mean(value: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    if valid is None:
-        return value.mean()
-    return torch.where(valid, value, torch.zeros_like(value)).sum() / valid.sum().clamp_min(1)
 
 
 class AWRLoss(LossModule, LossModuleFallbacks):
@@ -123,22 +87,17 @@ class AWRLoss(LossModule, LossModuleFallbacks):
     (``loss.temperature = 0.5``).
 
     Args:
-        actor_network: a TorchRL actor whose ``get_dist`` returns a distribution
-            (``ProbabilisticActor`` with ``Normal``/``IndependentNormal``, ``TanhNormal``,
-            ``Categorical``/``OneHotCategorical``...). Only ``log_prob`` of the
-            stored action is used, so fixed or learned scales both work.
+        actor_network: a TorchRL actor whose ``get_dist`` returns a distribution (Normal,
+            IndependentNormal, TanhNormal, Categorical, OneHotCategorical; fixed or learned scale).
         value_network: a ``ValueOperator`` writing ``state_value``.
 
     Keyword Args:
-        temperature: ``beta`` of the paper, the Lagrange multiplier of the KL
-            constraint: smaller means greedier weights. Must be > 0.
-            Reference: 1.0 (on normalised advantages).
-        max_weight: the weight clip ``w_max`` that bounds the variance of a
-            single sample's gradient. Must be > 0. Reference: 20.
-        normalize_advantage: standardise ``A`` over the batch (eps 1e-5) before
-            weighting. The reference standardises over the whole buffer, which
-            :func:`~awr_modules.refresh_value_targets` does; this flag is for
-            pipelines that feed raw advantages.
+        temperature: ``beta``, the Lagrange multiplier of the KL constraint: smaller means greedier
+            weights. Reference: 1.0 (on normalised advantages).
+        max_weight: the weight clip ``w_max``, which bounds one sample's gradient. Reference: 20.
+        normalize_advantage: standardise ``A`` over the batch before weighting, for pipelines
+            that feed raw advantages (the reference standardises over the whole buffer, as
+            :func:`~awr_modules.refresh_value_targets` does).
         value_scale: ``s_v``; the value error is divided by it so step sizes do
             not depend on the return scale. The reference uses ``1 / (1 - gamma)``.
         action_bound_penalty: coefficient of the penalty on the Gaussian mean leaving the
@@ -157,13 +116,10 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         check_inputs: check keys and finiteness of the inputs before computing
             (one host sync per call). ``False`` leaves no data-dependent Python control flow,
             as ``torch.func.vmap``, ``torch.compile`` and CUDA graphs need.
-        functional: hold the networks' parameters in ``actor_network_params`` /
-            ``critic_network_params`` (TensorDicts of the same parameter tensors) and
-            swap them into the networks on every call: TorchRL's default, which lets a
-            caller pass other parameters (``vmap`` over stacked parameters). ``False``, as
-            TorchRL's PPO option of that name, holds the networks as submodules and calls
-            them as they are, without the per-call swap (a fixed cost per step, noticeable
-            for small MLPs on a CPU).
+        functional: TorchRL's default: the parameters live in ``actor_network_params`` /
+            ``critic_network_params`` and are swapped into the networks on every call, so a
+            caller can pass others (``vmap`` over stacked parameters). ``False`` (as PPO's option)
+            calls the networks as they are, without that per-call cost.
 
     A penalty or bonus whose coefficient is 0 at construction is not computed at all (as PPO's
     ``entropy_bonus``); the coefficient of a term that is on can be changed at any time.
@@ -172,11 +128,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
     lists every key the loss may read; it writes ``td_error = |R - V(s)|`` into the input.
 
     Returns (from :meth:`forward`): a TensorDict with the :attr:`out_keys`: ``loss_actor``,
-    ``loss_value`` and detached diagnostics ``weight_mean``, ``weight_max``,
-    ``weight_clip_fraction``, ``weight_ess`` (effective sample size ``(sum w)^2 / (n sum w^2)``,
-    a fraction), ``advantage_mean``, ``advantage_std``, ``log_prob_mean``, ``entropy`` and
-    ``kl_behaviour`` (an estimate of ``KL(mu || pi) = E_mu[log mu(a|s) - log pi(a|s)]`` from the
-    stored behaviour log-prob; nan when the batch has none).
+    ``loss_value`` and the detached :attr:`DIAGNOSTICS` (:mod:`awr_modules.diagnostics`).
 
     Examples:
         >>> import torch
@@ -236,7 +188,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
     default_value_estimator = ValueEstimators.TDLambda
-    SUPPORTED_VALUE_ESTIMATORS = tuple(_BUILTIN_ESTIMATORS)
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda,
+                                  ValueEstimators.GAE)
     _schedulable_buffers = frozenset(
         {"temperature", "max_weight", "value_scale", "action_bound_penalty", "entropy_coeff", "action_l2_coeff"})
     DIAGNOSTICS = ("weight_mean", "weight_max", "weight_clip_fraction", "weight_ess", "advantage_mean",
@@ -266,7 +219,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         check_inputs: bool = True,
         functional: bool = True,
     ) -> None:
-        action_bound_penalty = self._resolve_bound_penalty(actor_network, action_bound_penalty)
+        action_bound_penalty = action_bound_penalty_for(actor_network, action_bound_penalty)
         for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale)):
             if not value > 0:
                 raise ValueError(f"AWRLoss: {name} must be > 0, got {value}.")
@@ -296,26 +249,12 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         self._penalize_action_bound = action_bound_penalty > 0
         self._penalize_action_l2 = action_l2_coeff > 0
         self._entropy_bonus = entropy_coeff > 0
-        if _distribution_class(actor_network) is TanhNormal:  # its entropy (a diagnostic) is a one-sample estimate
+        if distribution_class(actor_network) is TanhNormal:  # its entropy (a diagnostic) is a one-sample estimate
             self._vmap_randomness = "same"  # one draw shared by vmapped parameter sets
         self.normalize_advantage = normalize_advantage
         self._weighting = weighting
         self.reduction = reduction
         self.check_inputs = check_inputs
-
-    @staticmethod
-    def _resolve_bound_penalty(actor: ProbabilisticTensorDictSequential, penalty: float | None) -> float:
-        """The one place that decides whether an actor takes the action-bound penalty."""
-        gaussian = has_unbounded_gaussian_mean(actor)
-        if penalty is None:
-            return REFERENCE_ACTION_BOUND_PENALTY if gaussian else 0.0
-        if penalty > 0 and not gaussian:
-            raise ValueError(
-                f"AWRLoss: action_bound_penalty needs a Gaussian actor (Normal/IndependentNormal) whose mean "
-                f"can leave [-1, 1]; got {getattr(_distribution_class(actor), '__name__', type(actor).__name__)}. "
-                f"Set action_bound_penalty=0 (or None for the reference's setting of each actor)."
-            )
-        return float(penalty)
 
     @property
     def functional(self) -> bool:
@@ -402,17 +341,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             return self
         if isinstance(value_type, type) and issubclass(value_type, ValueEstimatorBase):
             LossModule.make_value_estimator(self, value_type, **{"value_network": self.critic_network, **hyperparams})
-        elif dispatch_value_estimator is not None:
-            dispatch_value_estimator(self, value_type, supported=self.SUPPORTED_VALUE_ESTIMATORS, **hyperparams)
-        elif value_type in _BUILTIN_ESTIMATORS:  # torchrl 0.12 has no estimator registry
-            kwargs = {**default_value_kwargs(value_type), **hyperparams}
-            self._value_estimator = _BUILTIN_ESTIMATORS[value_type](value_network=self.critic_network, **kwargs)
-            self.value_type = value_type
         else:
-            raise NotImplementedError(
-                f"AWRLoss: value estimator {value_type!r} is not supported; use one of "
-                f"{[v.name for v in self.SUPPORTED_VALUE_ESTIMATORS]}, KStepReturnEstimator, or an estimator instance."
-            )
+            build_builtin_estimator(self, value_type, self.SUPPORTED_VALUE_ESTIMATORS, **hyperparams)
         self._value_estimator.set_keys(**{name: getattr(self.tensor_keys, name) for name in _ESTIMATOR_KEYS})
         self._in_keys = None
         return self
@@ -477,26 +407,14 @@ class AWRLoss(LossModule, LossModuleFallbacks):
     def _advantage_and_target(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.tensor_keys
         if keys.advantage not in tensordict.keys(True) or keys.value_target not in tensordict.keys(True):
-            self._check_trajectory_inputs(tensordict)
+            keys_needed = [("next", keys.reward), ("next", keys.done), ("next", keys.terminated)]
+            check_trajectory_inputs(tensordict, keys_needed, keys.advantage, keys.value_target,
+                                    check_values=self.check_inputs)
             with float32_context(tensordict.device), torch.no_grad():
                 params = self.critic_network_params.detach() if self.functional else None
                 self.value_estimator(tensordict, params=params)
-        return (self._per_sample(tensordict, keys.advantage).float(),
-                self._per_sample(tensordict, keys.value_target).float())
-
-    @staticmethod
-    def _per_sample(tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
-        """Read a per-transition scalar stored as ``[*B]`` or ``[*B, 1]`` and return it as ``[*B]``."""
-        value = tensordict.get(key)
-        batch = tensordict.batch_size
-        if value.shape == batch + (1,):
-            value = value.squeeze(-1)
-        if value.shape != batch:
-            raise ValueError(
-                f"AWRLoss: {key!r} has shape {tuple(value.shape)}; expected {tuple(batch)} or "
-                f"{tuple(batch) + (1,)} (one value per transition of the batch)."
-            )
-        return value
+        return (per_sample(tensordict, keys.advantage).float(),
+                per_sample(tensordict, keys.value_target).float())
 
     def _actor_loss(self, tensordict: TensorDictBase, advantage: torch.Tensor, value_target: torch.Tensor,
                     priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> TensorDictBase:
@@ -508,44 +426,33 @@ class AWRLoss(LossModule, LossModuleFallbacks):
 
         with _parameters_in(self.actor_network_params, self.actor_network):
             dist = self.actor_network.get_dist(tensordict)
-        log_prob = _per_transition(dist.log_prob(tensordict.get(keys.action)), batch_dims)
+        log_prob = per_transition(dist.log_prob(tensordict.get(keys.action)), batch_dims)
         if self.check_inputs:
-            self._check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
-        entropy = _per_transition(_entropy(dist), batch_dims)
+            check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
+        entropy = per_transition(closed_form_or_sampled_entropy(dist), batch_dims)
 
         sample_weight = torch.ones_like(weight) if self.samples_by_weight else weight
         loss_actor = -sample_weight * log_prob + self._regularization(dist, entropy, batch_dims)
         if priority_weight is not None:
             loss_actor = loss_actor * priority_weight
         out = TensorDict({"loss_actor": self._reduce_loss(loss_actor, tensordict)}, batch_size=[])
-        out.update(self._diagnostics(tensordict, weight, advantage, log_prob, entropy, valid))
+        behaviour_log_prob = tensordict.get(keys.sample_log_prob, None)
+        out.update(batch_diagnostics(weight, advantage, log_prob, entropy, behaviour_log_prob, self.max_weight, valid))
         return out
 
     def _regularization(self, dist: d.Distribution, entropy: torch.Tensor, batch_dims: int) -> torch.Tensor:
         """The actor's penalties and bonus per transition: bound penalty + action L2 - entropy bonus."""
         terms = torch.zeros_like(entropy)
         if self._penalize_action_bound:
-            mean = _base(dist).loc
+            mean = base_distribution(dist).loc
             excursion = mean - mean.clamp(-1.0, 1.0)
-            terms = terms + self.action_bound_penalty * _per_transition(0.5 * excursion.pow(2), batch_dims)
+            terms = terms + self.action_bound_penalty * per_transition(0.5 * excursion.pow(2), batch_dims)
         if self._penalize_action_l2:
-            terms = terms + self.action_l2_coeff * _per_transition(0.5 * self._action_parameters(dist).pow(2),
+            terms = terms + self.action_l2_coeff * per_transition(0.5 * action_parameters(dist).pow(2),
                                                                    batch_dims)
         if self._entropy_bonus:
             terms = terms - self.entropy_coeff * entropy
         return terms
-
-    @staticmethod
-    def _action_parameters(dist: d.Distribution) -> torch.Tensor:
-        """The Gaussian mean, or centred categorical logits.
-
-        A categorical only keeps normalised logits; centred ones (the logits up to the constant
-        that does not change the policy) stand in for the network's raw logits.
-        """
-        base = _base(dist)
-        if isinstance(base, (d.Categorical, d.OneHotCategorical)):
-            return base.logits - base.logits.mean(-1, keepdim=True)
-        return base.loc
 
     def _value_loss(self, tensordict: TensorDictBase, advantage: torch.Tensor, value_target: torch.Tensor,
                     priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> TensorDictBase:
@@ -560,31 +467,6 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             loss_value = loss_value * priority_weight
         return TensorDict({"loss_value": self._reduce_loss(loss_value, tensordict)}, batch_size=[])
 
-    def _diagnostics(self, tensordict: TensorDictBase, weight: torch.Tensor, advantage: torch.Tensor,
-                     log_prob: torch.Tensor, entropy: torch.Tensor,
-                     valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Detached summaries of the batch's valid rows (the ``DIAGNOSTICS`` of :attr:`out_keys`)."""
-        weight, advantage, log_prob = weight.detach(), advantage.detach(), log_prob.detach()
-        weight_mean = _masked_mean(weight, valid)
-        advantage_mean, advantage_std = mean_and_std(advantage, valid)
-        behaviour_log_prob = tensordict.get(self.tensor_keys.sample_log_prob, None)
-        if behaviour_log_prob is None:
-            kl_behaviour = torch.full_like(weight_mean, float("nan"))
-        else:
-            kl_behaviour = _masked_mean(behaviour_log_prob.reshape(log_prob.shape).float() - log_prob, valid)
-        clipped = (weight >= self.max_weight * (1 - 1e-6)).float()
-        return {
-            "weight_mean": weight_mean,
-            "weight_max": (weight if valid is None else torch.where(valid, weight, torch.zeros_like(weight))).max(),
-            "weight_clip_fraction": _masked_mean(clipped, valid),
-            "weight_ess": weight_mean.pow(2) / _masked_mean(weight.pow(2), valid),  # (sum w)^2 / (n sum w^2)
-            "advantage_mean": advantage_mean,
-            "advantage_std": advantage_std,
-            "log_prob_mean": _masked_mean(log_prob, valid),
-            "entropy": _masked_mean(entropy.detach(), valid),
-            "kl_behaviour": kl_behaviour,
-        }
-
     # --------------------------------------------------------------- checks
     def check_batch(self, tensordict: TensorDictBase) -> None:
         """Raise a clear error if ``tensordict`` lacks a key the loss reads or holds non-finite advantages
@@ -594,34 +476,6 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         from one refreshed buffer can instead check the whole buffer once (one host sync) and
         construct the loss with ``check_inputs=False``.
         """
-        present = tensordict.keys(True)
-        needed = [self.tensor_keys.action, *self.actor_network.in_keys, *self.critic_network.in_keys]
-        missing = [key for key in dict.fromkeys(needed) if key not in present]
-        if missing:
-            raise KeyError(
-                f"AWRLoss: the batch lacks {missing}; it has {sorted(map(str, present))}. "
-                f"Rename keys with loss.set_keys(...) or fix the networks' in_keys."
-            )
-        for key in (self.tensor_keys.advantage, self.tensor_keys.sample_log_prob):
-            if key in present:
-                self._check_finite(tensordict.get(key), repr(key))
-
-    def _check_trajectory_inputs(self, tensordict: TensorDictBase) -> None:
         keys = self.tensor_keys
-        needed = [("next", keys.reward), ("next", keys.done), ("next", keys.terminated)]
-        missing = [key for key in needed if key not in tensordict.keys(True)]
-        if missing:
-            raise KeyError(
-                f"AWRLoss: the batch has no {keys.advantage!r}/{keys.value_target!r}, so the value estimator "
-                f"must compute them, but it lacks {missing}. Pass trajectory-shaped data [*B, T] with 'next', "
-                f"or refresh targets over the buffer with awr_modules.refresh_value_targets first."
-            )
-        if self.check_inputs:
-            self._check_finite(tensordict.get(("next", keys.reward)), repr(("next", keys.reward)))
-
-    @staticmethod
-    def _check_finite(value: torch.Tensor, what: str) -> None:
-        if not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).sum().item()
-            raise ValueError(f"AWRLoss: {what} has {bad} non-finite entries (nan or inf) out of {value.numel()}.")
-
+        check_keys_and_values(tensordict, [keys.action, *self.actor_network.in_keys, *self.critic_network.in_keys],
+                              finite=[keys.advantage, keys.sample_log_prob])

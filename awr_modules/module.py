@@ -20,8 +20,7 @@ besides Lightning's own in :mod:`awr_modules.run_state`.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,11 +35,12 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase
 
 from awr_modules.collector import make_collector
-from awr_modules.cuda_graphs import CapturedGradients
+from awr_modules.cuda_graphs import CapturedGradients, move_distribution_kwargs
 from awr_modules.distributed import average_gradients, gather_rank_states, mean_across_ranks, no_backward_sync
 from awr_modules.evaluation import Evaluation, evaluate
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
+from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
 from awr_modules.recipe import Recipe
 from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.run_state import (
@@ -52,23 +52,6 @@ from awr_modules.run_state import (
     restore_rank_state,
 )
 from awr_modules.value_targets import refresh_value_targets
-
-
-class _PhaseClock:
-    """Wall-clock seconds spent in each phase of an iteration (laps with the same name add up)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
-
-
-MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
-"""A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
 
 
 @dataclass
@@ -85,28 +68,6 @@ class _Runtime:
     statistics: ObservationStatistics | None = None  # the recipe's link from env statistics to the networks
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
-
-
-def _minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
-    """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
-
-    With ``compile`` each is one ``torch.compile`` graph of the gather and the loss together,
-    whose inputs are the phase's stored TensorDict (the same for all its steps) and fresh
-    indices. Compiling the loss alone would build a new minibatch TensorDict in eager mode
-    every step and check the graph's guards against it: a fixed cost per step, large beside the
-    compiled loss of these small networks. Two functions, so that each phase keeps its own
-    compiled graphs.
-    """
-
-    def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss.actor_loss(stored[index])
-
-    def value_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss.value_loss(stored[index])
-
-    if compile:
-        return torch.compile(actor_loss), torch.compile(value_loss)
-    return actor_loss, value_loss
 
 
 def _positive(name: str, value: float) -> None:
@@ -238,7 +199,7 @@ class AWRModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
         rank_seed = self.hparams.seed + 1000 * self.global_rank
-        actor_loss, value_loss = _minibatch_losses(self.loss_module, compile=self.hparams.compile)
+        actor_loss, value_loss = minibatch_losses(self.loss_module, compile=self.hparams.compile)
         runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
                            eval_env=self.recipe.make_env(rank_seed + 500, self.hparams.eval_episodes),
                            actor_loss=actor_loss, value_loss=value_loss)
@@ -269,7 +230,7 @@ class AWRModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """The actor sits on its device now: move its distribution's tensor arguments there too."""
-        _move_distribution_kwargs(self.actor, self.device)
+        move_distribution_kwargs(self.actor, self.device)
 
     def on_train_start(self) -> None:
         """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
@@ -310,7 +271,7 @@ class AWRModule(pl.LightningModule):
         actor_optimizer, critic_optimizer = self.optimizers()
         loss, buffer, hp = self.loss_module, self.runtime.buffer, self.hparams
         estimator = loss.value_estimator
-        clock = _PhaseClock()
+        clock = PhaseClock()
 
         data = self._collect()                                                   # 1. collect
         buffer.extend(data.reshape(-1))                                          # 2. FIFO buffer
@@ -330,7 +291,7 @@ class AWRModule(pl.LightningModule):
                                 loss_key="loss_actor", optimizer=actor_optimizer, network=self.actor)
         clock.lap("policy_phase")
         self.iteration += 1
-        self._check_finite_losses(value_out, actor_out)
+        check_finite_losses(self.iteration, value_out, actor_out)
         last = [out for out in (value_out, actor_out) if out is not None]       # last minibatch of each phase
         self._log_iteration(data, last, clock.seconds)                           # 7. log
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
@@ -344,7 +305,7 @@ class AWRModule(pl.LightningModule):
         Each step computes gradients on ``stored[index]`` (eagerly, or replayed as a CUDA graph
         with ``cudagraphs``) and then takes Lightning's optimizer step.
         """
-        inputs = self._phase_inputs(steps, batch_size, prioritized=prioritized)
+        inputs = phase_inputs(self.runtime.buffer, self.loss_module, steps, batch_size, prioritized=prioritized)
         if inputs is None:
             return None
         stored, indices = inputs
@@ -364,47 +325,6 @@ class AWRModule(pl.LightningModule):
             out = step(index)
             self._optimizer_step(optimizer, network)
         return out
-
-    def _phase_inputs(self, steps: int, batch_size: int, *,
-                      prioritized: bool) -> tuple[TensorDictBase, torch.Tensor] | None:
-        """The stored data a phase reads and its ``[steps, batch_size]`` minibatch indices, drawn at once.
-
-        Targets and advantages do not change within a phase, so drawing all indices up
-        front samples exactly as ``buffer.sample`` per step would (independent draws with
-        replacement: uniform, or proportional to the priorities with ``prioritized``), at
-        a fraction of the per-step cost. Only the keys the loss reads are kept (a view of
-        the storage, no copy), and the loss's input checks run once over them instead of
-        once per step. ``None`` when ``steps`` is 0.
-        """
-        buffer = self.runtime.buffer
-        if steps == 0:
-            return None
-        storage = buffer.storage
-        if prioritized:
-            index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
-        else:
-            index = torch.randint(len(buffer), (steps * batch_size,), device=storage.device)
-        keys = [*self.loss_module.in_keys_given_targets, self.loss_module.tensor_keys.sample_log_prob]
-        stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
-        self.loss_module.check_batch(stored)  # keys and finiteness, once for the whole phase
-        return stored, index.to(storage.device).view(steps, batch_size)
-
-    def _check_finite_losses(self, *outputs: TensorDictBase | None) -> None:
-        """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).
-
-        A non-finite loss leaves non-finite parameters behind, so the last minibatch of a
-        phase shows a divergence anywhere in it.
-        """
-        for out in outputs:
-            if out is None:
-                continue
-            for key in ("loss_value", "loss_actor"):
-                value = out.get(key, None)
-                if value is not None and not torch.isfinite(value).all():
-                    raise FloatingPointError(
-                        f"AWRModule: {key} became {value.item()} in iteration {self.iteration}; the networks "
-                        f"diverged. Lower {'critic_lr' if key == 'loss_value' else 'actor_lr'} or check the rewards."
-                    )
 
     def _collect(self) -> TensorDictBase:
         """Step 1: the next batch of the collector; the observation statistics follow it."""
@@ -501,17 +421,3 @@ class AWRModule(pl.LightningModule):
         own = own_rank_state(state["ranks"], self.trainer.world_size, self.global_rank)
         loss = self.loss_module
         restore_rank_state(own, self.runtime.buffer, loss.sampling_priority if loss.samples_by_weight else None)
-
-
-def _move_distribution_kwargs(actor: torch.nn.Module, device: torch.device | str) -> None:
-    """Move tensors in ``distribution_kwargs`` (e.g. TanhNormal's ``low``/``high``) to ``device``.
-
-    They sit in a plain dict, which ``module.to(device)`` does not reach: on a GPU each
-    forward would copy them from the host, a copy that a CUDA graph cannot capture.
-    """
-    for module in actor.modules():
-        kwargs = getattr(module, "distribution_kwargs", None)
-        if isinstance(kwargs, dict):
-            for key, value in kwargs.items():
-                if isinstance(value, torch.Tensor):
-                    kwargs[key] = value.to(device)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from awr_modules import AWRLoss
 from awr_modules.cli import cli_main
-from awr_modules.module import _minibatch_losses
+from awr_modules.phases import minibatch_losses
 
 
 class _Steps(pl.LightningModule):
@@ -65,9 +65,9 @@ class _Steps(pl.LightningModule):
                              action_bound_penalty=float(loss.action_bound_penalty),
                              entropy_coeff=float(loss.entropy_coeff), action_l2_coeff=float(loss.action_l2_coeff),
                              weighting=loss.weighting, check_inputs=False, functional=True)
-        self.loss_fns = {"eager": _minibatch_losses(loss)[0],
-                         "compiled": _minibatch_losses(loss, compile=True)[0],
-                         "eager, functional": _minibatch_losses(functional)[0]}
+        self.loss_fns = {"eager": minibatch_losses(loss)[0],
+                         "compiled": minibatch_losses(loss, compile=True)[0],
+                         "eager, functional": minibatch_losses(functional)[0]}
         self.milliseconds: dict[str, list[float]] = {}
 
     @staticmethod

@@ -13,12 +13,25 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lightning_helpers import tiny_args
 
 from awr_modules.cli import cli_main
+from awr_modules.observation_statistics import ObservationStatistics
+
+LOCAL_STATISTICS: dict = {}  # this rank's own recorded moments, before the last pooling across ranks
+_update = ObservationStatistics.update
+
+
+def _recording_update(self, env_steps, mean_across_ranks=None):
+    LOCAL_STATISTICS.update({key: value.clone() for key, value in self.state_dict().items()})
+    _update(self, env_steps, mean_across_ranks)
+
+
+ObservationStatistics.update = _recording_update
 
 
 def rank_state(module: pl.LightningModule) -> dict:
@@ -26,8 +39,10 @@ def rank_state(module: pl.LightningModule) -> dict:
     return {
         "parameters": [p.detach().clone() for p in module.parameters()],
         "observations": buffer[: len(buffer)]["observation"].clone(),
-        "normalizer": module.runtime.train_env.transform[1].get_extra_state(),
+        "normalizer": module.runtime.statistics.state_dict(),
+        "local_statistics": dict(LOCAL_STATISTICS),
         "torch_rng": torch.get_rng_state(),
+        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
     }
 
 
@@ -42,12 +57,13 @@ class DumpRankState(pl.Callback):
 
 
 class DumpRestoredState(DumpRankState):
-    """Save the same, as restored from the checkpoint, before the resumed run collects anything."""
+    """Save the same, as restored from the checkpoint: right after the module and Lightning loaded it (callbacks'
+    ``on_load_checkpoint`` runs then), before anything else draws random numbers."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         pass
 
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
         torch.save(rank_state(module), self.out_dir / f"resumed{trainer.global_rank}.pt")
 
 

@@ -17,7 +17,7 @@ import torch._dynamo
 from conftest import ACTOR_KINDS, make_actor, make_batch, make_critic
 
 from awr_modules import AWRLoss
-from awr_modules.module import _minibatch_losses
+from awr_modules.phases import minibatch_losses
 
 
 def _update_step(loss: AWRLoss, optimizer: torch.optim.Optimizer, batch):
@@ -66,7 +66,7 @@ def test_minibatch_losses_gather_and_loss_in_one_graph_recompiled_once_as_the_bu
     """
     kind = "normal"
     loss = AWRLoss(make_actor(kind), make_critic(), check_inputs=False, functional=False)
-    eager, compiled = _minibatch_losses(loss), _minibatch_losses(loss, compile=True)
+    eager, compiled = minibatch_losses(loss), minibatch_losses(loss, compile=True)
     stored_all = make_batch(kind, n=256)
     index = torch.randint(64, (16,))
     for phase in (0, 1):

@@ -34,8 +34,7 @@ from tensordict import TensorDict
 
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
-from awr_modules.cuda_graphs import CapturedGradients, _capturable
-from awr_modules.module import _move_distribution_kwargs
+from awr_modules.cuda_graphs import CapturedGradients, _capturable, move_distribution_kwargs
 from recipes.classic_control import ClassicControl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -271,7 +270,7 @@ def test_distribution_tensor_arguments_follow_the_actor_to_its_device():
     """TanhNormal's bounds live in a plain dict that ``.to(device)`` misses; a graph cannot capture their copy."""
     actor = ClassicControl("Pendulum-v1", hidden_sizes=[8], policy="tanh_normal").make_networks(
         ClassicControl("Pendulum-v1").make_env(0), value_scale=100.0)[0]
-    _move_distribution_kwargs(actor, "meta")
+    move_distribution_kwargs(actor, "meta")
     bounds = [value for module in actor.modules() for value in getattr(module, "distribution_kwargs", {}).values()
               if isinstance(value, torch.Tensor)]
     assert len(bounds) == 2 and all(bound.device.type == "meta" for bound in bounds)

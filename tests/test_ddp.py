@@ -3,13 +3,14 @@ from a checkpoint each with its own replay buffer and RNG state."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import subprocess_env
+from lightning_helpers import load_checkpoint, subprocess_env
 
 TESTS = Path(__file__).resolve().parent
 
@@ -26,6 +27,7 @@ def ddp_run(tmp_path_factory) -> Path:
     """One DDP iteration with a checkpoint, then a resumed run that stops right after the restore."""
     out_dir = tmp_path_factory.mktemp("ddp")
     _probe(out_dir, "fit")
+    shutil.copy(next(out_dir.rglob("last.ckpt")), out_dir / "fit.ckpt")  # the resumed run overwrites last.ckpt
     _probe(out_dir, "resume")
     return out_dir
 
@@ -51,7 +53,27 @@ def test_each_rank_resumes_with_its_own_buffer(ddp_run, rank):
         torch.testing.assert_close(p_resumed, p_saved, rtol=0, atol=0)
 
 
-def test_each_rank_resumes_with_its_own_rng_state(ddp_run):
-    """Both ranks run the same code from the restore on: with rank 0's state on both, they would be equal."""
-    resumed0, resumed1 = _load(ddp_run, "resumed0"), _load(ddp_run, "resumed1")
-    assert not torch.equal(resumed0["torch_rng"], resumed1["torch_rng"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_resumes_with_the_rng_state_it_saved(ddp_run, rank):
+    """Right after the restore each rank's generators are those its checkpoint entry holds: a skipped restore
+    would leave them at the rank's fresh seed, and rank 0's state on both would fail one rank."""
+    ranks = load_checkpoint(ddp_run / "fit.ckpt")["awr"]["ranks"]
+    saved = ranks[rank]["rng"]
+    resumed = _load(ddp_run, f"resumed{rank}")
+    assert torch.equal(resumed["torch_rng"], saved["torch"])
+    assert torch.equal(resumed["numpy_rng"], saved["numpy"][1])
+    assert not torch.equal(saved["torch"], ranks[1 - rank]["rng"]["torch"])  # the two entries differ: the check tells them apart
+
+
+def test_merged_statistics_are_the_pooled_moments_of_both_ranks(ddp_run):
+    """After pooling, each moment is the count-weighted mean of the two ranks' own moments."""
+    rank0, rank1 = _load(ddp_run, "rank0"), _load(ddp_run, "rank1")
+    local0, local1 = rank0["local_statistics"], rank1["local_statistics"]
+    counts = [key for key in local0 if key.startswith("count")]
+    assert counts and all(torch.equal(local0[key], local1[key]) for key in counts)  # equal samples per rank
+    for key in local0:
+        if key.startswith("count"):
+            continue
+        assert not torch.allclose(local0[key], local1[key])  # the ranks saw different states
+        pooled = (local0[key] + local1[key]) / 2
+        torch.testing.assert_close(rank0["normalizer"][key], pooled)

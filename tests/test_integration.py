@@ -1,6 +1,6 @@
-"""End-to-end smoke run of the Pendulum demo: stock TorchRL collector, env, actor and critic with awr_modules.
+"""End-to-end run of the example loop without Lightning: stock TorchRL collector, env, actor and critic.
 
-``recipes.demo_pendulum.train`` collects with ``Collector`` on ``GymEnv("Pendulum-v1")`` +
+``examples/pendulum_loop.py``'s ``train`` collects with ``Collector`` on ``GymEnv("Pendulum-v1")`` +
 ``DoubleToFloat``, extends the FIFO buffer, refreshes TD(lambda) targets over the stored
 trajectories, fits the critic, refreshes normalised advantages and takes AWR actor steps.
 Three short iterations must return one record each with finite losses and diagnostics.
@@ -9,11 +9,14 @@ Three short iterations must return one record each with finite losses and diagno
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
-from recipes.demo_pendulum import DemoSettings, train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from pendulum_loop import DemoSettings, train  # examples/ is a folder of scripts, not a package
 
 
-def test_demo_pendulum_runs_three_iterations() -> None:
+def test_example_loop_runs_three_iterations() -> None:
     settings = DemoSettings(iterations=3, frames_per_batch=256, critic_steps=5, actor_steps=5, batch_size=64)
     history = train(settings)
     assert [record["iteration"] for record in history] == [0, 1, 2]

@@ -18,6 +18,7 @@ from tensordict import TensorDict
 from awr_modules import AWRModule, make_replay_buffer
 from awr_modules.cli import cli_main
 from awr_modules.module import _Runtime
+from awr_modules.phases import check_finite_losses, phase_inputs
 from recipes.classic_control import ClassicControl
 
 SIZE = 8
@@ -43,7 +44,7 @@ def _module_with_buffer(prioritized: bool) -> tuple[AWRModule, torch.Tensor]:
 
 def _minibatches(module: AWRModule, steps: int, batch_size: int, prioritized: bool) -> list[TensorDict]:
     """The minibatches a phase would train on: its stored view gathered at its drawn indices."""
-    stored, indices = module._phase_inputs(steps, batch_size, prioritized=prioritized)
+    stored, indices = phase_inputs(module.runtime.buffer, module.loss_module, steps, batch_size, prioritized=prioritized)
     return [stored[index] for index in indices]
 
 
@@ -76,15 +77,15 @@ def test_phase_checks_the_stored_data_once_before_its_first_step():
     module, _ = _module_with_buffer(prioritized=False)
     module.runtime.buffer.storage.get(slice(0, SIZE))["advantage"][3] = float("nan")
     with pytest.raises(ValueError, match="advantage.*non-finite"):
-        module._phase_inputs(10, 4, prioritized=False)
+        phase_inputs(module.runtime.buffer, module.loss_module, 10, 4, prioritized=False)
 
 
 @pytest.mark.parametrize(("key", "step_size"), [("loss_actor", "actor_lr"), ("loss_value", "critic_lr")])
 def test_non_finite_phase_loss_names_the_step_size(key, step_size):
     module, _ = _module_with_buffer(prioritized=False)
     with pytest.raises(FloatingPointError, match=f"{key}.*{step_size}"):
-        module._check_finite_losses(None, TensorDict({key: torch.tensor(float("nan"))}, []))
-    module._check_finite_losses(TensorDict({key: torch.tensor(1.0)}, []))  # finite: no error
+        check_finite_losses(module.iteration, None, TensorDict({key: torch.tensor(float("nan"))}, []))
+    check_finite_losses(module.iteration, TensorDict({key: torch.tensor(1.0)}, []))  # finite: no error
 
 
 def test_compiled_losses_train_the_same_parameters_as_eager(tmp_path):

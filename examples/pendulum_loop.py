@@ -9,7 +9,7 @@ the critic, refresh advantages with the new critic, then take advantage-
 weighted regression steps on the actor. Prints the mean return of the episodes
 finished in each iteration.
 
-    python -m recipes.demo_pendulum --iterations 10
+    python examples/pendulum_loop.py --iterations 10
 """
 
 from __future__ import annotations

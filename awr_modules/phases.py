@@ -1,0 +1,98 @@
+"""The value and policy phases' minibatches: drawn all at once, read through one loss call each.
+
+A phase is hundreds of identical minibatch steps over a buffer whose targets do not change
+within the phase (steps 4 and 6 of an AWR iteration). Drawing every index up front and
+gathering each minibatch inside the loss call (one ``torch.compile`` graph with ``compile``)
+keeps the per-step cost to what the arithmetic needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from torchrl.data import ReplayBuffer
+
+from awr_modules.loss import AWRLoss
+
+
+class PhaseClock:
+    """Wall-clock seconds spent in each phase of an iteration (laps with the same name add up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
+MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
+"""A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
+
+
+def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
+    """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
+
+    With ``compile`` each is one ``torch.compile`` graph of the gather and the loss together,
+    whose inputs are the phase's stored TensorDict (the same for all its steps) and fresh
+    indices. Compiling the loss alone would build a new minibatch TensorDict in eager mode
+    every step and check the graph's guards against it: a fixed cost per step, large beside the
+    compiled loss of these small networks. Two functions, so that each phase keeps its own
+    compiled graphs.
+    """
+
+    def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+        return loss.actor_loss(stored[index])
+
+    def value_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+        return loss.value_loss(stored[index])
+
+    if compile:
+        return torch.compile(actor_loss), torch.compile(value_loss)
+    return actor_loss, value_loss
+
+
+def phase_inputs(buffer: ReplayBuffer, loss: AWRLoss, steps: int, batch_size: int, *,
+                 prioritized: bool) -> tuple[TensorDictBase, torch.Tensor] | None:
+    """The stored data a phase reads and its ``[steps, batch_size]`` minibatch indices, drawn at once.
+
+    Targets and advantages do not change within a phase, so drawing all indices up
+    front samples exactly as ``buffer.sample`` per step would (independent draws with
+    replacement: uniform, or proportional to the priorities with ``prioritized``), at
+    a fraction of the per-step cost. Only the keys the loss reads are kept (a view of
+    the storage, no copy), and the loss's input checks run once over them instead of
+    once per step. ``None`` when ``steps`` is 0.
+    """
+    if steps == 0:
+        return None
+    storage = buffer.storage
+    if prioritized:
+        index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
+    else:
+        index = torch.randint(len(buffer), (steps * batch_size,), device=storage.device)
+    keys = [*loss.in_keys_given_targets, loss.tensor_keys.sample_log_prob]
+    stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
+    loss.check_batch(stored)  # keys and finiteness, once for the whole phase
+    return stored, index.to(storage.device).view(steps, batch_size)
+
+def check_finite_losses(iteration: int, *outputs: TensorDictBase | None) -> None:
+    """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).
+
+    A non-finite loss leaves non-finite parameters behind, so the last minibatch of a
+    phase shows a divergence anywhere in it.
+    """
+    for out in outputs:
+        if out is None:
+            continue
+        for key in ("loss_value", "loss_actor"):
+            value = out.get(key, None)
+            if value is not None and not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"AWRModule: {key} became {value.item()} in iteration {iteration}; the networks "
+                    f"diverged. Lower {'critic_lr' if key == 'loss_value' else 'actor_lr'} or check the rewards."
+                )
