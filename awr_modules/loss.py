@@ -431,8 +431,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
         entropy = per_transition(closed_form_or_sampled_entropy(dist), batch_dims)
 
-        sample_weight = torch.ones_like(weight) if self.samples_by_weight else weight
-        loss_actor = -sample_weight * log_prob + self._regularization(dist, entropy, batch_dims)
+        loss_actor = self._regularized(-log_prob if self.samples_by_weight else -weight * log_prob, dist, entropy,
+                                       batch_dims)
         if priority_weight is not None:
             loss_actor = loss_actor * priority_weight
         out = TensorDict({"loss_actor": self._reduce_loss(loss_actor, tensordict)}, batch_size=[])
@@ -440,19 +440,19 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         out.update(batch_diagnostics(weight, advantage, log_prob, entropy, behaviour_log_prob, self.max_weight, valid))
         return out
 
-    def _regularization(self, dist: d.Distribution, entropy: torch.Tensor, batch_dims: int) -> torch.Tensor:
-        """The actor's penalties and bonus per transition: bound penalty + action L2 - entropy bonus."""
-        terms = torch.zeros_like(entropy)
+    def _regularized(self, loss_actor: torch.Tensor, dist: d.Distribution, entropy: torch.Tensor,
+                     batch_dims: int) -> torch.Tensor:
+        """``loss_actor`` per transition plus the penalties that are on, minus the entropy bonus if on."""
         if self._penalize_action_bound:
             mean = base_distribution(dist).loc
             excursion = mean - mean.clamp(-1.0, 1.0)
-            terms = terms + self.action_bound_penalty * per_transition(0.5 * excursion.pow(2), batch_dims)
+            loss_actor = loss_actor + self.action_bound_penalty * per_transition(0.5 * excursion.pow(2), batch_dims)
         if self._penalize_action_l2:
-            terms = terms + self.action_l2_coeff * per_transition(0.5 * action_parameters(dist).pow(2),
-                                                                   batch_dims)
+            parameters = action_parameters(dist)
+            loss_actor = loss_actor + self.action_l2_coeff * per_transition(0.5 * parameters.pow(2), batch_dims)
         if self._entropy_bonus:
-            terms = terms - self.entropy_coeff * entropy
-        return terms
+            loss_actor = loss_actor - self.entropy_coeff * entropy
+        return loss_actor
 
     def _value_loss(self, tensordict: TensorDictBase, advantage: torch.Tensor, value_target: torch.Tensor,
                     priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> TensorDictBase:
