@@ -10,7 +10,9 @@ vectorised pass of any TorchRL value estimator.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from tensordict import TensorDictBase
@@ -79,6 +81,31 @@ def trajectory_ends(data: TensorDictBase, done_key: NestedKey, traj_id_key: Nest
     return ends.reshape(done.shape)
 
 
+def _takes_next_value(estimator: ValueEstimatorBase) -> bool:
+    """Whether ``estimator.value_estimate`` accepts precomputed ``V(s')`` (TD0, TD1, TD(lambda), k-step)."""
+    return estimator.value_network is not None and "next_value" in inspect.signature(estimator.value_estimate).parameters
+
+
+def _values_in_one_pass(estimator: ValueEstimatorBase, data: TensorDictBase,
+                        params: TensorDictBase | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``V(s)`` of every stored state ``[N]`` in one critic pass, and ``V(s')``: the next row's ``V(s)``
+    wherever the next row starts from ``s'``, else (cuts, the newest row) the critic's value of ``s'``."""
+    network = estimator.value_network
+    in_keys, value_key = network.in_keys, estimator.tensor_keys.value
+    following = data.get("next")
+    own = torch.ones(data.shape[0], dtype=torch.bool, device=data.device)  # rows whose s' needs its own pass
+    own[:-1] = False
+    for key in in_keys:
+        state, next_state = data.get(key), following.get(key)
+        own[:-1] |= (next_state[:-1] != state[1:]).reshape(data.shape[0] - 1, -1).any(-1)
+    with params.to_module(network) if params is not None else nullcontext():
+        value = network(data.select(*in_keys).copy()).get(value_key)
+        next_value = torch.roll(value, -1, dims=0)
+        rows = own.nonzero().squeeze(-1)
+        next_value[rows] = network(following[rows].select(*in_keys).copy()).get(value_key)
+    return value, next_value
+
+
 def refresh_value_targets(
     buffer: ReplayBuffer,
     estimator: ValueEstimatorBase,
@@ -95,7 +122,10 @@ def refresh_value_targets(
     from ``V(s')`` unless the transition *terminated* (``V = 0`` after a failure),
     which is exactly the reference's treatment of time limits and failures. The
     estimator (TD(0), TD(1), TD(lambda), GAE or :class:`~awr_modules.KStepReturnEstimator`)
-    runs once over the whole buffer, in float32 even under autocast.
+    runs once over the whole buffer, in float32 even under autocast. The critic runs once
+    per stored state: ``V(s')`` is the next row's ``V(s)``, except where the next row does not
+    start from ``s'`` (the path's cuts), where the critic runs on ``s'`` itself (GAE, which
+    calls its critic itself, takes two passes).
 
     Args:
         buffer: a FIFO TorchRL replay buffer of transitions (e.g. from
@@ -136,8 +166,13 @@ def refresh_value_targets(
 
     sequence = data.unsqueeze(0)  # one sequence [1, N]: the estimators' time dimension is the last one
     with torch.no_grad(), float32_context(data.device):
-        estimator(sequence, params=params)
-    data = sequence.squeeze(0)
+        if _takes_next_value(estimator):
+            value, next_value = _values_in_one_pass(estimator, data, params)
+            value_target = estimator.value_estimate(sequence, next_value=next_value.unsqueeze(0)).squeeze(0)
+            data.update({keys.value: value, keys.value_target: value_target, keys.advantage: value_target - value})
+        else:  # GAE computes its values itself: two critic passes, V(s) and V(s')
+            estimator(sequence, params=params)
+            data = sequence.squeeze(0)
     data.set(done_key, stored_done)
 
     if normalize_advantage:

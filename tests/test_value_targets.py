@@ -150,6 +150,45 @@ def test_refresh_matches_per_path_td_lambda(name: str, prioritized: bool) -> Non
     torch.testing.assert_close(out["value_target"], expected, atol=1e-5, rtol=0)
 
 
+def _count_critic_rows(critic) -> list[int]:
+    rows: list[int] = []
+    critic.module.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["td_lambda", "kstep_monte_carlo"])
+def test_refresh_runs_the_critic_once_per_stored_state(name: str) -> None:
+    """V(s') is the next row's V(s) wherever the next row starts from s'; the critic runs on s' only elsewhere."""
+    critic = make_linear_critic(WEIGHT)
+    rows = _count_critic_rows(critic)
+    refresh_value_targets(_filled_buffer(prioritized=False), ESTIMATORS[name][0](critic))
+    steps = range(OLDEST, len(TRAJ_IDS))
+    own_next_state = [t for t in steps if t == len(TRAJ_IDS) - 1 or _next_obs(t) != _obs(t + 1)]
+    assert 0 < len(own_next_state) < CAPACITY // 2
+    assert sum(rows) == CAPACITY + len(own_next_state)  # two passes would be 2 * CAPACITY
+
+
+def test_one_pass_equals_the_estimators_two_passes_where_states_do_not_chain() -> None:
+    """A next state that is not the next row's state (no done, same trajectory id) gets its own value."""
+    torch.manual_seed(0)
+    n = 12
+    data = TensorDict({"observation": torch.randn(n, 3), "collector": {"traj_ids": torch.zeros(n, dtype=torch.long)},
+                       "next": {"observation": torch.randn(n, 3), "reward": torch.randn(n, 1),
+                                "done": torch.zeros(n, 1, dtype=torch.bool),
+                                "terminated": torch.zeros(n, 1, dtype=torch.bool)}}, [n])
+    data["next", "observation"][:5] = data["observation"][1:6]  # the first five rows chain, the rest do not
+    buffer = make_replay_buffer(n, prioritized=False)
+    buffer.extend(data.clone())
+    critic = make_linear_critic(WEIGHT)
+    refresh_value_targets(buffer, TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=critic))
+    expected = data.clone()
+    expected["next", "done"][-1] = True  # the newest row is a cut, as the refresh makes it
+    expected = TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=critic)(expected.unsqueeze(0)).squeeze(0)
+    stored = buffer.storage.get(torch.arange(n))
+    for key in ("state_value", "value_target", "advantage"):
+        torch.testing.assert_close(stored[key], expected[key], atol=1e-6, rtol=0)
+
+
 def test_refresh_normalizes_advantage_over_the_buffer() -> None:
     buffer = _filled_buffer(prioritized=False)
     refresh_value_targets(buffer, TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=make_linear_critic(WEIGHT)),
