@@ -1,4 +1,5 @@
-"""What keeps DDP ranks identical in an AWR run: averaged gradients, pooled statistics, per-rank states.
+"""What keeps DDP ranks identical in an AWR run (averaged gradients, pooled statistics, per-rank states),
+and when a run needs none of Lightning's per-step machinery.
 
 Every rank collects its own data with its own seed and runs the same number of minibatch
 steps. An AWR iteration runs many backward passes per Lightning step, each through one
@@ -13,8 +14,30 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import ParallelStrategy, Strategy
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+"""The hooks Lightning's ``manual_backward`` and ``LightningOptimizer.step`` run around every step."""
+
+
+def direct_steps_suffice(trainer: pl.Trainer, module: pl.LightningModule) -> bool:
+    """Whether a phase may call ``loss.backward()`` and the optimizer's own ``step()`` itself.
+
+    Lightning's per-step calls (``manual_backward``, ``LightningOptimizer.step``) exist for the precision
+    plugin (autocast, gradient scaling), for the strategy (DDP's gradient sync) and for the step hooks of
+    the module and callbacks. With full precision on one device and no such hook, they only cost time:
+    about 0.17 ms of a 1.2 ms compiled HalfCheetah policy step on this project's 2-core machine.
+    """
+    if type(trainer.precision_plugin) is not Precision or not isinstance(trainer.strategy, SingleDeviceStrategy):
+        return False
+    hooked = [hook for hook in STEP_HOOKS
+              if is_overridden(hook, module, pl.LightningModule)
+              or any(is_overridden(hook, callback, pl.Callback) for callback in trainer.callbacks)]
+    return not hooked
 
 
 def no_backward_sync(strategy: Strategy) -> AbstractContextManager:

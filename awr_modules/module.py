@@ -36,7 +36,13 @@ from torchrl.envs import EnvBase
 
 from awr_modules.collector import make_collector
 from awr_modules.cuda_graphs import CapturedGradients, move_distribution_kwargs
-from awr_modules.distributed import average_gradients, gather_rank_states, mean_across_ranks, no_backward_sync
+from awr_modules.distributed import (
+    average_gradients,
+    direct_steps_suffice,
+    gather_rank_states,
+    mean_across_ranks,
+    no_backward_sync,
+)
 from awr_modules.evaluation import Evaluation, evaluate
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
@@ -67,6 +73,7 @@ class _Runtime:
     buffer: ReplayBuffer | None = None
     statistics: ObservationStatistics | None = None  # the recipe's link from env statistics to the networks
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
+    direct_steps: bool = False  # backward and optimizer steps without Lightning's per-step calls
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
 
 
@@ -244,6 +251,7 @@ class AWRModule(pl.LightningModule):
             storing_device=self.device,
         )
         runtime.batches = iter(runtime.collector)
+        runtime.direct_steps = direct_steps_suffice(self.trainer, self)
 
     def teardown(self, stage: str) -> None:
         if self.runtime is not None and self.runtime.collector is not None:
@@ -337,12 +345,25 @@ class AWRModule(pl.LightningModule):
         return data
 
     def _backward(self, objective: torch.Tensor) -> None:
-        """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`)."""
+        """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`).
+
+        With :func:`~awr_modules.distributed.direct_steps_suffice` the plain ``backward`` instead.
+        """
+        if self.runtime.direct_steps:
+            objective.backward()
+            return
         with no_backward_sync(self.trainer.strategy):
             self.manual_backward(objective)
 
     def _optimizer_step(self, optimizer: Any, network: torch.nn.Module) -> None:
-        """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step."""
+        """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step; with
+        :func:`~awr_modules.distributed.direct_steps_suffice` the wrapped optimizer's own step, counted in
+        ``trainer.global_step`` as Lightning counts it."""
+        if self.runtime.direct_steps:
+            optimizer._on_before_step()  # Lightning's step counter (manual optimization's progress)
+            optimizer.optimizer.step()
+            optimizer._on_after_step()
+            return
         if self.trainer.world_size > 1:
             average_gradients(network.parameters(), self.trainer.strategy)
         optimizer.step()

@@ -76,3 +76,16 @@ class RecordPriorities(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._record("end", module)
+
+
+class CountOptimizerSteps(pl.Callback):
+    """Counts ``on_before_optimizer_step`` calls: a callback with a step hook, so Lightning's per-step calls run.
+
+    Add with ``--trainer.callbacks+=lightning_helpers.CountOptimizerSteps``.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer) -> None:
+        self.steps += 1

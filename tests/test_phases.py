@@ -96,3 +96,47 @@ def test_compiled_losses_train_the_same_parameters_as_eager(tmp_path):
         trained[compiled] = [p.detach().clone() for p in cli.model.parameters()]
     for eager, compiled in zip(trained[False], trained[True], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_direct_steps_train_like_lightnings_per_step_calls_and_count_global_steps(tmp_path, monkeypatch):
+    """Full precision on one device and no step hook: the phases call backward and the optimizer's step
+    themselves. A callback with a step hook brings Lightning's calls back; both train the same parameters."""
+    steps_per_iteration = 3 + 3  # tiny_args: critic_steps + actor_steps
+    lightning_backward = AWRModule.manual_backward
+    with monkeypatch.context() as patch:
+        patch.setattr(AWRModule, "manual_backward", lambda *args: pytest.fail("Lightning's backward ran"))
+        direct = cli_main(["fit", *tiny_args(tmp_path / "direct", epochs=2), "--seed_everything=0"])
+    assert AWRModule.manual_backward is lightning_backward
+    hooked = cli_main(["fit", *tiny_args(tmp_path / "hooked", epochs=2), "--seed_everything=0",
+                       "--trainer.callbacks+=lightning_helpers.CountOptimizerSteps"])
+    (counter,) = [c for c in hooked.trainer.callbacks if type(c).__name__ == "CountOptimizerSteps"]
+    assert counter.steps == 2 * steps_per_iteration  # the hook ran at every step: Lightning's path
+    for cli in (direct, hooked):
+        assert cli.trainer.global_step == 2 * steps_per_iteration
+    for a, b in zip(direct.model.parameters(), hooked.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_direct_steps_need_full_precision_one_device_and_no_step_hooks():
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from awr_modules.distributed import direct_steps_suffice
+
+    class Hooked(pl.Callback):
+        def on_after_backward(self, trainer, module) -> None:
+            pass
+
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]))
+    single = SingleDeviceStrategy(device=torch.device("cpu"))
+
+    def trainer(precision, strategy, callbacks=()):
+        return SimpleNamespace(precision_plugin=precision, strategy=strategy, callbacks=list(callbacks))
+
+    assert direct_steps_suffice(trainer(Precision(), single), module)
+    assert not direct_steps_suffice(trainer(MixedPrecision("bf16-mixed", "cpu"), single), module)
+    assert not direct_steps_suffice(trainer(Precision(), DDPStrategy()), module)
+    assert not direct_steps_suffice(trainer(Precision(), single, [Hooked()]), module)
