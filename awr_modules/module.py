@@ -341,7 +341,7 @@ class AWRModule(pl.LightningModule):
         statistics = self.runtime.statistics
         if statistics is not None:
             pool = mean_across_ranks(self.trainer.strategy, self.device) if self.trainer.world_size > 1 else None
-            statistics.update(self.env_steps, pool)
+            statistics.update(data, self.env_steps, pool)
         return data
 
     def _backward(self, objective: torch.Tensor) -> None:

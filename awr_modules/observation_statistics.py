@@ -2,10 +2,13 @@
 
 The reference normalises states inside its networks with the mean and std of the states
 collected so far, recorded for the first ``normalizer_samples`` samples and frozen after.
-Here TorchRL's ``VecNormV2`` transform records the moments in the training env, and
-:class:`~awr_modules.normalizer.ObservationNormalizer` applies them at the front of actor and
-critic. :class:`ObservationStatistics` is the one link between the two: a recipe that
-normalises hands it over (:meth:`~awr_modules.recipe.Recipe.observation_statistics`), and
+Here TorchRL's ``VecNormV2`` keeps the moments, fed with each collected batch's states (the
+states the policy acted in) rather than as an env transform: one vectorised update per
+iteration instead of one per env step (the transform cost more per step than a MuJoCo step),
+and the env stays free of the learner's state, so it can step in another process.
+:class:`~awr_modules.normalizer.ObservationNormalizer` applies the moments at the front of
+actor and critic. :class:`ObservationStatistics` is the one link between the two: a recipe
+that normalises hands it over (:meth:`~awr_modules.recipe.Recipe.observation_statistics`), and
 ``AWRModule`` updates it after every collection, pools it across DDP ranks and saves it.
 """
 
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from tensordict import TensorDictBase
 from torchrl.envs import VecNormV2
 
 from awr_modules.normalizer import ObservationNormalizer
@@ -24,7 +28,8 @@ class ObservationStatistics:
     """Running observation moments (``recorder``) loaded into the networks' ``normalizer``.
 
     Args:
-        recorder: the training env's ``VecNormV2`` (``decay=1``: moments of every recorded state).
+        recorder: a ``VecNormV2`` over the observation key (``decay=1``: moments of every recorded
+            state; ``reduce_batch_dims=True``: a batch's rows are samples), outside any env.
         normalizer: the networks' shared normaliser.
         freeze_after: env steps (all ranks) after which the statistics stop changing
             (the reference's ``normalizer_samples``).
@@ -41,19 +46,23 @@ class ObservationStatistics:
     def frozen(self) -> bool:
         return self.recorder.frozen
 
-    def update(self, env_steps: int, mean_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """After a collection: pool the moments across ranks, load them into the networks, freeze when due.
+    def update(self, batch: TensorDictBase, env_steps: int,
+               mean_across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """After a collection: record the ``batch``'s states, pool the moments across ranks, load them into
+        the networks, and freeze them once ``env_steps`` reaches ``freeze_after``.
 
         ``VecNormV2`` keeps running first and second moments (``E[x]``, ``E[x^2]``); every rank saw
         the same number of samples, so the mean over ranks of each moment is the pooled moment.
         """
         if self.frozen:
             return
+        (key,) = self.recorder.in_keys
+        states = batch.select(key).reshape(-1)
+        self.recorder._step(states, states)  # the transform's own update, as an env step of a batch of envs
         if mean_across_ranks is not None:
             state = self.recorder.get_extra_state()
             self.recorder.set_extra_state({key: value if key.startswith("count") else mean_across_ranks(value)
                                            for key, value in state.items()})
-        (key,) = self.recorder.in_keys
         self.normalizer.load_statistics(self.recorder.loc[key], self.recorder.scale[key])
         self._freeze_if_due(env_steps)
 

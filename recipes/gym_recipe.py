@@ -1,12 +1,11 @@
 """Gymnasium tasks through TorchRL: env transforms and MLP actor/critic as in the reference.
 
 Env: ``GymEnv(env_id)`` (or a synchronous vector of ``num_envs``) -> ``DoubleToFloat`` (gymnasium returns float64) ->
-``VecNormV2`` running mean/std of observations with infinite memory
-(``decay=1``), written to a side key and frozen by the module after
-``normalizer_samples``; the networks normalise the raw observation with these
-statistics in their first layer, as the reference does -> for
-continuous actions an affine map from the policy's normalised box ``[-1, 1]``
-to the env's bounds -> ``StepCounter`` -> ``RewardSum``.
+for continuous actions an affine map from the policy's normalised box ``[-1, 1]``
+to the env's bounds -> ``StepCounter`` -> ``RewardSum``. The env keeps raw observations: the
+networks normalise them in their first layer, as the reference does, with the running mean/std
+of the collected states (a ``VecNormV2`` with infinite memory fed with each collected batch,
+frozen after ``normalizer_samples``; :meth:`GymRecipe.observation_statistics`).
 
 Networks: MLP ``hidden_sizes`` (reference ``[128, 64]``, ReLU) for actor and
 critic. Continuous actions: a diagonal Gaussian in normalised units with a
@@ -41,7 +40,7 @@ from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.recipe import Recipe
 
-STATISTICS_KEY = "observation_vecnorm"  # VecNormV2 only records statistics: the networks read raw observations
+STATISTICS_KEY = "observation_vecnorm"  # the recorder's (unused) normalised output: the networks read raw observations
 MEAN_HEAD_INIT = 0.01  # the reference initialises the policy's output layer uniform(+-0.01)
 PolicyKind = Literal["fixed_std", "learned_std", "tanh_normal"]
 
@@ -127,8 +126,6 @@ class GymRecipe(Recipe):
     # ------------------------------------------------------------------ env
     def make_env(self, seed: int, num_envs: int = 1) -> TransformedEnv:
         env = TransformedEnv(self._base_env(num_envs), DoubleToFloat())
-        env.append_transform(VecNormV2(in_keys=["observation"], out_keys=[STATISTICS_KEY], decay=1.0,
-                                       reduce_batch_dims=True))
         spec = env.action_spec
         if not isinstance(spec, OneHot):
             self._check_bounded(spec)
@@ -198,12 +195,13 @@ class GymRecipe(Recipe):
 
     def observation_statistics(self, env: EnvBase, actor: ProbabilisticActor,
                                critic: ValueOperator) -> ObservationStatistics:
-        """The ``VecNormV2`` that :meth:`make_env` puts after ``DoubleToFloat`` and the normaliser that
+        """A ``VecNormV2`` recorder of the raw observations (infinite memory) linked to the normaliser that
         :meth:`make_networks` puts at the front of both networks."""
-        recorder, normalizer = env.transform[1], critic.module[0]
-        if not isinstance(recorder, VecNormV2) or not isinstance(normalizer, ObservationNormalizer):
-            raise TypeError(f"{type(self).__name__}.observation_statistics: pass an env from make_env and the "
-                            f"networks from make_networks (got {type(recorder).__name__}, {type(normalizer).__name__}).")
+        normalizer = critic.module[0]
+        if not isinstance(normalizer, ObservationNormalizer):
+            raise TypeError(f"{type(self).__name__}.observation_statistics: pass the networks from make_networks "
+                            f"(the critic starts with {type(normalizer).__name__}).")
+        recorder = VecNormV2(in_keys=["observation"], out_keys=[STATISTICS_KEY], decay=1.0, reduce_batch_dims=True)
         return ObservationStatistics(recorder, normalizer, self.normalizer_samples)
 
     def _policy_mlp(self, in_features: int, out_features: int) -> MLP:

@@ -26,9 +26,14 @@ LOCAL_STATISTICS: dict = {}  # this rank's own recorded moments, before the last
 _update = ObservationStatistics.update
 
 
-def _recording_update(self, env_steps, mean_across_ranks=None):
-    LOCAL_STATISTICS.update({key: value.clone() for key, value in self.state_dict().items()})
-    _update(self, env_steps, mean_across_ranks)
+def _recording_update(self, batch, env_steps, mean_across_ranks=None):
+    def mean(tensor):  # at the first pooled moment the rank's own recorded moments are still in place
+        if not LOCAL_STATISTICS:
+            LOCAL_STATISTICS.update({key: value.clone() for key, value in self.state_dict().items()})
+        return mean_across_ranks(tensor)
+
+    LOCAL_STATISTICS.clear()
+    _update(self, batch, env_steps, None if mean_across_ranks is None else mean)
 
 
 ObservationStatistics.update = _recording_update

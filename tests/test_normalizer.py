@@ -24,3 +24,28 @@ def test_a_nan_std_from_a_constant_dimension_is_scaled_by_the_floor():
     normalizer = ObservationNormalizer(2)
     normalizer.load_statistics(torch.tensor([5.0, 0.0]), torch.tensor([float("nan"), 2.0]))
     torch.testing.assert_close(normalizer(torch.tensor([[5.5, 1.0]])), torch.tensor([[50.0, 0.5]]))
+
+
+def test_observation_statistics_record_the_collected_states_and_freeze():
+    """The normaliser gets the mean and (population) std of every state of the collected batches, until frozen."""
+    from tensordict import TensorDict
+
+    from recipes.classic_control import ClassicControl
+
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8], normalizer_samples=300)
+    env = recipe.make_env(0)
+    actor, critic = recipe.make_networks(env)
+    statistics = recipe.observation_statistics(env, actor, critic)
+    normalizer = critic.module[0]
+    first, second = torch.randn(4, 50, 3) * 2 + 1, torch.randn(200, 3) - 3  # [envs, steps] and flat batches
+    statistics.update(TensorDict({"observation": first}, [4, 50]), env_steps=200)
+    torch.testing.assert_close(normalizer.loc, first.reshape(-1, 3).mean(0))
+    assert not statistics.frozen
+    statistics.update(TensorDict({"observation": second}, [200]), env_steps=400)
+    states = torch.cat([first.reshape(-1, 3), second])
+    torch.testing.assert_close(normalizer.loc, states.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(normalizer.scale, states.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    assert statistics.frozen  # 400 env steps >= normalizer_samples
+    statistics.update(TensorDict({"observation": second + 100}, [200]), env_steps=600)
+    torch.testing.assert_close(normalizer.loc, states.mean(0), rtol=1e-5, atol=1e-5)  # frozen: unchanged
+    assert "observation_vecnorm" not in env.reset()  # the env itself keeps raw observations only

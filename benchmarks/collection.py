@@ -1,0 +1,90 @@
+"""Collection throughput: `AWRModule`'s TorchRL collector against a plain gymnasium vector loop.
+
+Both step ``--envs`` copies of the task in one process (a gymnasium ``SyncVectorEnv``) with the
+recipe's actor (the same MLP, one batched forward per step, sampling its Gaussian), one torch
+thread. The TorchRL row is what ``awr fit`` collects with: the recipe's env and transforms
+(``DoubleToFloat``, ``VecNormV2`` recording, the action map, ``StepCounter``, ``RewardSum``) under
+``torchrl.collectors.Collector``. The plain row is a loop over ``vector_env.step`` with the policy
+called on a tensor. They alternate, ``--frames`` env steps per timed batch, and the median
+steps/s of ``--rounds`` rounds is reported.
+
+    python benchmarks/collection.py --config configs/halfcheetah.yaml --envs 8 --frames 2048 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torchrl.envs import ExplorationType, set_exploration_type
+
+from awr_modules.cli import cli_main
+from awr_modules.collector import make_collector
+
+
+def torchrl_collection(model, envs: int, frames: int):
+    env = model.recipe.make_env(0, envs)
+    collector = make_collector(env, model.actor, frames_per_batch=frames, total_frames=-1)
+    batches = iter(collector)
+
+    def collect() -> int:
+        return next(batches).numel()
+
+    return collect, collector.shutdown
+
+
+def plain_collection(model, envs: int, frames: int):
+    vector_env = gym.make_vec(model.recipe.env_id, num_envs=envs, vectorization_mode="sync",
+                              **model.recipe.env_kwargs)
+    low, high = vector_env.single_action_space.low, vector_env.single_action_space.high
+    network = model.actor.module[0].module  # observation -> (loc, scale), the recipe's MLP head
+    observation, _ = vector_env.reset(seed=0)
+
+    def collect() -> int:
+        nonlocal observation
+        for _ in range(frames // envs):
+            with torch.no_grad():
+                loc, scale = network(torch.as_tensor(observation, dtype=torch.float32))
+                action = torch.normal(loc, scale).clamp(-1.0, 1.0).numpy()
+            observation, _, _, _, _ = vector_env.step(low + (action + 1.0) * (high - low) / 2)
+        return frames
+
+    return collect, vector_env.close
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=2048)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    np.random.seed(0)
+    model = cli_main(["-c", str(args.config)], run=False).model
+    ways = {"plain gymnasium vector loop": plain_collection(model, args.envs, args.frames),
+            "awr fit's TorchRL collector": torchrl_collection(model, args.envs, args.frames)}
+    rates: dict[str, list[float]] = {name: [] for name in ways}
+    with set_exploration_type(ExplorationType.RANDOM):
+        for round_index in range(args.rounds + 1):  # the first round warms up
+            for name, (collect, _) in ways.items():
+                start = time.perf_counter()
+                steps = collect()
+                if round_index:
+                    rates[name].append(steps / (time.perf_counter() - start))
+    for _, close in ways.values():
+        close()
+    base = statistics.median(rates["plain gymnasium vector loop"])
+    print(f"| {args.config.stem}, {args.envs} envs, 1 torch thread | env steps/s | ratio to the plain loop |")
+    print("|---|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
