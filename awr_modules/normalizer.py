@@ -6,9 +6,10 @@ frozen after. The replay buffer therefore keeps raw observations, and every
 minibatch is normalised with the current statistics: a buffer that spans many
 iterations never mixes observations normalised with different statistics.
 
-The statistics themselves are TorchRL's: a ``VecNormV2`` env transform keeps the
-running moments; :class:`ObservationNormalizer` is the affine layer at the front
-of actor and critic that receives them.
+The statistics themselves are TorchRL's: a ``VecNormV2`` fed with the collected
+states keeps the running moments (:mod:`awr_modules.observation_statistics`);
+:class:`ObservationNormalizer` is the affine layer at the front of actor and critic
+that receives them.
 """
 
 from __future__ import annotations
