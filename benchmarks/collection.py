@@ -21,6 +21,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+from markdown_table import print_table
 from torchrl.envs import ExplorationType, set_exploration_type
 
 from awr_modules.cli import cli_main
@@ -79,11 +80,10 @@ def main() -> None:
                     rates[name].append(steps / (time.perf_counter() - start))
     for _, close in ways.values():
         close()
-    base = statistics.median(rates["plain gymnasium vector loop"])
-    print(f"| {args.config.stem}, {args.envs} envs, 1 torch thread | env steps/s | ratio to the plain loop |")
-    print("|---|---|---|")
-    for name, values in rates.items():
-        print(f"| {name} | {statistics.median(values):,.0f} | {statistics.median(values) / base:.2f} |")
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    base = medians["plain gymnasium vector loop"]
+    print_table([f"{args.config.stem}, {args.envs} envs, 1 torch thread", "env steps/s", "ratio to the plain loop"],
+                [[name, f"{rate:,.0f}", f"{rate / base:.2f}"] for name, rate in medians.items()])
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from markdown_table import print_table
 
 from awr_modules.cli import cli_main
 
@@ -59,13 +60,12 @@ def main() -> None:
         for name, runs in results.items():
             runs.append(phase_seconds(args.config, args.iterations, args.skip, hooked=name != "direct steps",
                                       overrides=overrides))
-    print(f"| {args.config.stem}, 1 torch thread | value phase s | policy phase s | policy phase ratio |")
-    print("|---|---|---|---|")
-    base = statistics.median(r["policy_phase"] for r in results["Lightning's per-step calls"])
-    for name, runs in results.items():
-        value = statistics.median(r["value_phase"] for r in runs)
-        policy = statistics.median(r["policy_phase"] for r in runs)
-        print(f"| {name} | {value:.3f} | {policy:.3f} | {policy / base:.2f} |")
+    medians = {name: {phase: statistics.median(run[phase] for run in runs) for phase in ("value_phase", "policy_phase")}
+               for name, runs in results.items()}
+    base = medians["Lightning's per-step calls"]["policy_phase"]
+    print_table([f"{args.config.stem}, 1 torch thread", "value phase s", "policy phase s", "policy phase ratio"],
+                [[name, f"{m['value_phase']:.3f}", f"{m['policy_phase']:.3f}", f"{m['policy_phase'] / base:.2f}"]
+                 for name, m in medians.items()])
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from unittest import mock
 
 import torch
+from markdown_table import print_table
 from tensordict import TensorDict
 from torchrl.objectives.value import TDLambdaEstimator
 
@@ -75,10 +76,9 @@ def main() -> None:
             refresh()
             seconds[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(times[1:]) for name, times in seconds.items()}
-    print(f"| refresh over {len(buffer):,} stored transitions | median ms | ratio to two passes |")
-    print("|---|---|---|")
-    for name, median in medians.items():
-        print(f"| {name} | {1e3 * median:.0f} | {median / medians['two critic passes']:.2f} |")
+    base = medians["two critic passes"]
+    print_table([f"refresh over {len(buffer):,} stored transitions", "median ms", "ratio to two passes"],
+                [[name, f"{1e3 * median:.0f}", f"{median / base:.2f}"] for name, median in medians.items()])
 
 
 if __name__ == "__main__":
