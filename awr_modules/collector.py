@@ -11,9 +11,10 @@ keeps the env as built on 0.15.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from torchrl.collectors import Collector
+from torchrl.collectors import AsyncCollector, Collector
 from torchrl.envs import EnvBase
 
 _KEEP_ENV_AS_BUILT: dict[str, bool] = (
@@ -23,6 +24,12 @@ _KEEP_ENV_AS_BUILT: dict[str, bool] = (
 )
 
 
-def make_collector(env: EnvBase, policy: Any, **collector_kwargs: Any) -> Collector:
-    """``Collector(env, policy, **collector_kwargs)`` that keeps ``env``'s transforms as they are."""
+def make_collector(env: EnvBase | Callable[[], EnvBase], policy: Any, *, asynchronous: bool = False,
+                   **collector_kwargs: Any) -> Collector | AsyncCollector:
+    """``Collector(env, policy, **collector_kwargs)`` that keeps ``env``'s transforms as they are; with
+    ``asynchronous``, TorchRL's ``AsyncCollector`` over ``env``, then a function that builds the env, in a
+    worker process that collects the next batch while the caller works (``update_policy_weights_()`` sends
+    it the policy's current weights)."""
+    if asynchronous:
+        return AsyncCollector(env, policy, **collector_kwargs)
     return Collector(env, policy, **collector_kwargs, **_KEEP_ENV_AS_BUILT)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -64,7 +65,6 @@ from awr_modules.value_targets import refresh_value_targets
 class _Runtime:
     """What ``setup()`` builds: kept outside the module tree so envs never enter ``state_dict`` or DDP."""
 
-    train_env: EnvBase
     eval_env: EnvBase
     actor_loss: MinibatchLoss | None = None
     value_loss: MinibatchLoss | None = None
@@ -128,6 +128,12 @@ class AWRModule(pl.LightningModule):
             loss, backward) as a CUDA graph (:mod:`awr_modules.cuda_graphs`); optimizer steps stay
             Lightning's, so every precision works. Combines with ``compile``. Single device only
             (an error under DDP); without a CUDA device it has no effect (a warning).
+        collection: ``"sync"`` (the reference's order: collect, then update) or ``"async"``: a worker
+            process (TorchRL's ``AsyncCollector``) collects the next iteration's steps while this
+            iteration's phases run. TorchRL shares a CPU policy's weights with the worker in memory, so
+            the worker acts with the learner's weights as they are updated: a batch is at most one
+            iteration behind, and each stored log-prob is that of the weights that acted. Not
+            reproducible step for step (it depends on timing), unlike ``"sync"``.
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class AWRModule(pl.LightningModule):
         seed: int = 0,
         compile: bool = False,
         cudagraphs: bool = False,
+        collection: Literal["sync", "async"] = "sync",
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
@@ -171,6 +178,8 @@ class AWRModule(pl.LightningModule):
         if frames_per_iteration % num_envs:
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
+        if collection not in ("sync", "async"):
+            raise ValueError(f"AWRModule: collection must be 'sync' or 'async', got {collection!r}.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
@@ -205,12 +214,11 @@ class AWRModule(pl.LightningModule):
     # ------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""
-        rank_seed = self.hparams.seed + 1000 * self.global_rank
+        rank_seed = self._rank_seed()
         actor_loss, value_loss = minibatch_losses(self.loss_module, compile=self.hparams.compile)
-        runtime = _Runtime(train_env=self.recipe.make_env(rank_seed, self.hparams.num_envs),
-                           eval_env=self.recipe.make_env(rank_seed + 500, self.hparams.eval_episodes),
+        runtime = _Runtime(eval_env=self.recipe.make_env(rank_seed + 500, self.hparams.eval_episodes),
                            actor_loss=actor_loss, value_loss=value_loss)
-        runtime.statistics = self.recipe.observation_statistics(runtime.train_env, self.actor, self.critic)
+        runtime.statistics = self.recipe.observation_statistics(self.actor, self.critic)
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
@@ -221,6 +229,10 @@ class AWRModule(pl.LightningModule):
                 device=self.trainer.strategy.root_device,  # the module is moved there after setup()
             )
         self.runtime = runtime
+
+    def _rank_seed(self) -> int:
+        """This rank's seed: rank ``r`` collects with ``seed + 1000 * r`` (its eval env with ``+ 500``)."""
+        return self.hparams.seed + 1000 * self.global_rank
 
     def _captured_gradients(self) -> CapturedGradients | None:
         """The CUDA-graph cache when ``cudagraphs`` is on and can apply; a clear error or warning if not."""
@@ -240,12 +252,18 @@ class AWRModule(pl.LightningModule):
         move_distribution_kwargs(self.actor, self.device)
 
     def on_train_start(self) -> None:
-        """Start the collector once the policy sits on its device (after setup and checkpoint restore)."""
-        runtime = self.runtime
+        """Start the collector once the policy sits on its device (after setup and checkpoint restore).
+
+        ``collection="async"`` builds the env in the collector's worker process, which starts stepping at once.
+        """
+        runtime, hp = self.runtime, self.hparams
+        make_env = partial(self.recipe.make_env, self._rank_seed(), hp.num_envs)
+        asynchronous = hp.collection == "async"
         runtime.collector = make_collector(
-            runtime.train_env,
+            make_env if asynchronous else make_env(),
             self.actor,
-            frames_per_batch=self.hparams.frames_per_iteration,
+            asynchronous=asynchronous,
+            frames_per_batch=hp.frames_per_iteration,
             total_frames=-1,
             policy_device=self.device,
             storing_device=self.device,
@@ -298,6 +316,7 @@ class AWRModule(pl.LightningModule):
                                 prioritized=loss.samples_by_weight, loss_fn=self.runtime.actor_loss,
                                 loss_key="loss_actor", optimizer=actor_optimizer, network=self.actor)
         clock.lap("policy_phase")
+        self._publish_policy()                                                   # the next batch's behaviour policy
         self.iteration += 1
         check_finite_losses(self.iteration, value_out, actor_out)
         last = [out for out in (value_out, actor_out) if out is not None]       # last minibatch of each phase
@@ -336,13 +355,27 @@ class AWRModule(pl.LightningModule):
 
     def _collect(self) -> TensorDictBase:
         """Step 1: the next batch of the collector; the observation statistics follow it."""
-        data = next(self.runtime.batches)
+        try:
+            data = next(self.runtime.batches)
+        except Exception as error:  # an env that raised, or a collection worker that died
+            where = "collection worker process" if self.hparams.collection == "async" else "collection"
+            raise RuntimeError(
+                f"AWRModule: the {where} failed in iteration {self.iteration + 1} ({type(error).__name__}: {error}). "
+                f"The last checkpoint holds iteration {self.iteration}: resume with `awr fit ... --ckpt_path last`."
+            ) from error
         self.env_steps += data.numel() * self.trainer.world_size
         statistics = self.runtime.statistics
         if statistics is not None:
             pool = mean_across_ranks(self.trainer.strategy, self.device) if self.trainer.world_size > 1 else None
             statistics.update(data, self.env_steps, pool)
         return data
+
+    def _publish_policy(self) -> None:
+        """With ``collection="async"``, TorchRL's weight update for the collection worker: a no-op copy where
+        the weights are shared in memory (a CPU policy), the transfer where they are not. An in-process
+        collector steps the module's own actor already."""
+        if self.hparams.collection == "async":
+            self.runtime.collector.update_policy_weights_()
 
     def _backward(self, objective: torch.Tensor) -> None:
         """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`).

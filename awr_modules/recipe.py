@@ -47,9 +47,9 @@ class Recipe(ABC):
         does (``s_v = 1 / (1 - gamma)``), so its outputs stay O(1) and the reference's step sizes apply.
         """
 
-    def observation_statistics(self, env: EnvBase, actor: ProbabilisticActor,
+    def observation_statistics(self, actor: ProbabilisticActor,
                                critic: ValueOperator) -> ObservationStatistics | None:
-        """The link from ``env``'s recorded observation moments to the networks' normaliser, for a recipe that
-        normalises states inside the networks (``env`` from :meth:`make_env`, networks from
-        :meth:`make_networks`); ``None`` (the default) for one that does not."""
+        """The link from the collected states' moments to the networks' normaliser, for a recipe that
+        normalises states inside the networks (from :meth:`make_networks`); ``None`` (the default) for one
+        that does not."""
         return None

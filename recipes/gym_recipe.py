@@ -193,8 +193,7 @@ class GymRecipe(Recipe):
         return ProbabilisticActor(module, in_keys=["loc", "scale"], distribution_class=distribution,
                                   distribution_kwargs=kwargs, return_log_prob=True)
 
-    def observation_statistics(self, env: EnvBase, actor: ProbabilisticActor,
-                               critic: ValueOperator) -> ObservationStatistics:
+    def observation_statistics(self, actor: ProbabilisticActor, critic: ValueOperator) -> ObservationStatistics:
         """A ``VecNormV2`` recorder of the raw observations (infinite memory) linked to the normaliser that
         :meth:`make_networks` puts at the front of both networks."""
         normalizer = critic.module[0]

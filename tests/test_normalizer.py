@@ -35,7 +35,7 @@ def test_observation_statistics_record_the_collected_states_and_freeze():
     recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8], normalizer_samples=300)
     env = recipe.make_env(0)
     actor, critic = recipe.make_networks(env)
-    statistics = recipe.observation_statistics(env, actor, critic)
+    statistics = recipe.observation_statistics(actor, critic)
     normalizer = critic.module[0]
     first, second = torch.randn(4, 50, 3) * 2 + 1, torch.randn(200, 3) - 3  # [envs, steps] and flat batches
     statistics.update(TensorDict({"observation": first}, [4, 50]), env_steps=200)

@@ -38,7 +38,7 @@ def _module_with_buffer(prioritized: bool) -> tuple[AWRModule, torch.Tensor]:
     priority = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 1.5, 8.0])
     if prioritized:
         buffer.update_priority(torch.arange(SIZE), priority)
-    module.runtime = _Runtime(train_env=None, eval_env=None, buffer=buffer)
+    module.runtime = _Runtime(eval_env=None, buffer=buffer)
     return module, priority
 
 

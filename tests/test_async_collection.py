@@ -1,0 +1,84 @@
+"""``collection: async``: a worker process collects the next batch while the phases run.
+
+Pinned: the first batch was collected by the initial policy (its stored log-probs are that policy's),
+the learner's weights reach the worker for the later ones, a worker that dies stops training with a
+message naming it, and the run resumes from its last checkpoint without losing a stored transition.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
+
+from awr_modules import AWRModule
+from awr_modules.cli import cli_main
+from recipes.classic_control import ClassicControl
+
+ASYNC = ["--model.collection=async"]
+
+
+class RecordPolicies(pl.Callback):
+    """The actor at the start of every iteration, and each iteration's batch as the module stored it."""
+
+    def __init__(self) -> None:
+        self.policies: list[torch.nn.Module] = []
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.policies.append(copy.deepcopy(module.actor))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        buffer = module.runtime.buffer
+        self.batches.append(buffer.storage.get(torch.arange(len(buffer) - FRAMES, len(buffer))).clone())
+
+
+class KillWorkerAfterFirstIteration(pl.Callback):
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if module.iteration == 1:
+            for process in module.runtime.collector.procs:
+                process.kill()
+                process.join()
+
+
+def _log_prob(policy: torch.nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return policy.get_dist(batch.select("observation")).log_prob(batch["action"])
+
+
+def test_async_batches_are_collected_with_the_learners_weights(tmp_path):
+    recorder = RecordPolicies()
+    cli = cli_main(tiny_args(tmp_path, epochs=3, extra=ASYNC), run=False)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model)
+    assert cli.model.env_steps == 3 * FRAMES
+    first, *later = recorder.batches
+    initial = recorder.policies[0]
+    torch.testing.assert_close(first["action_log_prob"], _log_prob(initial, first), rtol=1e-5, atol=1e-5)
+    for batch in later:  # collected after the first phases: the worker acted with the updated weights
+        assert not torch.allclose(batch["action_log_prob"], _log_prob(initial, batch), rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(batch["action_log_prob"]).all()
+
+
+def test_a_dead_collection_worker_stops_training_and_the_run_resumes(tmp_path):
+    killer = [f"--trainer.callbacks+={__name__}.KillWorkerAfterFirstIteration"]
+    with pytest.raises(RuntimeError, match=r"collection worker process failed in iteration 2.*--ckpt_path last"):
+        cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[*ASYNC, *killer])])
+    saved = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
+    assert (saved["iteration"], saved["env_steps"]) == (1, FRAMES)  # the last checkpoint is intact
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=ASYNC), "--ckpt_path=last"])
+    assert (resumed.model.iteration, resumed.model.env_steps) == (3, 3 * FRAMES)
+    stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]
+    assert stored["_len"] == 3 * FRAMES  # no stored transition lost across the failure and the resume
+
+
+def test_collection_must_be_sync_or_async(capsys):
+    with pytest.raises(ValueError, match="collection must be 'sync' or 'async'"):
+        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), collection="threads")
+    with pytest.raises(SystemExit):  # the CLI refuses it before building anything, naming the field
+        cli_main(["fit", *tiny_args(Path("unused"), extra=["--model.collection=threads"])])
+    assert "model.collection" in capsys.readouterr().err
