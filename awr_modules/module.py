@@ -123,10 +123,10 @@ class AWRModule(pl.LightningModule):
         compile: run each phase's minibatch gather and loss through ``torch.compile`` (default
             inductor backend): one graph per phase, compiled on its first minibatch (seconds) and
             once more with a dynamic buffer length when the buffer has grown; backward and optimizer
-            steps stay Lightning's, so every precision and strategy works as without it.
+            steps stay outside the graph, so every precision and strategy works as without it.
         cudagraphs: on a CUDA device, replay each phase's gradient computation (minibatch gather,
             loss, backward) as a CUDA graph (:mod:`awr_modules.cuda_graphs`); optimizer steps stay
-            Lightning's, so every precision works. Combines with ``compile``. Single device only
+            outside the graph, so every precision works. Combines with ``compile``. Single device only
             (an error under DDP); without a CUDA device it has no effect (a warning).
         collection: ``"sync"`` (the reference's order: collect, then update) or ``"async"``: a worker
             process (TorchRL's ``AsyncCollector``) collects the next iteration's steps while this
