@@ -385,14 +385,24 @@ class AWRLoss(LossModule, LossModuleFallbacks):
 
     def _prepare(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
                                                              torch.Tensor | None]:
-        """Advantage and value target as ``[*B]`` float32, the importance weights and the validity mask."""
+        """Advantage and value target as ``[*B]`` float32, the importance weights and the validity mask.
+
+        Rows a validity mask drops get advantage 0, value target 0 and importance weight 0: whatever a
+        padded row holds (nan included), its loss is selected away and its gradient stays finite. Its
+        observation and action must still be finite (TorchRL pads with zeros).
+        """
         if self.check_inputs:
             self.check_batch(tensordict)
         advantage, value_target = self._advantage_and_target(tensordict)
         priority_weight = self._maybe_get_priority_weight(tensordict)
         if priority_weight is not None:
             priority_weight = priority_weight.reshape(tensordict.batch_size).float()
-        return advantage, value_target, priority_weight, self._valid_mask(tensordict)
+        valid = self._valid_mask(tensordict)
+        if valid is not None:
+            advantage, value_target = (torch.where(valid, x, torch.zeros_like(x)) for x in (advantage, value_target))
+            if priority_weight is not None:
+                priority_weight = torch.where(valid, priority_weight, torch.zeros_like(priority_weight))
+        return advantage, value_target, priority_weight, valid
 
     def _valid_mask(self, tensordict: TensorDictBase) -> torch.Tensor | None:
         """The rows TorchRL's validity masks keep (``None``: all), for diagnostics and standardisation."""

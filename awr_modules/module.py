@@ -132,8 +132,9 @@ class AWRModule(pl.LightningModule):
             process (TorchRL's ``AsyncCollector``) collects the next iteration's steps while this
             iteration's phases run. TorchRL shares a CPU policy's weights with the worker in memory, so
             the worker acts with the learner's weights as they are updated: a batch is at most one
-            iteration behind, and each stored log-prob is that of the weights that acted. Not
-            reproducible step for step (it depends on timing), unlike ``"sync"``.
+            iteration behind, and each stored log-prob is that of the weights that acted. The worker
+            is seeded with the rank's seed (plus the iteration it starts at), but the run is not
+            reproducible step for step: which weights act depends on timing.
     """
 
     def __init__(
@@ -268,13 +269,23 @@ class AWRModule(pl.LightningModule):
             policy_device=self.device,
             storing_device=self.device,
         )
+        if asynchronous:  # a spawned worker starts with a random torch seed: give it the rank's (per resume)
+            runtime.collector.set_seed(self._rank_seed() + self.iteration)
         runtime.batches = iter(runtime.collector)
         runtime.direct_steps = direct_steps_suffice(self.trainer, self)
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [_StopCollectorOnException()]
+
     def teardown(self, stage: str) -> None:
+        self._stop_collector()
+        self.runtime = None
+
+    def _stop_collector(self) -> None:
+        """Shut the collector (and an async collection worker) down; nothing if there is none."""
         if self.runtime is not None and self.runtime.collector is not None:
             self.runtime.collector.shutdown()
-        self.runtime = None
+            self.runtime.collector = None
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         def make(params, lr: float) -> torch.optim.Optimizer:
@@ -330,7 +341,7 @@ class AWRModule(pl.LightningModule):
         """``steps`` minibatch steps of one phase; the loss output of the last one (``None`` if no step).
 
         Each step computes gradients on ``stored[index]`` (eagerly, or replayed as a CUDA graph
-        with ``cudagraphs``) and then takes Lightning's optimizer step.
+        with ``cudagraphs``) and then takes the optimizer step (:meth:`_optimizer_step`).
         """
         inputs = phase_inputs(self.runtime.buffer, self.loss_module, steps, batch_size, prioritized=prioritized)
         if inputs is None:
@@ -361,7 +372,7 @@ class AWRModule(pl.LightningModule):
             where = "collection worker process" if self.hparams.collection == "async" else "collection"
             raise RuntimeError(
                 f"AWRModule: the {where} failed in iteration {self.iteration + 1} ({type(error).__name__}: {error}). "
-                f"The last checkpoint holds iteration {self.iteration}: resume with `awr fit ... --ckpt_path last`."
+                f"Resume from the last checkpoint with `awr fit ... --ckpt_path last`."
             ) from error
         self.env_steps += data.numel() * self.trainer.world_size
         statistics = self.runtime.statistics
@@ -392,10 +403,11 @@ class AWRModule(pl.LightningModule):
         """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step; with
         :func:`~awr_modules.distributed.direct_steps_suffice` the wrapped optimizer's own step, counted in
         ``trainer.global_step`` as Lightning counts it."""
-        if self.runtime.direct_steps:
-            optimizer._on_before_step()  # Lightning's step counter (manual optimization's progress)
+        count_before, count_after = (getattr(optimizer, name, None) for name in ("_on_before_step", "_on_after_step"))
+        if self.runtime.direct_steps and count_before is not None and count_after is not None:
+            count_before()  # Lightning's step counter (manual optimization's progress)
             optimizer.optimizer.step()
-            optimizer._on_after_step()
+            count_after()
             return
         if self.trainer.world_size > 1:
             average_gradients(network.parameters(), self.trainer.strategy)
@@ -475,3 +487,11 @@ class AWRModule(pl.LightningModule):
         own = own_rank_state(state["ranks"], self.trainer.world_size, self.global_rank)
         loss = self.loss_module
         restore_rank_state(own, self.runtime.buffer, loss.sampling_priority if loss.samples_by_weight else None)
+
+
+class _StopCollectorOnException(pl.Callback):
+    """Shuts the module's collector down when training fails: Lightning calls ``teardown`` only when it ends
+    normally, and an async collection worker would otherwise outlive the run."""
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        module._stop_collector()

@@ -61,8 +61,8 @@ class ObservationStatistics:
         self.recorder._step(states, states)  # the transform's own update, as an env step of a batch of envs
         if mean_across_ranks is not None:
             state = self.recorder.get_extra_state()
-            self.recorder.set_extra_state({key: value if key.startswith("count") else mean_across_ranks(value)
-                                           for key, value in state.items()})
+            self.recorder.set_extra_state({name: value if name.startswith("count") else mean_across_ranks(value)
+                                           for name, value in state.items()})
         self.normalizer.load_statistics(self.recorder.loc[key], self.recorder.scale[key])
         self._freeze_if_due(env_steps)
 

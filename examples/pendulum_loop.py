@@ -51,7 +51,8 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
     recipe = ClassicControl("Pendulum-v1")
     env = recipe.make_env(settings.seed)
     value_scale = 1.0 / (1.0 - settings.gamma)
-    actor, critic = recipe.make_networks(env, value_scale)  # the demo leaves their normaliser at identity
+    actor, critic = recipe.make_networks(env, value_scale)
+    statistics = recipe.observation_statistics(actor, critic)  # the networks' state normaliser, fed below
     loss = AWRLoss(actor, critic, temperature=settings.temperature, max_weight=settings.max_weight,
                    value_scale=value_scale, action_bound_penalty=settings.action_bound_penalty)
     loss.make_value_estimator(gamma=settings.gamma, lmbda=settings.lmbda)
@@ -63,6 +64,7 @@ def train(settings: DemoSettings) -> list[dict[str, float]]:
     history = []
     for iteration, batch in enumerate(collector):
         episode_returns = batch["next", "episode_reward"][batch["next", "done"]]
+        statistics.update(batch, env_steps=(iteration + 1) * settings.frames_per_batch)
         buffer.extend(batch.reshape(-1))
         refresh_value_targets(buffer, loss.value_estimator)
         for _ in range(settings.critic_steps):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -45,6 +46,16 @@ class KillWorkerAfterFirstIteration(pl.Callback):
                 process.join()
 
 
+class FailAfterFirstIteration(pl.Callback):
+    """Raises after the first iteration and keeps the collection worker processes it saw."""
+
+    processes: ClassVar[list] = []
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        FailAfterFirstIteration.processes = list(module.runtime.collector.procs)
+        raise FloatingPointError("a failure in training, not in collection")
+
+
 def _log_prob(policy: torch.nn.Module, batch) -> torch.Tensor:
     with torch.no_grad():
         return policy.get_dist(batch.select("observation")).log_prob(batch["action"])
@@ -74,6 +85,19 @@ def test_a_dead_collection_worker_stops_training_and_the_run_resumes(tmp_path):
     assert (resumed.model.iteration, resumed.model.env_steps) == (3, 3 * FRAMES)
     stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]
     assert stored["_len"] == 3 * FRAMES  # no stored transition lost across the failure and the resume
+
+
+def test_a_failed_run_stops_its_collection_worker(tmp_path):
+    """Lightning skips ``teardown`` when training raises: the worker must not outlive the run anyway."""
+    failing = [f"--trainer.callbacks+={__name__}.FailAfterFirstIteration"]
+    with pytest.raises(FloatingPointError, match="a failure in training"):
+        cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[*ASYNC, *failing])])
+    (worker,) = FailAfterFirstIteration.processes
+    worker.join(timeout=10)
+    alive = worker.is_alive()
+    if alive:  # do not leave it running past the test either
+        worker.kill()
+    assert not alive
 
 
 def test_collection_must_be_sync_or_async(capsys):

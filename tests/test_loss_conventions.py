@@ -138,6 +138,26 @@ def test_masked_rows_change_nothing(kind, reduction, normalize_advantage):
 
 
 @pytest.mark.parametrize("kind", ACTOR_KINDS)
+def test_masked_rows_leave_the_gradients_of_the_valid_ones(kind):
+    """Padded rows with nan targets and importance weights: the same finite gradients as without them."""
+    batch, padded = _padded(kind)
+    batch.set("priority_weight", torch.linspace(0.5, 1.5, N))
+    padded.set("priority_weight", torch.cat([batch["priority_weight"], torch.full((3,), float("nan"))]))
+    padded["value_target"][N:] = float("nan")
+    loss = _loss(kind, check_inputs=False, normalize_advantage=True)
+    gradients = []
+    for data in (batch, padded):
+        loss.zero_grad()
+        torch.manual_seed(5)  # TanhNormal's entropy is a one-sample estimate
+        out = loss(data)
+        (out["loss_actor"] + out["loss_value"]).backward()
+        gradients.append([p.grad.clone() for p in loss.parameters() if p.grad is not None])
+    assert gradients[0] and all(torch.isfinite(g).all() for g in gradients[1])
+    for expected, got in zip(*gradients, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ACTOR_KINDS)
 def test_reduction_none_keeps_the_batch_shape_also_with_a_mask(kind):
     batch, padded = _padded(kind)
     loss = _loss(kind, reduction="none", check_inputs=False)
@@ -208,7 +228,7 @@ def test_value_estimator_dispatch(value_type, estimator_class):
     loss.make_value_estimator(value_type, gamma=0.9)
     assert type(loss.value_estimator) is estimator_class and loss.value_type == value_type
     assert float(loss.value_estimator.gamma) == pytest.approx(0.9)
-    assert "advantage" in loss.value_estimator.tensor_keys.advantage
+    assert loss.value_estimator.tensor_keys.advantage == "advantage"
 
 
 def test_unsupported_value_estimator_is_refused():

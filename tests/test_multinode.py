@@ -6,6 +6,9 @@ rendezvous (without it every node would take rank 0) and train with Lightning's 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,16 +40,20 @@ def _launch_nodes(out_dir: Path, awr_args: list[str]) -> None:
     port = _free_port()
     env = subprocess_env(REPO)
     nodes = [subprocess.Popen(torchrun_command(port, awr_args), cwd=out_dir, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(NODES)]
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for _ in range(NODES)]
     outputs = []
     try:
         for node in nodes:
-            outputs.append(node.communicate(timeout=300)[0])
+            try:
+                outputs.append(node.communicate(timeout=300)[0])
+            except subprocess.TimeoutExpired as timeout:
+                outputs.append(f"(timed out after 300 s) {timeout.output or ''}")
     finally:
-        for node in nodes:
-            node.kill()
+        for node in nodes:  # the agents and the training processes they started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
     for node, output in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, output[-3000:]
+        assert node.returncode == 0, "\n".join(out[-2000:] for out in outputs)
 
 
 @pytest.fixture(scope="module")
