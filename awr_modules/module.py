@@ -281,11 +281,20 @@ class AWRModule(pl.LightningModule):
         self._stop_collector()
         self.runtime = None
 
-    def _stop_collector(self) -> None:
-        """Shut the collector (and an async collection worker) down; nothing if there is none."""
-        if self.runtime is not None and self.runtime.collector is not None:
-            self.runtime.collector.shutdown()
-            self.runtime.collector = None
+    def _stop_collector(self, *, after_failure: bool = False) -> None:
+        """Shut the collector (and an async collection worker) down; nothing if there is none.
+
+        ``after_failure``: training already raised, and that error is the one to report; a shutdown that
+        fails too (torchrl 0.12 raises when it finds the worker dead) is left at that.
+        """
+        if self.runtime is None or self.runtime.collector is None:
+            return
+        collector, self.runtime.collector = self.runtime.collector, None
+        try:
+            collector.shutdown()
+        except Exception:
+            if not after_failure:
+                raise
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         def make(params, lr: float) -> torch.optim.Optimizer:
@@ -494,4 +503,4 @@ class _StopCollectorOnException(pl.Callback):
     normally, and an async collection worker would otherwise outlive the run."""
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        module._stop_collector()
+        module._stop_collector(after_failure=True)
