@@ -15,7 +15,7 @@ step of each:
   and ``on_before_optimizer_step`` hooks run every step);
 - ``AWRLoss eager`` / ``AWRLoss compiled``: ``AWRModule``'s own minibatch loss (the gather
   ``stored[index]`` and ``AWRLoss.actor_loss``, eager or ``torch.compile``d as with
-  ``--model.compile true``; the module's private ``_minibatch_losses``) with ``loss.backward()``
+  ``--model.compile true``; ``awr_modules.phases.minibatch_losses``) with ``loss.backward()``
   and a raw SGD step, no Lightning;
 - ``AWRLoss eager, functional=True``: the same eager step with TorchRL's default functional loss,
   which swaps the parameters into the networks on every call (``AWRModule`` uses ``functional=False``);
