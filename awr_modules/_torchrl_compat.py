@@ -24,7 +24,18 @@ except ImportError:  # torchrl 0.12
 AUTO_LOSS_MASK_KEYS: tuple[NestedKey, ...] = (("collector", "mask"), "shifted_valid")
 """The validity masks TorchRL writes (a padding ``SliceSampler``, the value estimators), as in torchrl 0.14."""
 
-__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator"]
+__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator", "validity_mask"]
+
+
+def validity_mask(tensordict: TensorDictBase, keys: tuple[NestedKey, ...], shape: torch.Size) -> torch.Tensor | None:
+    """The positions all of the masks found under ``keys`` keep, shaped ``shape``; ``None`` if there is none."""
+    mask = None
+    for key in keys:
+        found = tensordict.get(key, None)
+        if found is not None:
+            found = found.reshape(shape)
+            mask = found if mask is None else mask & found
+    return mask
 
 _BUILTIN_ESTIMATORS = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
                        ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE}
@@ -60,13 +71,7 @@ class LossModuleFallbacks:
     ) -> torch.Tensor:
         """Reduce ``loss`` over the positions the input's masks mark valid; ``"none"`` keeps the shape."""
         reduction = self.reduction if reduction is None else reduction
-        mask = None
-        if tensordict is not None:
-            for key in self._loss_mask_keys():
-                found = tensordict.get(key, None)
-                if found is not None:
-                    found = found.reshape(loss.shape)
-                    mask = found if mask is None else mask & found
+        mask = None if tensordict is None else validity_mask(tensordict, self._loss_mask_keys(), loss.shape)
         if mask is not None:
             loss = torch.where(mask, loss, torch.zeros_like(loss))  # select: padded rows may hold nan
             if reduction == "mean":

@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from awr_modules.value_targets import mean_and_std
-
-
-def masked_mean(value: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the ``valid`` entries (all if ``None``); invalid ones are selected away, not multiplied."""
-    if valid is None:
-        return value.mean()
-    return torch.where(valid, value, torch.zeros_like(value)).sum() / valid.sum().clamp_min(1)
+from awr_modules.value_targets import masked_mean, mean_and_std
 
 
 def batch_diagnostics(weight: torch.Tensor, advantage: torch.Tensor, log_prob: torch.Tensor, entropy: torch.Tensor,

@@ -31,7 +31,7 @@ from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import ValueEstimatorBase
 
-from awr_modules._torchrl_compat import LossModuleFallbacks, build_builtin_estimator
+from awr_modules._torchrl_compat import LossModuleFallbacks, build_builtin_estimator, validity_mask
 from awr_modules.batch_checks import check_finite, check_keys_and_values, check_trajectory_inputs, per_sample
 from awr_modules.diagnostics import batch_diagnostics
 from awr_modules.distributions import (
@@ -406,13 +406,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
 
     def _valid_mask(self, tensordict: TensorDictBase) -> torch.Tensor | None:
         """The rows TorchRL's validity masks keep (``None``: all), for diagnostics and standardisation."""
-        valid = None
-        for key in self._loss_mask_keys():
-            found = tensordict.get(key, None)
-            if found is not None:
-                found = found.reshape(tensordict.batch_size)
-                valid = found if valid is None else valid & found
-        return valid
+        return validity_mask(tensordict, self._loss_mask_keys(), tensordict.batch_size)
 
     def _advantage_and_target(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.tensor_keys

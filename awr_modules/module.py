@@ -71,7 +71,7 @@ class _Runtime:
     collector: Collector | None = None
     batches: Iterator[TensorDictBase] | None = None
     buffer: ReplayBuffer | None = None
-    statistics: ObservationStatistics | None = None  # the recipe's link from env statistics to the networks
+    statistics: ObservationStatistics | None = None  # the recipe's link from collected states to the networks
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
     direct_steps: bool = False  # backward and optimizer steps without Lightning's per-step calls
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch

@@ -26,6 +26,13 @@ ADVANTAGE_NORMALIZATION_EPS = 1e-5  # the reference's epsilon
 DEFAULT_TRAJ_ID_KEY = ("collector", "traj_ids")
 
 
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the ``valid`` entries (all if ``None``); invalid ones are selected away, not multiplied."""
+    if valid is None:
+        return values.mean()
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1)
+
+
 def mean_and_std(values: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased std of ``values`` (std 0 for a single value), over the ``valid`` entries if given.
 
@@ -35,10 +42,8 @@ def mean_and_std(values: torch.Tensor, valid: torch.Tensor | None = None) -> tup
     if valid is None:
         std = values.std() if values.numel() > 1 else torch.zeros_like(values.sum())
         return values.mean(), std
-    zero = torch.zeros_like(values)
-    count = valid.sum()
-    mean = torch.where(valid, values, zero).sum() / count.clamp_min(1)
-    variance = torch.where(valid, values - mean, zero).pow(2).sum() / (count - 1).clamp_min(1)
+    mean = masked_mean(values, valid)
+    variance = torch.where(valid, values - mean, torch.zeros_like(values)).pow(2).sum() / (valid.sum() - 1).clamp_min(1)
     return mean, variance.sqrt()
 
 
