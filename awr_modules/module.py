@@ -20,6 +20,8 @@ besides Lightning's own in :mod:`awr_modules.run_state`.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -255,14 +257,16 @@ class AWRModule(pl.LightningModule):
     def on_train_start(self) -> None:
         """Start the collector once the policy sits on its device (after setup and checkpoint restore).
 
-        ``collection="async"`` builds the env in the collector's worker process, which starts stepping at once.
+        ``collection="async"`` builds the env in the collector's worker process, which starts stepping at once
+        with a copy of the actor: the worker acts with the weights the learner published last
+        (:meth:`_publish_policy`), never with weights halfway through a phase.
         """
         runtime, hp = self.runtime, self.hparams
         make_env = partial(self.recipe.make_env, self._rank_seed(), hp.num_envs)
         asynchronous = hp.collection == "async"
         runtime.collector = make_collector(
             make_env if asynchronous else make_env(),
-            self.actor,
+            copy.deepcopy(self.actor) if asynchronous else self.actor,  # the worker's own behaviour policy
             asynchronous=asynchronous,
             frames_per_batch=hp.frames_per_iteration,
             total_frames=-1,
@@ -391,11 +395,11 @@ class AWRModule(pl.LightningModule):
         return data
 
     def _publish_policy(self) -> None:
-        """With ``collection="async"``, TorchRL's weight update for the collection worker: a no-op copy where
-        the weights are shared in memory (a CPU policy), the transfer where they are not. An in-process
-        collector steps the module's own actor already."""
+        """With ``collection="async"``, send the actor's weights (normaliser included) to the collection
+        worker's copy through TorchRL's weight sync: the worker acts with this snapshot until the next
+        iteration publishes. An in-process collector steps the module's own actor already."""
         if self.hparams.collection == "async":
-            self.runtime.collector.update_policy_weights_()
+            self.runtime.collector.update_policy_weights_(self.actor)
 
     def _backward(self, objective: torch.Tensor) -> None:
         """Lightning's backward; under DDP without its gradient sync (averaged in :meth:`_optimizer_step`).
