@@ -21,8 +21,8 @@ besides Lightning's own in :mod:`awr_modules.run_state`.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -47,6 +47,7 @@ from awr_modules.distributed import (
     no_backward_sync,
 )
 from awr_modules.evaluation import Evaluation, evaluate
+from awr_modules.evaluation_worker import EvaluationWorker, EvaluationWorkerError
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
@@ -77,6 +78,8 @@ class _Runtime:
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
     direct_steps: bool = False  # backward and optimizer steps without Lightning's per-step calls
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
+    evaluates_in_worker: bool = False  # ``evaluation="async"`` during fit: validation hands snapshots over
+    evaluator: EvaluationWorker | None = None  # rank 0's evaluation worker then
 
 
 def _positive(name: str, value: float) -> None:
@@ -132,11 +135,16 @@ class AWRModule(pl.LightningModule):
             (an error under DDP); without a CUDA device it has no effect (a warning).
         collection: ``"sync"`` (the reference's order: collect, then update) or ``"async"``: a worker
             process (TorchRL's ``AsyncCollector``) collects the next iteration's steps while this
-            iteration's phases run. TorchRL shares a CPU policy's weights with the worker in memory, so
-            the worker acts with the learner's weights as they are updated: a batch is at most one
-            iteration behind, and each stored log-prob is that of the weights that acted. The worker
-            is seeded with the rank's seed (plus the iteration it starts at), but the run is not
-            reproducible step for step: which weights act depends on timing.
+            iteration's phases run, acting with the weights published after the last iteration. A batch
+            is then at most one iteration behind (one may straddle a publication), and each stored
+            log-prob is that of the snapshot that acted. The worker is seeded with the rank's seed (plus
+            the iteration it starts at), but the run is not reproducible step for step: where a
+            publication falls within a batch depends on timing.
+        evaluation: ``"sync"`` (training waits for each evaluation) or ``"async"``: during ``fit``, rank 0
+            sends a snapshot of the actor to a worker process that evaluates it while training goes on
+            (:class:`~awr_modules.evaluation_worker.EvaluationWorker`); each result is logged when it
+            arrives, at the optimizer step and with the ``env_steps`` of its snapshot. ``awr validate``
+            and ``awr test`` evaluate in the process either way.
     """
 
     def __init__(
@@ -170,6 +178,7 @@ class AWRModule(pl.LightningModule):
         compile: bool = False,
         cudagraphs: bool = False,
         collection: Literal["sync", "async"] = "sync",
+        evaluation: Literal["sync", "async"] = "sync",
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
@@ -181,8 +190,9 @@ class AWRModule(pl.LightningModule):
         if frames_per_iteration % num_envs:
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
-        if collection not in ("sync", "async"):
-            raise ValueError(f"AWRModule: collection must be 'sync' or 'async', got {collection!r}.")
+        for name, value in (("collection", collection), ("evaluation", evaluation)):
+            if value not in ("sync", "async"):
+                raise ValueError(f"AWRModule: {name} must be 'sync' or 'async', got {value!r}.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
@@ -277,23 +287,36 @@ class AWRModule(pl.LightningModule):
             runtime.collector.set_seed(self._rank_seed() + self.iteration)
         runtime.batches = iter(runtime.collector)
         runtime.direct_steps = direct_steps_suffice(self.trainer, self)
+        runtime.evaluates_in_worker = hp.evaluation == "async"
+        if runtime.evaluates_in_worker and self.global_rank == 0:
+            runtime.evaluator = EvaluationWorker(partial(self.recipe.make_env, self._rank_seed() + 500,
+                                                         hp.eval_episodes), self.actor)
+
+    def on_train_end(self) -> None:
+        """Log the evaluations still running in the worker (the last snapshot's included)."""
+        self._log_worker_evaluations(wait=True)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [_StopCollectorOnException()]
+        return [_StopWorkersOnException()]
 
     def teardown(self, stage: str) -> None:
-        self._stop_collector()
+        self._stop_workers()
         self.runtime = None
 
-    def _stop_collector(self, *, after_failure: bool = False) -> None:
-        """Shut the collector (and an async collection worker) down; nothing if there is none.
+    def _stop_workers(self, *, after_failure: bool = False) -> None:
+        """Shut the collector (and an async collection worker) and the evaluation worker down, where present.
 
         ``after_failure``: training already raised, and that error is the one to report; a shutdown that
         fails too (torchrl 0.12 raises when it finds the worker dead) is left at that.
         """
-        if self.runtime is None or self.runtime.collector is None:
+        if self.runtime is None:
             return
+        evaluator, self.runtime.evaluator = self.runtime.evaluator, None
+        if evaluator is not None:
+            evaluator.shutdown()
         collector, self.runtime.collector = self.runtime.collector, None
+        if collector is None:
+            return
         try:
             collector.shutdown()
         except Exception:
@@ -345,6 +368,7 @@ class AWRModule(pl.LightningModule):
         check_finite_losses(self.iteration, value_out, actor_out)
         last = [out for out in (value_out, actor_out) if out is not None]       # last minibatch of each phase
         self._log_iteration(data, last, clock.seconds)                           # 7. log
+        self._log_worker_evaluations()
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
 
@@ -453,9 +477,29 @@ class AWRModule(pl.LightningModule):
         self.log(f"{prefix}/episode_length", float(np.mean(evaluation.lengths)), sync_dist=True)
         self.log("env_steps", float(self.env_steps), sync_dist=True)
 
+    def _log_worker_evaluations(self, *, wait: bool = False) -> None:
+        """Log the evaluation worker's finished results, each at its snapshot's optimizer step and env steps."""
+        evaluator = self.runtime.evaluator
+        if evaluator is None:
+            return
+        with _naming_the_evaluation_worker():
+            finished = evaluator.finished(wait=wait)
+        for result in finished:
+            metrics = {"eval/return": float(np.mean(result.returns)), "eval/return_std": float(np.std(result.returns)),
+                       "eval/episode_length": float(np.mean(result.lengths)), "env_steps": float(result.env_steps)}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=result.global_step)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """``eval_episodes`` deterministic episodes, logged as ``eval/return`` and ``eval/episode_length``."""
-        self._log_evaluation("eval")
+        """``eval_episodes`` deterministic episodes, logged as ``eval/return`` and ``eval/episode_length``;
+        with ``evaluation="async"`` during fit, a snapshot for the evaluation worker (rank 0) instead."""
+        if not self.runtime.evaluates_in_worker:
+            self._log_evaluation("eval")
+            return
+        if self.runtime.evaluator is not None:
+            with _naming_the_evaluation_worker():
+                self.runtime.evaluator.submit(self.actor, self.env_steps, self.global_step)
+        self._log_worker_evaluations()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Same as validation, logged as ``test/return`` (``awr test -c ... --ckpt_path ...``)."""
@@ -502,9 +546,19 @@ class AWRModule(pl.LightningModule):
         restore_rank_state(own, self.runtime.buffer, loss.sampling_priority if loss.samples_by_weight else None)
 
 
-class _StopCollectorOnException(pl.Callback):
-    """Shuts the module's collector down when training fails: Lightning calls ``teardown`` only when it ends
-    normally, and an async collection worker would otherwise outlive the run."""
+@contextmanager
+def _naming_the_evaluation_worker() -> Iterator[None]:
+    """Re-raise an evaluation worker's failure as the module's, with the way to resume."""
+    try:
+        yield
+    except EvaluationWorkerError as error:
+        raise RuntimeError(f"AWRModule: {error} Resume from the last checkpoint with "
+                           "`awr fit ... --ckpt_path last`.") from error
+
+
+class _StopWorkersOnException(pl.Callback):
+    """Shuts the module's collector and evaluation worker down when training fails: Lightning calls
+    ``teardown`` only when it ends normally, and worker processes would otherwise outlive the run."""
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        module._stop_collector(after_failure=True)
+        module._stop_workers(after_failure=True)
