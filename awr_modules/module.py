@@ -48,6 +48,7 @@ from awr_modules.distributed import (
 )
 from awr_modules.evaluation import Evaluation, evaluate
 from awr_modules.evaluation_worker import EvaluationWorker, EvaluationWorkerError
+from awr_modules.fused_steps import FusedSGDSteps, fusable
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
@@ -77,6 +78,7 @@ class _Runtime:
     statistics: ObservationStatistics | None = None  # the recipe's link from collected states to the networks
     captured: CapturedGradients | None = None  # set when ``cudagraphs`` applies (a single CUDA device)
     direct_steps: bool = False  # backward and optimizer steps without Lightning's per-step calls
+    fused: dict[str, FusedSGDSteps] | None = None  # per phase, where several steps run as one graph
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
     evaluates_in_worker: bool = False  # ``evaluation="async"`` during fit: validation hands snapshots over
     evaluator: EvaluationWorker | None = None  # rank 0's evaluation worker then
@@ -140,6 +142,10 @@ class AWRModule(pl.LightningModule):
             log-prob is that of the snapshot that acted. The worker is seeded with the rank's seed (plus
             the iteration it starts at), but the run is not reproducible step for step: where a
             publication falls within a batch depends on timing.
+        fused_steps: with ``compile``, full precision, one device, no step hooks and plain SGD, this many
+            minibatch steps of a phase run as one compiled graph (:class:`~awr_modules.fused_steps.FusedSGDSteps`:
+            gradients by ``torch.func.grad``, SGD's update in place; the same steps as ``SGD``, tested);
+            a phase's remaining steps run one by one. ``1``: one step per graph call.
         evaluation: ``"sync"`` (training waits for each evaluation) or ``"async"``: during ``fit``, rank 0
             sends a snapshot of the actor to a worker process that evaluates it while training goes on
             (:class:`~awr_modules.evaluation_worker.EvaluationWorker`); each result is logged when it
@@ -177,12 +183,13 @@ class AWRModule(pl.LightningModule):
         seed: int = 0,
         compile: bool = False,
         cudagraphs: bool = False,
+        fused_steps: int = 8,
         collection: Literal["sync", "async"] = "sync",
         evaluation: Literal["sync", "async"] = "sync",
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
-                     "critic_lr", "actor_lr", "gamma", "eval_episodes"):
+                     "critic_lr", "actor_lr", "gamma", "eval_episodes", "fused_steps"):
             _positive(name, locals()[name])
         for name in ("critic_steps", "actor_steps", "momentum", "td_lambda"):
             if locals()[name] < 0:
@@ -287,10 +294,27 @@ class AWRModule(pl.LightningModule):
             runtime.collector.set_seed(self._rank_seed() + self.iteration)
         runtime.batches = iter(runtime.collector)
         runtime.direct_steps = direct_steps_suffice(self.trainer, self)
+        runtime.fused = self._fused_steps()
         runtime.evaluates_in_worker = hp.evaluation == "async"
         if runtime.evaluates_in_worker and self.global_rank == 0:
             runtime.evaluator = EvaluationWorker(partial(self.recipe.make_env, self._rank_seed() + 500,
                                                          hp.eval_episodes), self.actor)
+
+    def _fused_steps(self) -> dict[str, FusedSGDSteps] | None:
+        """Each phase's :class:`FusedSGDSteps` where they apply: ``compile`` with ``fused_steps > 1``, direct
+        steps (full precision, one device, no step hooks), no CUDA graphs, and plain SGD."""
+        hp, runtime = self.hparams, self.runtime
+        if not (hp.compile and hp.fused_steps > 1 and runtime.direct_steps and runtime.captured is None):
+            return None
+        wrapped = self.optimizers()
+        if not all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in wrapped):
+            return None  # a Lightning without the step counters :meth:`_count_steps` calls
+        actor_optimizer, critic_optimizer = (w.optimizer for w in wrapped)
+        if not (fusable(actor_optimizer) and fusable(critic_optimizer)):
+            return None
+        actor_loss, value_loss = minibatch_losses(self.loss_module)  # traced into the fused graphs
+        return {"policy": FusedSGDSteps(actor_loss, "loss_actor", self.actor, actor_optimizer, hp.fused_steps),
+                "value": FusedSGDSteps(value_loss, "loss_value", self.critic, critic_optimizer, hp.fused_steps)}
 
     def on_train_end(self) -> None:
         """Log the evaluations still running in the worker (the last snapshot's included)."""
@@ -384,6 +408,14 @@ class AWRModule(pl.LightningModule):
         if inputs is None:
             return None
         stored, indices = inputs
+        out = None
+        fused = self.runtime.fused[phase] if self.runtime.fused else None
+        if fused is not None:
+            whole = indices.shape[0] - indices.shape[0] % fused.steps_per_call
+            if whole:
+                out = fused(stored, indices[:whole])
+                self._count_steps(optimizer, whole)
+            indices = indices[whole:]
         captured = self.runtime.captured
 
         def gradients(index: torch.Tensor) -> TensorDictBase:
@@ -395,7 +427,6 @@ class AWRModule(pl.LightningModule):
             return out
 
         step = captured(phase, stored, gradients, network) if captured is not None else gradients
-        out = None
         for index in indices:
             out = step(index)
             self._optimizer_step(optimizer, network)
@@ -449,6 +480,12 @@ class AWRModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             average_gradients(network.parameters(), self.trainer.strategy)
         optimizer.step()
+
+    def _count_steps(self, optimizer: Any, steps: int) -> None:
+        """Count ``steps`` optimizer steps taken outside Lightning in ``trainer.global_step``."""
+        for _ in range(steps):
+            optimizer._on_before_step()
+            optimizer._on_after_step()
 
     def _log_iteration(self, data: TensorDictBase, outputs: list[TensorDictBase], seconds: dict[str, float]) -> None:
         done = data["next", "done"]

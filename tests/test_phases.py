@@ -98,6 +98,27 @@ def test_compiled_losses_train_the_same_parameters_as_eager(tmp_path):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_steps_train_the_same_parameters_and_count_global_steps(tmp_path, monkeypatch):
+    """``compile`` with ``fused_steps=2``: of each phase's 3 steps, 2 run as one fused graph and 1 alone;
+    the parameters and ``global_step`` equal those of one step per graph call."""
+    from awr_modules.fused_steps import FusedSGDSteps
+
+    calls = []
+    fused_call = FusedSGDSteps.__call__
+    monkeypatch.setattr(FusedSGDSteps, "__call__", lambda self, *args: calls.append(1) or fused_call(self, *args))
+    trained = {}
+    for fused_steps in (1, 2):
+        out = tmp_path / f"fused_{fused_steps}"
+        cli = cli_main(["fit", *tiny_args(out, epochs=2, extra=["--model.compile=true",
+                                                               f"--model.fused_steps={fused_steps}"]),
+                        "--seed_everything=0"])
+        assert cli.trainer.global_step == 2 * (3 + 3)
+        trained[fused_steps] = [p.detach().clone() for p in cli.model.parameters()]
+    assert len(calls) == 2 * 2  # two phases per iteration, fused only with fused_steps=2
+    for one_by_one, fused in zip(trained[1], trained[2], strict=True):
+        torch.testing.assert_close(fused, one_by_one, rtol=1e-4, atol=1e-5)
+
+
 def test_direct_steps_train_like_lightnings_per_step_calls_and_count_global_steps(tmp_path, monkeypatch):
     """Full precision on one device and no step hook: the phases call backward and the optimizer's step
     themselves. A callback with a step hook brings Lightning's calls back; both train the same parameters."""

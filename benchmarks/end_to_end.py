@@ -1,0 +1,118 @@
+"""Wall-clock of whole training runs from process start: ``awr fit`` variants against the plain loop.
+
+    python benchmarks/end_to_end.py --config configs/halfcheetah.yaml --iterations 25 50 --rounds 2 \\
+        --variant "awr fit as shipped=" \\
+        --variant "awr fit, async collection + evaluation=--model.collection=async --model.evaluation=async"
+
+Each ``--variant NAME=OVERRIDES`` is ``awr fit -c CONFIG`` with those command-line overrides
+(space-separated), run for each ``--iterations`` count in a fresh process: start-up, compilation,
+evaluation every ``check_val_every_n_epoch`` iterations and a checkpoint per iteration included,
+as a user runs it. Beside them, ``benchmarks/plain_loop.py`` with the config's env, frames,
+envs, actor step size, action std and evaluation schedule. The runs alternate (each round starts
+one run later), so that drift of the machine's speed hits all alike; the median over rounds is
+reported. From two iteration counts, the seconds per further iteration (slope) and a projection to
+``--budget`` env steps: seconds at the larger count plus the remaining iterations at that slope.
+
+Writes ``benchmarks/results/end_to_end_<task>.csv`` (every run) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from markdown_table import print_table
+
+HERE = Path(__file__).resolve().parent
+PLAIN = "plain loop (benchmarks/plain_loop.py)"
+
+
+def plain_command(config: dict, iterations: int) -> list[str]:
+    model, recipe = config["model"], config["model"]["recipe"]["init_args"]
+    return [sys.executable, str(HERE / "plain_loop.py"), "--env", recipe["env_id"], "--iterations", str(iterations),
+            "--frames", str(model["frames_per_iteration"]), "--envs", str(model["num_envs"]),
+            "--actor-lr", str(model["actor_lr"]), "--action-std", str(recipe["action_std"]),
+            "--eval-every", str(config["trainer"]["check_val_every_n_epoch"]),
+            "--eval-episodes", str(model["eval_episodes"]), "--seed", str(model["seed"])]
+
+
+def fit_command(config: Path, iterations: int, overrides: list[str], out: str) -> list[str]:
+    return [sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config), f"--trainer.max_epochs={iterations}",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.default_root_dir={out}", f"--checkpoint.dirpath={out}/checkpoints",
+            "--model.max_env_steps=null", *overrides]
+
+
+def seconds_of(command: list[str]) -> float:
+    """Wall-clock of ``command`` from its start to its exit; its output goes to a log that is shown on failure."""
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+        seconds = time.perf_counter() - start
+        if finished.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{command} exited with {finished.returncode}:\n{log.read()[-4000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDES (space-separated)")
+    parser.add_argument("--iterations", type=int, nargs=2, default=[25, 50])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=1e6, help="env steps of the projection")
+    args = parser.parse_args()
+    config = yaml.safe_load(args.config.read_text())
+    variants = {PLAIN: None}
+    for spec in args.variant or ["awr fit as shipped="]:
+        name, _, overrides = spec.partition("=")
+        variants[name] = overrides.split()
+    task = args.config.stem
+    out_csv = HERE / "results" / f"end_to_end_{task}.csv"
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+
+    runs = [(name, iterations) for iterations in args.iterations for name in variants]
+    seconds: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    with out_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["round", "variant", "iterations", "seconds"])
+        for round_index in range(args.rounds):
+            shift = round_index % len(runs)
+            for name, iterations in runs[shift:] + runs[:shift]:
+                with tempfile.TemporaryDirectory() as out:
+                    command = (plain_command(config, iterations) if variants[name] is None
+                               else fit_command(args.config, iterations, variants[name], out))
+                    taken = seconds_of(command)
+                seconds[name, iterations].append(taken)
+                writer.writerow([round_index, name, iterations, f"{taken:.2f}"])
+                f.flush()
+                print(f"round {round_index}: {name}, {iterations} iterations: {taken:.1f} s", flush=True)
+
+    low, high = args.iterations
+    budget_iterations = math.ceil(args.budget / config["model"]["frames_per_iteration"])
+    median = {run: statistics.median(values) for run, values in seconds.items()}
+    plain_projection = None
+    rows = []
+    for name in variants:
+        slope = (median[name, high] - median[name, low]) / (high - low)
+        projection = median[name, high] + (budget_iterations - high) * slope
+        plain_projection = plain_projection or projection
+        rows.append([name, f"{median[name, low]:.1f}", f"{median[name, high]:.1f}", f"{slope:.2f}",
+                     f"{projection / 60:.1f}", f"{projection / plain_projection:.2f}x"])
+    print(f"\n{task}: median of {args.rounds} rounds, wall-clock from process start; projection to "
+          f"{args.budget:,.0f} env steps ({budget_iterations} iterations)\n")
+    print_table(["run", f"{low} iterations (s)", f"{high} iterations (s)", "s per further iteration",
+                 "projected minutes", "of the plain loop"], rows)
+
+
+if __name__ == "__main__":
+    main()
