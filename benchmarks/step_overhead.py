@@ -20,7 +20,9 @@ step of each:
 - ``AWRLoss eager, functional=True``: the same eager step with TorchRL's default functional loss,
   which swaps the parameters into the networks on every call (``AWRModule`` uses ``functional=False``);
 - ``AWRLoss compiled, Lightning calls``: that compiled loss with Lightning's calls, i.e. a
-  policy step of ``awr fit --model.compile true``.
+  policy step of ``awr fit --model.compile true`` under a precision plugin, DDP or a step hook;
+- ``AWRLoss fused, 8 steps per graph``: ``awr_modules.fused_steps.FusedSGDSteps`` over the same loss,
+  i.e. a policy step of ``awr fit --model.compile true`` otherwise (``fused_steps`` 8, its default).
 
 Writes ``benchmarks/results/step_overhead_<task>.csv``.
 """
@@ -31,6 +33,7 @@ import argparse
 import csv
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,10 @@ from torch.utils.data import DataLoader
 
 from awr_modules import AWRLoss
 from awr_modules.cli import cli_main
+from awr_modules.fused_steps import FusedSGDSteps
 from awr_modules.phases import minibatch_losses
+
+FUSED = 8  # steps per graph of the fused way: AWRModule's default fused_steps
 
 
 class _Steps(pl.LightningModule):
@@ -83,6 +89,7 @@ class _Steps(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         self.awr_optimizer = torch.optim.SGD(self.actor.parameters(), lr=self.plain.actor_optimizer.defaults["lr"],
                                              momentum=self.plain.actor_optimizer.defaults["momentum"])
+        self.fused = FusedSGDSteps(self.loss_fns["eager"], "loss_actor", self.actor, self.awr_optimizer, FUSED)
         return [self.plain.actor_optimizer, self.awr_optimizer]
 
     def train_dataloader(self) -> DataLoader:
@@ -102,9 +109,21 @@ class _Steps(pl.LightningModule):
         }
         names = list(ways)
         start = batch_idx % len(names)  # each round starts one way later: no way always follows the same one
+        names.append(f"AWRLoss fused, {FUSED} steps per graph")
         for name in names[start:] + names[:start]:
-            seconds = time_steps(update_step(*ways[name]), self.steps, self.batch, warmup=30)
+            if name in ways:
+                seconds = time_steps(update_step(*ways[name]), self.steps, self.batch, warmup=30)
+            else:
+                seconds = self._time_fused()
             self.milliseconds.setdefault(name, []).append(1e3 * seconds / self.steps)
+
+    def _time_fused(self) -> float:
+        """Seconds of ``steps`` fused steps on fresh uniform indices, after a warm-up call (whose indices are
+        drawn alike)."""
+        self.fused(self.stored, torch.randint(BUFFER, (4 * FUSED, self.batch)))
+        start = time.perf_counter()
+        self.fused(self.stored, torch.randint(BUFFER, (self.steps - self.steps % FUSED, self.batch)))
+        return time.perf_counter() - start
 
     def _awr_loss(self, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The AWR policy loss on ``stored[index]`` as a function of the indices."""
