@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
@@ -76,15 +76,15 @@ class FusedSGDSteps:
         holder = _NetworkHolder(network, minibatch_loss)
 
         def objective(weights: tuple[torch.Tensor, ...], stored: TensorDictBase,
-                      index: torch.Tensor) -> tuple[torch.Tensor, TensorDictBase]:
+                      index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             swapped = {f"network.{name}": weight for name, weight in zip(names, weights, strict=True)}
             out = torch.func.functional_call(holder, swapped, (stored, index))
-            return out[loss_key], out
+            return out[loss_key], dict(out.items())  # a dict: torch.func returns it also where dynamo runs eagerly
 
         gradient = torch.func.grad(objective, has_aux=True)
 
         def steps(stored: TensorDictBase, indices: torch.Tensor, momentum_buffers: list[torch.Tensor],
-                  lr: torch.Tensor, momentum: torch.Tensor) -> TensorDictBase:
+                  lr: torch.Tensor, momentum: torch.Tensor) -> dict[str, torch.Tensor]:
             out = None
             with torch.no_grad():
                 for step in range(indices.shape[0]):
@@ -108,7 +108,7 @@ class FusedSGDSteps:
         out = None
         for chunk in indices.view(-1, self.steps_per_call, indices.shape[-1]):
             out = self._steps(stored, chunk, buffers, lr, momentum)
-        return out
+        return TensorDict(out, [])
 
     def _momentum_buffer(self, parameter: nn.Parameter) -> torch.Tensor:
         """The optimizer's momentum buffer of ``parameter``, created (zeros) where SGD has not stepped yet."""
