@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
@@ -32,6 +33,12 @@ class Evaluation:
     @property
     def lengths(self) -> list[int]:
         return [episode.shape[-1] for episode in self.episodes]
+
+
+def evaluation_metrics(prefix: str, returns: list[float], lengths: list[int]) -> dict[str, float]:
+    """What an evaluation logs: ``{prefix}/return`` (mean over episodes), its std, and the mean episode length."""
+    return {f"{prefix}/return": float(np.mean(returns)), f"{prefix}/return_std": float(np.std(returns)),
+            f"{prefix}/episode_length": float(np.mean(lengths))}
 
 
 def evaluate(env: EnvBase, policy: TensorDictModuleBase, max_steps: int = EVAL_MAX_STEPS) -> Evaluation:

@@ -33,6 +33,17 @@ def fusable(optimizer: torch.optim.Optimizer) -> bool:
     return group["dampening"] == 0 and not group["nesterov"] and group["weight_decay"] == 0 and not group["maximize"]
 
 
+def fused_phases(actor_loss: MinibatchLoss, value_loss: MinibatchLoss, actor: nn.Module, critic: nn.Module,
+                 actor_optimizer: torch.optim.Optimizer, critic_optimizer: torch.optim.Optimizer,
+                 steps_per_call: int) -> dict[str, FusedSGDSteps] | None:
+    """The policy and value phases' :class:`FusedSGDSteps` (keys ``"policy"``, ``"value"``); ``None`` unless
+    ``steps_per_call > 1`` and both optimizers are :func:`fusable`."""
+    if steps_per_call < 2 or not (fusable(actor_optimizer) and fusable(critic_optimizer)):
+        return None
+    return {"policy": FusedSGDSteps(actor_loss, "loss_actor", actor, actor_optimizer, steps_per_call),
+            "value": FusedSGDSteps(value_loss, "loss_value", critic, critic_optimizer, steps_per_call)}
+
+
 class _NetworkHolder(nn.Module):
     """``network`` as a submodule, so that ``functional_call`` swaps its parameters while the loss runs."""
 

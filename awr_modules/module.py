@@ -28,7 +28,6 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
@@ -46,9 +45,9 @@ from awr_modules.distributed import (
     mean_across_ranks,
     no_backward_sync,
 )
-from awr_modules.evaluation import Evaluation, evaluate
+from awr_modules.evaluation import Evaluation, evaluate, evaluation_metrics
 from awr_modules.evaluation_worker import EvaluationWorker, EvaluationWorkerError
-from awr_modules.fused_steps import FusedSGDSteps, fusable
+from awr_modules.fused_steps import FusedSGDSteps, fused_phases
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
@@ -303,18 +302,12 @@ class AWRModule(pl.LightningModule):
     def _fused_steps(self) -> dict[str, FusedSGDSteps] | None:
         """Each phase's :class:`FusedSGDSteps` where they apply: ``compile`` with ``fused_steps > 1``, direct
         steps (full precision, one device, no step hooks), no CUDA graphs, and plain SGD."""
-        hp, runtime = self.hparams, self.runtime
-        if not (hp.compile and hp.fused_steps > 1 and runtime.direct_steps and runtime.captured is None):
-            return None
         wrapped = self.optimizers()
-        if not all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in wrapped):
-            return None  # a Lightning without the step counters :meth:`_count_steps` calls
-        actor_optimizer, critic_optimizer = (w.optimizer for w in wrapped)
-        if not (fusable(actor_optimizer) and fusable(critic_optimizer)):
-            return None
-        actor_loss, value_loss = minibatch_losses(self.loss_module)  # traced into the fused graphs
-        return {"policy": FusedSGDSteps(actor_loss, "loss_actor", self.actor, actor_optimizer, hp.fused_steps),
-                "value": FusedSGDSteps(value_loss, "loss_value", self.critic, critic_optimizer, hp.fused_steps)}
+        counted = all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in wrapped)
+        if not (self.hparams.compile and counted and self.runtime.direct_steps and self.runtime.captured is None):
+            return None  # (``counted``: a Lightning with the step counters :meth:`_count_steps` calls)
+        return fused_phases(*minibatch_losses(self.loss_module), self.actor, self.critic,  # traced into the graphs
+                            *(w.optimizer for w in wrapped), self.hparams.fused_steps)
 
     def on_train_end(self) -> None:
         """Log the evaluations still running in the worker (the last snapshot's included)."""
@@ -509,9 +502,8 @@ class AWRModule(pl.LightningModule):
 
     def _log_evaluation(self, prefix: str) -> None:
         evaluation = self._evaluate()
-        self.log(f"{prefix}/return", float(np.mean(evaluation.returns)), prog_bar=True, sync_dist=True)
-        self.log(f"{prefix}/return_std", float(np.std(evaluation.returns)), sync_dist=True)
-        self.log(f"{prefix}/episode_length", float(np.mean(evaluation.lengths)), sync_dist=True)
+        for name, value in evaluation_metrics(prefix, evaluation.returns, evaluation.lengths).items():
+            self.log(name, value, prog_bar=name.endswith("/return"), sync_dist=True)
         self.log("env_steps", float(self.env_steps), sync_dist=True)
 
     def _log_worker_evaluations(self, *, wait: bool = False) -> None:
@@ -522,8 +514,7 @@ class AWRModule(pl.LightningModule):
         with _naming_the_evaluation_worker():
             finished = evaluator.finished(wait=wait)
         for result in finished:
-            metrics = {"eval/return": float(np.mean(result.returns)), "eval/return_std": float(np.std(result.returns)),
-                       "eval/episode_length": float(np.mean(result.lengths)), "env_steps": float(result.env_steps)}
+            metrics = {**evaluation_metrics("eval", result.returns, result.lengths), "env_steps": float(result.env_steps)}
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=result.global_step)
 

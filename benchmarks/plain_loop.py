@@ -23,12 +23,12 @@ import time
 
 START = time.time()  # before the imports: the wall-clock from process start is what a user waits for
 
-import argparse  # noqa: E402
+import argparse
 
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
 
 
 class Normalizer(nn.Module):
