@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -104,6 +105,10 @@ class EvaluationWorker:
 
 def _start_worker(make_env: Callable[[], EnvBase], policy: TensorDictModuleBase, num_threads: int) -> None:
     global _worker
+    # The worker evaluates on the CPU. Hiding GPUs also spares tensordict's per-step
+    # ``torch.cuda.is_available()``, which a CUDA build of torch without a visible device answers by
+    # loading NVML again on every call.
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
     torch.set_num_threads(num_threads)
     _worker = (make_env(), policy)
 
