@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torchrl.collectors import AsyncCollector, Collector
 from torchrl.envs import EnvBase
 
@@ -30,6 +31,6 @@ def make_collector(env: EnvBase | Callable[[], EnvBase], policy: Any, *, asynchr
     ``asynchronous``, TorchRL's ``AsyncCollector`` over ``env``, then a function that builds the env, in a
     worker process that collects the next batch while the caller works (``update_policy_weights_()`` sends
     it the policy's current weights)."""
-    if asynchronous:
-        return AsyncCollector(env, policy, **collector_kwargs)
+    if asynchronous:  # TorchRL lowers this process's torch threads by one per worker unless told how many to keep
+        return AsyncCollector(env, policy, num_threads=torch.get_num_threads(), **collector_kwargs)
     return Collector(env, policy, **collector_kwargs, **_KEEP_ENV_AS_BUILT)

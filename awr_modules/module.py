@@ -21,6 +21,7 @@ besides Lightning's own in :mod:`awr_modules.run_state`.
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -332,13 +333,22 @@ class AWRModule(pl.LightningModule):
         if evaluator is not None:
             evaluator.shutdown()
         collector, self.runtime.collector = self.runtime.collector, None
+        self.runtime.batches = None  # the iterator holds the collector too
         if collector is None:
             return
+        threads = torch.get_num_threads()
         try:
             collector.shutdown()
         except Exception:
             if not after_failure:
                 raise
+        finally:
+            # TorchRL's multiprocess collectors raise this process's torch thread count on shutdown, and
+            # again whenever the object is collected (its ``__del__`` shuts down once more), which could
+            # land inside a later ``torch.compile`` trace: collect it now and keep the run's setting.
+            del collector
+            gc.collect()
+            torch.set_num_threads(threads)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         def make(params, lr: float) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ message naming it, and the run resumes from its last checkpoint without losing a
 from __future__ import annotations
 
 import copy
+import gc
 from pathlib import Path
 from typing import ClassVar
 
@@ -114,3 +115,12 @@ def test_collection_must_be_sync_or_async(capsys):
     with pytest.raises(SystemExit):  # the CLI refuses it before building anything, naming the field
         cli_main(["fit", *tiny_args(Path("unused"), extra=["--model.collection=threads"])])
     assert "model.collection" in capsys.readouterr().err
+
+
+def test_a_run_keeps_the_processes_torch_threads(tmp_path):
+    """TorchRL's collector raises the process's thread count on shutdown and again when it is collected;
+    the module restores the count the run was started with (the CLI's ``--num_threads``)."""
+    torch.set_num_threads(1)
+    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=ASYNC)])
+    gc.collect()
+    assert torch.get_num_threads() == 1
