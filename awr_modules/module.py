@@ -404,8 +404,9 @@ class AWRModule(pl.LightningModule):
                network: torch.nn.Module) -> TensorDictBase | None:
         """``steps`` minibatch steps of one phase; the loss output of the last one (``None`` if no step).
 
-        Each step computes gradients on ``stored[index]`` (eagerly, or replayed as a CUDA graph
-        with ``cudagraphs``) and then takes the optimizer step (:meth:`_optimizer_step`).
+        Where fused steps apply (:meth:`_fused_steps`), whole groups of ``fused_steps`` steps run as one
+        compiled graph first. Each remaining step computes gradients on ``stored[index]`` (eagerly, or
+        replayed as a CUDA graph with ``cudagraphs``) and then takes the optimizer step (:meth:`_optimizer_step`).
         """
         inputs = phase_inputs(self.runtime.buffer, self.loss_module, steps, batch_size, prioritized=prioritized)
         if inputs is None:
