@@ -37,7 +37,8 @@ def test_a_snapshot_is_evaluated_as_in_the_process_and_later_weights_do_not_reac
     recipe = ClassicControl("CartPole-v1", hidden_sizes=[8])
     make_env = partial(recipe.make_env, 11, 3)
     actor, _ = recipe.make_networks(make_env())
-    worker = EvaluationWorker(make_env, actor)
+    worker = EvaluationWorker(make_env, actor)  # its copy of the actor has the identity normaliser
+    actor.module[0].module[0].load_statistics(torch.randn(4) * 0.1, torch.rand(4) + 0.5)  # snapshots carry these
     try:
         expected, in_process = [], make_env()  # one env for both, as the worker and the module keep theirs
         for env_steps in (100, 200):
