@@ -293,7 +293,9 @@ class AWRModule(pl.LightningModule):
         if asynchronous:  # a spawned worker starts with a random torch seed: give it the rank's (per resume)
             runtime.collector.set_seed(self._rank_seed() + self.iteration)
         runtime.batches = iter(runtime.collector)
-        runtime.direct_steps = direct_steps_suffice(self.trainer, self)
+        # Steps outside Lightning still count in ``global_step`` through its optimizers' step counters.
+        counters = all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in self.optimizers())
+        runtime.direct_steps = counters and direct_steps_suffice(self.trainer, self)
         runtime.fused = self._fused_steps()
         runtime.evaluates_in_worker = hp.evaluation == "async"
         if runtime.evaluates_in_worker and self.global_rank == 0:
@@ -303,12 +305,10 @@ class AWRModule(pl.LightningModule):
     def _fused_steps(self) -> dict[str, FusedSGDSteps] | None:
         """Each phase's :class:`FusedSGDSteps` where they apply: ``compile`` with ``fused_steps > 1``, direct
         steps (full precision, one device, no step hooks), no CUDA graphs, and plain SGD."""
-        wrapped = self.optimizers()
-        counted = all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in wrapped)
-        if not (self.hparams.compile and counted and self.runtime.direct_steps and self.runtime.captured is None):
-            return None  # (``counted``: a Lightning with the step counters :meth:`_count_steps` calls)
+        if not (self.hparams.compile and self.runtime.direct_steps and self.runtime.captured is None):
+            return None
         return fused_phases(*minibatch_losses(self.loss_module), self.actor, self.critic,  # traced into the graphs
-                            *(w.optimizer for w in wrapped), self.hparams.fused_steps)
+                            *(w.optimizer for w in self.optimizers()), self.hparams.fused_steps)
 
     def on_train_end(self) -> None:
         """Log the evaluations still running in the worker (the last snapshot's included)."""
@@ -475,11 +475,10 @@ class AWRModule(pl.LightningModule):
         """Average ``network``'s gradients across ranks (DDP), then Lightning's optimizer step; with
         :func:`~awr_modules.distributed.direct_steps_suffice` the wrapped optimizer's own step, counted in
         ``trainer.global_step`` as Lightning counts it."""
-        count_before, count_after = (getattr(optimizer, name, None) for name in ("_on_before_step", "_on_after_step"))
-        if self.runtime.direct_steps and count_before is not None and count_after is not None:
-            count_before()  # Lightning's step counter (manual optimization's progress)
+        if self.runtime.direct_steps:
+            optimizer._on_before_step()  # Lightning's step counter (manual optimization's progress)
             optimizer.optimizer.step()
-            count_after()
+            optimizer._on_after_step()
             return
         if self.trainer.world_size > 1:
             average_gradients(network.parameters(), self.trainer.strategy)
