@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,6 +28,7 @@ import torch
 from tensordict.nn import TensorDictModuleBase
 from torchrl.envs import EnvBase
 
+from awr_modules.cpu_worker import hide_gpus
 from awr_modules.evaluation import evaluate
 
 _worker: tuple[EnvBase, TensorDictModuleBase] | None = None  # the worker process's env and policy
@@ -105,10 +105,7 @@ class EvaluationWorker:
 
 def _start_worker(make_env: Callable[[], EnvBase], policy: TensorDictModuleBase, num_threads: int) -> None:
     global _worker
-    # The worker evaluates on the CPU. Hiding GPUs also spares tensordict's per-step
-    # ``torch.cuda.is_available()``, which a CUDA build of torch without a visible device answers by
-    # loading NVML again on every call.
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    hide_gpus()  # the worker evaluates on the CPU, and its per-step device checks get cheaper
     torch.set_num_threads(num_threads)
     _worker = (make_env(), policy)
 

@@ -38,6 +38,7 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase
 
 from awr_modules.collector import make_collector
+from awr_modules.cpu_worker import CpuWorkerEnv
 from awr_modules.cuda_graphs import CapturedGradients, move_distribution_kwargs
 from awr_modules.distributed import (
     average_gradients,
@@ -281,6 +282,8 @@ class AWRModule(pl.LightningModule):
         runtime, hp = self.runtime, self.hparams
         make_env = partial(self.recipe.make_env, self._rank_seed(), hp.num_envs)
         asynchronous = hp.collection == "async"
+        if asynchronous and self.device.type == "cpu":
+            make_env = CpuWorkerEnv(make_env)
         runtime.collector = make_collector(
             make_env if asynchronous else make_env(),
             copy.deepcopy(self.actor) if asynchronous else self.actor,  # the worker's own behaviour policy

@@ -8,7 +8,7 @@ thread. The TorchRL row is what ``awr fit`` collects with: the recipe's env and 
 called on a tensor. They alternate, ``--frames`` env steps per timed batch, and the median
 steps/s of ``--rounds`` rounds is reported.
 
-    python benchmarks/collection.py --config configs/halfcheetah.yaml --envs 8 --frames 2048 --rounds 5
+    python benchmarks/collection.py --config configs/halfcheetah.yaml --frames 2048 --rounds 5
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torchrl.envs import ExplorationType, set_exploration_type
 
 from awr_modules.cli import cli_main
 from awr_modules.collector import make_collector
+from awr_modules.cpu_worker import hide_gpus
 
 
 def torchrl_collection(model, envs: int, frames: int):
@@ -61,13 +62,15 @@ def plain_collection(model, envs: int, frames: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--envs", type=int, default=8)
+    parser.add_argument("--envs", type=int, default=None, help="envs stepped side by side (default: the config's)")
     parser.add_argument("--frames", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    hide_gpus()  # as awr fit's collection worker does when the learner is on the CPU
     np.random.seed(0)
     model = cli_main(["-c", str(args.config)], run=False).model
+    args.envs = args.envs or model.hparams.num_envs
     ways = {"plain gymnasium vector loop": plain_collection(model, args.envs, args.frames),
             "awr fit's TorchRL collector": torchrl_collection(model, args.envs, args.frames)}
     rates: dict[str, list[float]] = {name: [] for name in ways}

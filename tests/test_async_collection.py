@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
+import pickle
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,6 +22,7 @@ from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
 
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
+from awr_modules.cpu_worker import CpuWorkerEnv
 from recipes.classic_control import ClassicControl
 
 ASYNC = ["--model.collection=async"]
@@ -124,3 +128,12 @@ def test_a_run_keeps_the_processes_torch_threads(tmp_path):
     cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=ASYNC)])
     gc.collect()
     assert torch.get_num_threads() == 1
+
+
+def test_a_cpu_learners_collection_worker_builds_its_env_with_gpus_hidden(monkeypatch):
+    """The worker's env factory hides GPUs before it builds (cheaper per-step device checks) and survives pickling."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after the test
+    factory = pickle.loads(pickle.dumps(CpuWorkerEnv(partial(ClassicControl("Pendulum-v1").make_env, 0))))
+    env = factory()
+    assert env.batch_size == torch.Size([]) and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    env.close()
