@@ -32,7 +32,8 @@ class AWRCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
-            "checkpoint.save_last": True,  # `--ckpt_path last` resumes from it
+            # `--ckpt_path last` resumes from it; a link to the iteration's checkpoint, not a second copy of the buffer
+            "checkpoint.save_last": "link",
             # after every iteration, not only after evaluations (Lightning's choice when check_val_every_n_epoch > 1)
             "checkpoint.save_on_train_epoch_end": True,
             # a fresh run into an existing folder overwrites `last.ckpt` instead of writing `last-v1.ckpt`, so the

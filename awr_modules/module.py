@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class _Runtime:
     predicted: list[TensorDictBase] | None = None  # ``awr predict``'s episodes, run once per predict epoch
     evaluates_in_worker: bool = False  # ``evaluation="async"`` during fit: validation hands snapshots over
     evaluator: EvaluationWorker | None = None  # rank 0's evaluation worker then
+    iteration_ended: float | None = None  # ``time.perf_counter()`` when the last training step returned
 
 
 def _positive(name: str, value: float) -> None:
@@ -375,6 +377,8 @@ class AWRModule(pl.LightningModule):
         loss, buffer, hp = self.loss_module, self.runtime.buffer, self.hparams
         estimator = loss.value_estimator
         clock = PhaseClock()
+        if self.runtime.iteration_ended is not None:  # Lightning's work between iterations: checkpoint, logs, eval
+            clock.seconds["between_iterations"] = clock.started - self.runtime.iteration_ended
 
         data = self._collect()                                                   # 1. collect
         buffer.extend(data.reshape(-1))                                          # 2. FIFO buffer
@@ -401,6 +405,7 @@ class AWRModule(pl.LightningModule):
         self._log_worker_evaluations()
         if hp.max_env_steps is not None and self.env_steps >= hp.max_env_steps:
             self.trainer.should_stop = True
+        self.runtime.iteration_ended = time.perf_counter()
 
     def _phase(self, phase: str, steps: int, batch_size: int, *, prioritized: bool,
                loss_fn: MinibatchLoss, loss_key: str, optimizer: Any,

@@ -23,7 +23,7 @@ class PhaseClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self.started = self._last = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
