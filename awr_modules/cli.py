@@ -3,6 +3,7 @@
     awr fit -c configs/pendulum.yaml
     awr validate -c configs/pendulum.yaml --ckpt_path runs/pendulum/checkpoints/last.ckpt
     awr fit -c configs/pendulum.yaml --ckpt_path last      # resume after a crash
+    awr dataset random -c configs/pendulum.yaml --episodes 10 --id pendulum/random-v0   # see dataset_cli
 
 The config is the signature: every field is a constructor argument of
 ``AWRModule``, its recipe, or Lightning's ``Trainer``; unknown fields are errors.
@@ -11,6 +12,7 @@ The config is the signature: every field is a constructor argument of
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
@@ -91,7 +93,12 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
 
 
 def main() -> None:
-    """Entry point of the ``awr`` console script."""
+    """Entry point of the ``awr`` console script: Lightning's subcommands, and ``awr dataset`` (Minari datasets)."""
+    if sys.argv[1:2] == ["dataset"]:
+        from awr_modules.dataset_cli import main as dataset_main
+
+        dataset_main(sys.argv[2:])
+        return
     cli_main()
 
 

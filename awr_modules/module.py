@@ -53,18 +53,20 @@ from awr_modules.evaluation_worker import EvaluationWorker, EvaluationWorkerErro
 from awr_modules.fused_steps import FusedSGDSteps, fused_phases
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
+from awr_modules.offline_data import DatasetIdentity, read_minari_dataset
 from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
 from awr_modules.recipe import Recipe
 from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.run_state import (
     CHECKPOINT_KEY,
+    check_same_dataset,
     checked_run_state,
     env_signature,
     own_rank_state,
     rank_state,
     restore_rank_state,
 )
-from awr_modules.value_targets import refresh_value_targets
+from awr_modules.value_targets import refresh_value_targets_over
 
 
 @dataclass
@@ -85,6 +87,28 @@ class _Runtime:
     evaluates_in_worker: bool = False  # ``evaluation="async"`` during fit: validation hands snapshots over
     evaluator: EvaluationWorker | None = None  # rank 0's evaluation worker then
     iteration_ended: float | None = None  # ``time.perf_counter()`` when the last training step returned
+    collected: TensorDictBase | None = None  # this iteration's collected batch ``[envs, T]`` (None offline)
+    dataset: ReplayBuffer | None = None  # a dataset's transitions kept apart from the FIFO buffer
+    dataset_identity: DatasetIdentity | None = None  # what checkpoints record of the dataset
+    refreshed: bool = False  # whether this process has refreshed the stored targets yet
+
+
+def _check_data_sources(collection: str, evaluation: str, dataset: str | None, dataset_transitions: str,
+                        refresh_every: int, weighting: str) -> None:
+    if collection not in ("sync", "async", "none"):
+        raise ValueError(f"AWRModule: collection must be 'sync', 'async' or 'none' (offline), got {collection!r}.")
+    if evaluation not in ("sync", "async"):
+        raise ValueError(f"AWRModule: evaluation must be 'sync' or 'async', got {evaluation!r}.")
+    if dataset_transitions not in ("keep", "age_out"):
+        raise ValueError(f"AWRModule: dataset_transitions must be 'keep' or 'age_out', got {dataset_transitions!r}.")
+    if collection == "none" and dataset is None:
+        raise ValueError("AWRModule: collection='none' trains offline and needs a dataset (model.dataset).")
+    if refresh_every > 1 and collection != "none":
+        raise ValueError("AWRModule: refresh_every > 1 is for offline runs; collected transitions need targets "
+                         "in the iteration that stores them.")
+    if dataset is not None and collection != "none" and dataset_transitions == "keep" and weighting == "sampling":
+        raise ValueError("AWRModule: weighting='sampling' samples one prioritized buffer; with a kept dataset beside "
+                         "the FIFO buffer use weighting='loss' or dataset_transitions='age_out'.")
 
 
 def _positive(name: str, value: float) -> None:
@@ -154,6 +178,18 @@ class AWRModule(pl.LightningModule):
             (:class:`~awr_modules.evaluation_worker.EvaluationWorker`); each result is logged when it
             arrives, at the optimizer step and with the ``env_steps`` of its snapshot. ``awr validate``
             and ``awr test`` evaluate in the process either way.
+        dataset: a local Minari dataset id (:mod:`awr_modules.offline_data`) whose transitions train the
+            networks too; observation statistics start from its states. With ``collection="none"`` the run is
+            offline: no env steps besides evaluation.
+        dataset_root: the Minari datasets folder (default ``MINARI_DATASETS_PATH``, else ``~/.minari/datasets``).
+        dataset_transitions: with online collection, ``"keep"`` (the dataset stays beside the FIFO buffer for
+            the whole run; minibatches draw from both) or ``"age_out"`` (the dataset fills the FIFO buffer first,
+            its newest ``buffer_size`` transitions, and collected ones push them out).
+        refresh_every: offline only: recompute targets and advantages every this many iterations (their cost
+            grows with the dataset; online runs refresh every iteration, as new transitions need targets).
+        init_from: a checkpoint of this task whose networks and observation statistics (frozen) a new run starts
+            from, with this config's settings: online fine-tuning of an offline run, say. ``--ckpt_path`` instead
+            resumes a run, with the hyperparameters stored in its checkpoint (Lightning's CLI restores them).
     """
 
     def __init__(
@@ -187,12 +223,17 @@ class AWRModule(pl.LightningModule):
         compile: bool = False,
         cudagraphs: bool = False,
         fused_steps: int = 8,
-        collection: Literal["sync", "async"] = "sync",
+        collection: Literal["sync", "async", "none"] = "sync",
         evaluation: Literal["sync", "async"] = "sync",
+        dataset: str | None = None,
+        dataset_root: str | None = None,
+        dataset_transitions: Literal["keep", "age_out"] = "keep",
+        refresh_every: int = 1,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         for name in ("frames_per_iteration", "num_envs", "buffer_size", "critic_batch_size", "actor_batch_size",
-                     "critic_lr", "actor_lr", "gamma", "eval_episodes", "fused_steps"):
+                     "critic_lr", "actor_lr", "gamma", "eval_episodes", "fused_steps", "refresh_every"):
             _positive(name, locals()[name])
         for name in ("critic_steps", "actor_steps", "momentum", "td_lambda"):
             if locals()[name] < 0:
@@ -200,9 +241,7 @@ class AWRModule(pl.LightningModule):
         if frames_per_iteration % num_envs:
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
-        for name, value in (("collection", collection), ("evaluation", evaluation)):
-            if value not in ("sync", "async"):
-                raise ValueError(f"AWRModule: {name} must be 'sync' or 'async', got {value!r}.")
+        _check_data_sources(collection, evaluation, dataset, dataset_transitions, refresh_every, weighting)
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
@@ -245,13 +284,53 @@ class AWRModule(pl.LightningModule):
         if stage == "fit":
             runtime.captured = self._captured_gradients()
             torch.manual_seed(rank_seed)
-            runtime.buffer = make_replay_buffer(
-                self.hparams.buffer_size,
-                prioritized=self.loss_module.samples_by_weight,
-                priority="weight",
-                device=self.trainer.strategy.root_device,  # the module is moved there after setup()
-            )
+            if self.hparams.collection != "none":
+                runtime.buffer = self._new_buffer(self.hparams.buffer_size)
+            if self.hparams.dataset is not None:
+                self._load_dataset(runtime)
+            if self.hparams.init_from is not None:
+                self._start_from(self.hparams.init_from, runtime)
         self.runtime = runtime
+
+    def _start_from(self, path: str, runtime: _Runtime) -> None:
+        """Load a checkpoint's networks and observation statistics (frozen: the policy was trained on them)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
+        self.load_state_dict(checkpoint["state_dict"])
+        if runtime.statistics is not None and state["normalizers"]:
+            runtime.statistics.load_state_dict(state["normalizers"][0], env_steps=runtime.statistics.freeze_after)
+
+    def _new_buffer(self, capacity: int) -> ReplayBuffer:
+        return make_replay_buffer(
+            capacity,
+            prioritized=self.loss_module.samples_by_weight,
+            priority="weight",
+            device=self.trainer.strategy.root_device,  # the module is moved there after setup()
+        )
+
+    def _load_dataset(self, runtime: _Runtime) -> None:
+        """Read the dataset (refused early if it does not fit the recipe), its actions in the actor's units, into
+        its own buffer or the FIFO buffer (``age_out``); the observation statistics start from its states."""
+        hp = self.hparams
+        rows, runtime.dataset_identity = read_minari_dataset(
+            hp.dataset, env_id=self.recipe.env_id, root=hp.dataset_root,
+            observation_shape=tuple(self._env_signature["observation_shape"]),
+            action_shape=() if self._env_signature["discrete"] else tuple(self._env_signature["action_shape"]))
+        rows.set("action", self.recipe.policy_actions(rows.get("action")))
+        if runtime.statistics is not None:
+            runtime.statistics.update(rows, 0)
+        if hp.dataset_transitions == "age_out" and hp.collection != "none":
+            if rows.shape[0] > hp.buffer_size:
+                rank_zero_warn(f"AWRModule: the dataset's {rows.shape[0]} transitions exceed buffer_size "
+                               f"({hp.buffer_size}); age_out keeps its newest {hp.buffer_size}.")
+            runtime.buffer.extend(rows.to(runtime.buffer.storage.device))
+            return
+        runtime.dataset = self._new_buffer(rows.shape[0])
+        runtime.dataset.extend(rows.to(runtime.dataset.storage.device))
+
+    def _sources(self) -> list[ReplayBuffer]:
+        """The buffers the phases train on: the dataset's and the FIFO buffer, those that hold transitions."""
+        return [buffer for buffer in (self.runtime.dataset, self.runtime.buffer) if buffer is not None and len(buffer)]
 
     def _rank_seed(self) -> int:
         """This rank's seed: rank ``r`` collects with ``seed + 1000 * r`` (its eval env with ``+ 500``)."""
@@ -282,6 +361,19 @@ class AWRModule(pl.LightningModule):
         (:meth:`_publish_policy`), never with weights halfway through a phase.
         """
         runtime, hp = self.runtime, self.hparams
+        if hp.collection != "none":
+            self._start_collector()
+        # Steps outside Lightning still count in ``global_step`` through its optimizers' step counters.
+        counters = all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in self.optimizers())
+        runtime.direct_steps = counters and direct_steps_suffice(self.trainer, self)
+        runtime.fused = self._fused_steps()
+        runtime.evaluates_in_worker = hp.evaluation == "async"
+        if runtime.evaluates_in_worker and self.global_rank == 0:
+            runtime.evaluator = EvaluationWorker(partial(self.recipe.make_env, self._rank_seed() + 500,
+                                                         hp.eval_episodes), self.actor)
+
+    def _start_collector(self) -> None:
+        runtime, hp = self.runtime, self.hparams
         make_env = partial(self.recipe.make_env, self._rank_seed(), hp.num_envs)
         asynchronous = hp.collection == "async"
         if asynchronous and self.device.type == "cpu":
@@ -298,14 +390,6 @@ class AWRModule(pl.LightningModule):
         if asynchronous:  # a spawned worker starts with a random torch seed: give it the rank's (per resume)
             runtime.collector.set_seed(self._rank_seed() + self.iteration)
         runtime.batches = iter(runtime.collector)
-        # Steps outside Lightning still count in ``global_step`` through its optimizers' step counters.
-        counters = all(hasattr(w, "_on_before_step") and hasattr(w, "_on_after_step") for w in self.optimizers())
-        runtime.direct_steps = counters and direct_steps_suffice(self.trainer, self)
-        runtime.fused = self._fused_steps()
-        runtime.evaluates_in_worker = hp.evaluation == "async"
-        if runtime.evaluates_in_worker and self.global_rank == 0:
-            runtime.evaluator = EvaluationWorker(partial(self.recipe.make_env, self._rank_seed() + 500,
-                                                         hp.eval_episodes), self.actor)
 
     def _fused_steps(self) -> dict[str, FusedSGDSteps] | None:
         """Each phase's :class:`FusedSGDSteps` where they apply: ``compile`` with ``fused_steps > 1``, direct
@@ -374,24 +458,30 @@ class AWRModule(pl.LightningModule):
     # ------------------------------------------------------- one iteration
     def training_step(self, batch: Any, batch_idx: int) -> None:
         actor_optimizer, critic_optimizer = self.optimizers()
-        loss, buffer, hp = self.loss_module, self.runtime.buffer, self.hparams
+        loss, hp = self.loss_module, self.hparams
         estimator = loss.value_estimator
         clock = PhaseClock()
         if self.runtime.iteration_ended is not None:  # Lightning's work between iterations: checkpoint, logs, eval
             clock.seconds["between_iterations"] = clock.started - self.runtime.iteration_ended
 
-        data = self._collect()                                                   # 1. collect
-        buffer.extend(data.reshape(-1))                                          # 2. FIFO buffer
+        data = self._collect() if hp.collection != "none" else None              # 1. collect
+        if data is not None:
+            self._store(data)                                                    # 2. FIFO buffer
         clock.lap("collect")
-        refresh_value_targets(buffer, estimator)                                 # 3. R over stored paths
+        # always online; every ``refresh_every`` offline, and once a process has (re)read its dataset
+        refresh = self.iteration % hp.refresh_every == 0 or not self.runtime.refreshed
+        self.runtime.refreshed = True
+        if refresh:
+            refresh_value_targets_over(self._sources(), estimator)               # 3. R over stored paths
         clock.lap("refresh")
         value_out = self._phase("value", hp.critic_steps, hp.critic_batch_size, prioritized=False,
                                 loss_fn=self.runtime.value_loss, loss_key="loss_value",      # 4. value phase
                                 optimizer=critic_optimizer, network=self.critic)
         clock.lap("value_phase")
         priority_fn = loss.sampling_priority if loss.samples_by_weight else None
-        refresh_value_targets(buffer, estimator,                                 # 5. A with the new critic
-                              normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
+        if refresh:
+            refresh_value_targets_over(self._sources(), estimator,               # 5. A with the new critic
+                                       normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
         clock.lap("refresh")
         actor_out = self._phase("policy", hp.actor_steps, hp.actor_batch_size,   # 6. policy phase
                                 prioritized=loss.samples_by_weight, loss_fn=self.runtime.actor_loss,
@@ -416,7 +506,7 @@ class AWRModule(pl.LightningModule):
         compiled graph first. Each remaining step computes gradients on ``stored[index]`` (eagerly, or
         replayed as a CUDA graph with ``cudagraphs``) and then takes the optimizer step (:meth:`_optimizer_step`).
         """
-        inputs = phase_inputs(self.runtime.buffer, self.loss_module, steps, batch_size, prioritized=prioritized)
+        inputs = phase_inputs(self._sources(), self.loss_module, steps, batch_size, prioritized=prioritized)
         if inputs is None:
             return None
         stored, indices = inputs
@@ -444,6 +534,15 @@ class AWRModule(pl.LightningModule):
             self._optimizer_step(optimizer, network)
         return out
 
+    def _store(self, data: TensorDictBase) -> None:
+        """Step 2: the batch's transitions into the FIFO buffer; beside dataset rows (``age_out``), only the
+        fields those have, so that both share one storage layout."""
+        rows = data.reshape(-1)
+        buffer = self.runtime.buffer
+        if self.runtime.dataset_identity is not None and self.hparams.dataset_transitions == "age_out":
+            rows = rows.select(*buffer.storage.get(0).keys(True, True), strict=False)
+        buffer.extend(rows)
+
     def _collect(self) -> TensorDictBase:
         """Step 1: the next batch of the collector; the observation statistics follow it."""
         try:
@@ -455,6 +554,7 @@ class AWRModule(pl.LightningModule):
                 f"Resume from the last checkpoint with `awr fit ... --ckpt_path last`."
             ) from error
         self.env_steps += data.numel() * self.trainer.world_size
+        self.runtime.collected = data
         statistics = self.runtime.statistics
         if statistics is not None:
             pool = mean_across_ranks(self.trainer.strategy, self.device) if self.trainer.world_size > 1 else None
@@ -498,12 +598,13 @@ class AWRModule(pl.LightningModule):
             optimizer._on_before_step()
             optimizer._on_after_step()
 
-    def _log_iteration(self, data: TensorDictBase, outputs: list[TensorDictBase], seconds: dict[str, float]) -> None:
-        done = data["next", "done"]
-        returns = data["next", "episode_reward"][done]
+    def _log_iteration(self, data: TensorDictBase | None, outputs: list[TensorDictBase],
+                       seconds: dict[str, float]) -> None:
         self.log("env_steps", float(self.env_steps), prog_bar=True, sync_dist=True)
         self.log("iteration", float(self.iteration), prog_bar=True, sync_dist=True)
-        if returns.numel():
+        done = None if data is None else data["next", "done"]
+        returns = None if data is None else data["next", "episode_reward"][done]
+        if returns is not None and returns.numel():
             self.log("train/return", returns.float().mean(), prog_bar=True, sync_dist=True)
             self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
         for phase, value in seconds.items():
@@ -577,11 +678,14 @@ class AWRModule(pl.LightningModule):
             "iteration": self.iteration,
             "normalizers": [runtime.statistics.state_dict()] if runtime.statistics is not None else [],
             "ranks": gather_rank_states(rank_state(runtime.buffer), self.trainer.world_size),
+            # named, not copied: a resumed run reads it again (and refuses it if it changed)
+            "dataset": runtime.dataset_identity.as_dict() if runtime.dataset_identity is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another task or shape before any weight is loaded, then restore the run."""
         state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
+        check_same_dataset(state.get("dataset"), self.runtime.dataset_identity)
         self.env_steps = state["env_steps"]
         self.iteration = state["iteration"]
         statistics = self.runtime.statistics

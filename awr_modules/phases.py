@@ -57,7 +57,7 @@ def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[Minibatch
     return actor_loss, value_loss
 
 
-def phase_inputs(buffer: ReplayBuffer, loss: AWRLoss, steps: int, batch_size: int, *,
+def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, steps: int, batch_size: int, *,
                  prioritized: bool) -> tuple[TensorDictBase, torch.Tensor] | None:
     """The stored data a phase reads and its ``[steps, batch_size]`` minibatch indices, drawn at once.
 
@@ -66,19 +66,28 @@ def phase_inputs(buffer: ReplayBuffer, loss: AWRLoss, steps: int, batch_size: in
     replacement: uniform, or proportional to the priorities with ``prioritized``), at
     a fraction of the per-step cost. Only the keys the loss reads are kept (a view of
     the storage, no copy), and the loss's input checks run once over them instead of
-    once per step. ``None`` when ``steps`` is 0.
+    once per step. Several buffers (a dataset's beside the FIFO buffer) are read as one:
+    their transitions side by side (a copy of those keys), drawn uniformly; prioritized
+    sampling needs a single buffer. ``None`` when ``steps`` is 0.
     """
     if steps == 0:
         return None
-    storage = buffer.storage
+    buffers = [buffers] if isinstance(buffers, ReplayBuffer) else list(buffers)
+    if prioritized and len(buffers) != 1:
+        raise ValueError(f"phase_inputs: prioritized sampling reads one buffer, got {len(buffers)}.")
+    wanted = [*loss.in_keys_given_targets, loss.tensor_keys.sample_log_prob]
+    views = [buffer.storage.get(slice(0, len(buffer))) for buffer in buffers]  # views, no copy
+    shared = [key for key in wanted if all(key in view.keys(True) for view in views)]
+    views = [view.select(*shared) for view in views]
+    stored = views[0] if len(views) == 1 else torch.cat(views)
+    storage = buffers[0].storage
     if prioritized:
-        index, _ = buffer.sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
+        index, _ = buffers[0].sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
     else:
-        index = torch.randint(len(buffer), (steps * batch_size,), device=storage.device)
-    keys = [*loss.in_keys_given_targets, loss.tensor_keys.sample_log_prob]
-    stored = storage.get(slice(0, len(buffer))).select(*keys, strict=False)  # a view, no copy
+        index = torch.randint(stored.shape[0], (steps * batch_size,), device=storage.device)
     loss.check_batch(stored)  # keys and finiteness, once for the whole phase
     return stored, index.to(storage.device).view(steps, batch_size)
+
 
 def check_finite_losses(iteration: int, *outputs: TensorDictBase | None) -> None:
     """Stop with a clear message once a phase's last loss is nan or inf (one host sync per iteration).

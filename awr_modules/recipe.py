@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor, ValueOperator
 
@@ -53,3 +54,14 @@ class Recipe(ABC):
         normalises states inside the networks (from :meth:`make_networks`); ``None`` (the default) for one
         that does not."""
         return None
+
+    def policy_actions(self, env_actions: torch.Tensor) -> torch.Tensor:
+        """Actions as the env takes them (a dataset's) in the units the actor samples (e.g. ``[-1, 1]``
+        boxes, one-hot choices). Recipes that train offline implement it; the default refuses."""
+        raise NotImplementedError(f"{type(self).__name__} does not map env actions to its actor's units; "
+                                  f"it cannot train on datasets.")
+
+    def env_actions(self, policy_actions: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`policy_actions`: the actor's actions as the env takes them."""
+        raise NotImplementedError(f"{type(self).__name__} does not map its actor's actions to env actions; "
+                                  f"it cannot write datasets.")

@@ -54,6 +54,22 @@ def checked_run_state(checkpoint: dict[str, Any], env_id: str, signature: dict[s
     return state
 
 
+def check_same_dataset(saved: dict[str, Any] | None, current: Any) -> None:
+    """Refuse to resume on a dataset that changed since the checkpoint named it (same id, other transitions).
+
+    ``saved`` is the checkpoint's record, ``current`` the :class:`~awr_modules.offline_data.DatasetIdentity` the
+    run read. Another id (or none) is a new stage, e.g. online fine-tuning of an offline checkpoint, and passes.
+    """
+    if saved is None or current is None or saved["dataset_id"] != current.dataset_id:
+        return
+    if saved["fingerprint"] != current.fingerprint or saved["transitions"] != current.transitions:
+        raise ValueError(
+            f"AWRModule: the checkpoint was trained on dataset {saved['dataset_id']!r} with {saved['transitions']} "
+            f"transitions (fingerprint {saved['fingerprint']}), but that id now holds {current.transitions} "
+            f"(fingerprint {current.fingerprint}): the dataset was rewritten. Restore it or write it under a new version."
+        )
+
+
 def _check_state_shapes(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
     """Fail with one clear message on mismatched network sizes, instead of a partial load."""
     missing = sorted(set(own) - set(saved))

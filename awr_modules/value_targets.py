@@ -196,3 +196,31 @@ def refresh_value_targets(
     if priority_fn is not None and hasattr(buffer, "update_priority"):
         buffer.update_priority(index, priority_fn(data).reshape(-1).float())
     return data
+
+
+def refresh_value_targets_over(
+    buffers: list[ReplayBuffer],
+    estimator: ValueEstimatorBase,
+    *,
+    normalize_advantage: bool = False,
+    priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
+) -> None:
+    """:func:`refresh_value_targets` over several buffers whose paths are separate (a dataset's and a FIFO
+    buffer of collected transitions), with advantages standardised over all of them together.
+
+    One buffer is refreshed exactly as by :func:`refresh_value_targets`. Prioritized sampling (``priority_fn``)
+    needs a single buffer.
+    """
+    if len(buffers) == 1:
+        refresh_value_targets(buffers[0], estimator, normalize_advantage=normalize_advantage, priority_fn=priority_fn)
+        return
+    if priority_fn is not None:
+        raise ValueError("refresh_value_targets_over: priorities are per buffer; prioritized sampling needs one buffer.")
+    refreshed = [refresh_value_targets(buffer, estimator) for buffer in buffers]
+    if not normalize_advantage:
+        return
+    key = estimator.tensor_keys.advantage
+    mean, std = mean_and_std(torch.cat([data.get(key) for data in refreshed]))
+    for buffer, data in zip(buffers, refreshed):
+        standardized = (data.get(key) - mean) / (std + ADVANTAGE_NORMALIZATION_EPS)
+        buffer.storage.set(data.get("index"), data.select().set(key, standardized), set_cursor=False)

@@ -164,6 +164,32 @@ class GymRecipe(Recipe):
                 f"({type(spec).__name__}); it needs a discrete space or a bounded box."
             )
 
+    # -------------------------------------------------------------- actions
+    def action_space(self) -> gym.Space:
+        """The gymnasium env's own action space (a dataset's actions live in it)."""
+        if not hasattr(self, "_action_space"):
+            env = gym.make(self.env_id, **self.env_kwargs)
+            self._action_space = env.action_space
+            env.close()
+        return self._action_space
+
+    def policy_actions(self, env_actions: torch.Tensor) -> torch.Tensor:
+        """Env actions in the actor's units: a box's bounds mapped to ``[-1, 1]`` (the inverse of the env's
+        affine action map), a discrete choice as a one-hot vector."""
+        space = self.action_space()
+        if isinstance(space, gym.spaces.Discrete):
+            return torch.nn.functional.one_hot(env_actions.long().reshape(-1), int(space.n)).to(torch.long)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
+        return (env_actions.float() - (high + low) / 2) / ((high - low) / 2)
+
+    def env_actions(self, policy_actions: torch.Tensor) -> torch.Tensor:
+        """The actor's actions as the gymnasium env takes them (the env's affine map; one-hot to an index)."""
+        space = self.action_space()
+        if isinstance(space, gym.spaces.Discrete):
+            return policy_actions.argmax(-1)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
+        return policy_actions.float() * ((high - low) / 2) + (high + low) / 2
+
     # ------------------------------------------------------------- networks
     def make_networks(self, env: EnvBase, value_scale: float = 1.0) -> tuple[ProbabilisticActor, ValueOperator]:
         obs_dim = env.observation_spec["observation"].shape[-1]

@@ -1,0 +1,229 @@
+"""Offline AWR: Minari datasets written and read, offline fits through the CLI, offline-to-online, refusals.
+
+Every dataset here is written by the test itself into a temporary ``MINARI_DATASETS_PATH``.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from lightning_helpers import checkpoint_dir, load_checkpoint, tiny_args
+from minari.data_collector import EpisodeBuffer
+from torchrl.objectives.value import TDLambdaEstimator
+
+from awr_modules import make_replay_buffer, refresh_value_targets
+from awr_modules.cli import cli_main
+from awr_modules.dataset_cli import main as dataset_main
+from awr_modules.dataset_writer import checkpoint_policy, random_policy, write_history_dataset, write_policy_dataset
+from awr_modules.offline_data import DatasetError, DatasetIdentity, read_minari_dataset
+from awr_modules.run_state import check_same_dataset
+from recipes.classic_control import ClassicControl
+
+GAMMA, LAMBDA = 0.9, 0.8
+PENDULUM = {"env_id": "Pendulum-v1", "observation_shape": (3,), "action_shape": (1,)}
+
+
+@pytest.fixture(autouse=True)
+def _datasets_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+
+
+def _random_dataset(dataset_id: str, env_id: str, episodes: int, seed: int = 0):
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    return write_policy_dataset(dataset_id, env, random_policy(env.action_space), episodes=episodes, seed=seed)
+
+
+def _plain_td_lambda(rewards, values, next_values, terminated) -> list[float]:
+    """TD(lambda) of one episode in plain Python: G_t = r_t + g((1 - l) V(s') + l G_{t+1}); G_T bootstraps
+    from V(s_T) unless the episode terminated."""
+    returns, following = [], None
+    for t in reversed(range(len(rewards))):
+        bootstrap = 0.0 if (t == len(rewards) - 1 and terminated) else next_values[t]
+        if following is None:
+            target = rewards[t] + GAMMA * bootstrap
+        else:
+            target = rewards[t] + GAMMA * ((1 - LAMBDA) * next_values[t] + LAMBDA * following)
+        returns.append(target)
+        following = target
+    return returns[::-1]
+
+
+def test_written_episodes_read_back_and_targets_are_td_lambda_per_episode():
+    """CartPole: random episodes end by termination, so both path ends (terminated, and bootstrapped) occur."""
+    dataset = _random_dataset("cartpole/random-v0", "CartPole-v1", episodes=4)
+    rows, identity = read_minari_dataset("cartpole/random-v0", env_id="CartPole-v1", observation_shape=(4,),
+                                         action_shape=())
+    assert identity.transitions == rows.shape[0] == dataset.total_steps and identity.episodes == 4
+    episodes = list(dataset.iterate_episodes())
+    assert torch.equal(rows["next", "reward"].reshape(-1), torch.as_tensor(np.concatenate(
+        [episode.rewards for episode in episodes]), dtype=torch.float32))
+    assert rows["next", "terminated"].sum() == 4 and rows["collector", "traj_ids"].unique().numel() == 4
+
+    weights = torch.tensor([0.3, -0.2, 0.5, 0.1])
+    critic = _linear_critic(weights)
+    buffer = make_replay_buffer(rows.shape[0], prioritized=False)
+    buffer.extend(rows)
+    refreshed = refresh_value_targets(buffer, TDLambdaEstimator(gamma=GAMMA, lmbda=LAMBDA, value_network=critic))
+    start = 0
+    for episode in episodes:
+        steps = len(episode.rewards)
+        observations = torch.as_tensor(episode.observations, dtype=torch.float32)
+        values = (observations @ weights).tolist()
+        expected = _plain_td_lambda(episode.rewards.tolist(), values[:-1], values[1:], bool(episode.terminations[-1]))
+        got = refreshed["value_target"][start:start + steps].reshape(-1)
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+        start += steps
+
+
+def _linear_critic(weights: torch.Tensor):
+    from torchrl.modules import ValueOperator
+
+    linear = torch.nn.Linear(weights.numel(), 1, bias=False)
+    linear.weight.data.copy_(weights.unsqueeze(0))
+    return ValueOperator(linear, in_keys=["observation"])
+
+
+def test_torchrls_local_minari_reader_still_returns_zeros(tmp_path):
+    """Why the reader is Minari's own: TorchRL's ``MinariExperienceReplay(load_from_local_minari=True)`` keeps
+    ``memmap_like`` of the data (layout, no content). When this fails, TorchRL reads the content: switch back."""
+    from torchrl.data.datasets import MinariExperienceReplay
+
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
+    replay = MinariExperienceReplay("pendulum/random-v0", batch_size=4, root=tmp_path / "torchrl",
+                                    load_from_local_minari=True)
+    rows, _ = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    assert rows["next", "reward"].abs().sum() > 0
+    assert replay.storage.get(slice(0, len(replay)))["next", "reward"].abs().sum() == 0
+
+
+def test_memmap_rows_equal_in_memory_rows(tmp_path):
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
+    in_memory, identity = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    on_disk, same = read_minari_dataset("pendulum/random-v0", **PENDULUM, memmap_dir=tmp_path / "rows")
+    assert identity == same and on_disk.is_memmap()
+    assert (in_memory == on_disk).all()
+
+
+@pytest.mark.parametrize("fault", ["unknown id", "other env", "other shapes", "missing field", "empty",
+                                   "non-finite"])
+def test_bad_datasets_are_refused_with_the_fault_named(tmp_path, fault):
+    import gymnasium as gym
+    import minari
+
+    env = gym.make("Pendulum-v1")
+
+    def episode(number: int, steps: int = 5, reward: float = 1.0) -> EpisodeBuffer:
+        return EpisodeBuffer(id=number, observations=np.zeros((steps + 1, 3), np.float32),
+                             actions=np.zeros((steps, 1), np.float32), rewards=np.full(steps, reward),
+                             terminations=np.zeros(steps, bool), truncations=np.r_[np.zeros(steps - 1, bool), True])
+
+    expected = {"unknown id": "no Minari dataset", "other env": "recorded in 'Pendulum-v1'",
+                "other shapes": "observations of shape", "missing field": "lacks a field", "empty": "no transitions",
+                "non-finite": "non-finite"}[fault]
+    dataset_id, read_as = "pendulum/bad-v0", dict(PENDULUM)
+    if fault == "unknown id":
+        dataset_id = "pendulum/absent-v0"
+    else:
+        episodes = [] if fault == "empty" else [episode(0), episode(1, reward=np.nan if fault == "non-finite" else 1.0)]
+        minari.create_dataset_from_buffers(dataset_id, episodes, env=env)
+    if fault == "other env":
+        read_as = {"env_id": "CartPole-v1", "observation_shape": (4,), "action_shape": ()}
+    if fault == "other shapes":
+        read_as["observation_shape"] = (4,)
+    if fault == "missing field":
+        with h5py.File(tmp_path / "datasets" / dataset_id / "data" / "main_data.hdf5", "a") as file:
+            del file["episode_1"]["rewards"]
+    with pytest.raises(DatasetError, match=expected):
+        read_minari_dataset(dataset_id, **read_as)
+
+
+def test_writing_never_replaces_a_dataset_without_overwrite(capsys):
+    args = ["random", "-c", "configs/pendulum.yaml", "--episodes", "1", "--id", "pendulum/random-v0"]
+    dataset_main(args)
+    with pytest.raises(SystemExit, match="already exists"):
+        dataset_main(args)
+    dataset_main([*args, "--overwrite", "--seed", "3"])
+    assert "1 episodes, 200 steps" in capsys.readouterr().out
+
+
+def test_offline_fit_takes_no_env_step_and_its_checkpoint_names_the_dataset(tmp_path):
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=3)
+    offline = ["--model.collection=none", "--model.dataset=pendulum/random-v0", "--model.refresh_every=2"]
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=offline)])
+    assert cli.model.env_steps == 0 and cli.trainer.global_step == 3 * (3 + 3)
+    state = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
+    assert state["dataset"]["dataset_id"] == "pendulum/random-v0" and state["dataset"]["transitions"] == 600
+    assert state["ranks"][0]["buffer"] is None  # the transitions are named, not copied
+    normalizer = cli.model.critic.module[0]  # the networks' shared normaliser: the dataset's state moments
+    rows, _ = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    torch.testing.assert_close(normalizer.loc, rows["observation"].mean(0), rtol=1e-4, atol=1e-4)
+
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=4, extra=offline), "--ckpt_path=last"])
+    assert resumed.model.iteration == 4 and resumed.model.env_steps == 0
+
+
+def test_a_checkpoint_is_refused_when_its_dataset_was_rewritten():
+    saved = DatasetIdentity("pendulum/random-v0", "Pendulum-v1", 3, 600, "aaaa").as_dict()
+    check_same_dataset(saved, DatasetIdentity("pendulum/random-v0", "Pendulum-v1", 3, 600, "aaaa"))
+    check_same_dataset(saved, DatasetIdentity("pendulum/other-v0", "Pendulum-v1", 1, 200, "bbbb"))  # a new stage
+    with pytest.raises(ValueError, match="rewritten"):
+        check_same_dataset(saved, DatasetIdentity("pendulum/random-v0", "Pendulum-v1", 3, 600, "bbbb"))
+
+
+@pytest.mark.parametrize("transitions", ["keep", "age_out"])
+def test_offline_to_online_starts_from_the_offline_networks(tmp_path, transitions):
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
+    offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
+    offline = cli_main(["fit", *tiny_args(offline_dir, epochs=2, extra=[
+        "--model.collection=none", "--model.dataset=pendulum/random-v0"])])
+    weights = {k: v.clone() for k, v in offline.model.actor.state_dict().items()}
+
+    online = cli_main(["fit", *tiny_args(online_dir, epochs=2, extra=[
+        "--model.dataset=pendulum/random-v0", f"--model.dataset_transitions={transitions}",
+        f"--model.init_from={checkpoint_dir(offline_dir) / 'last.ckpt'}",
+        "--model.actor_steps=0", "--model.critic_steps=0"])])  # no update: the actor must be the offline one
+    for key, value in online.model.actor.state_dict().items():
+        torch.testing.assert_close(value, weights[key])
+    assert online.model.env_steps == 2 * 128
+    stored = load_checkpoint(checkpoint_dir(online_dir) / "last.ckpt")["awr"]["ranks"][0]["buffer"]
+    traj_ids = stored["_storage"]["_storage"]["collector.traj_ids"][: 2 * 128 + (400 if transitions == "age_out" else 0)]
+    assert (traj_ids < 0).sum() == (400 if transitions == "age_out" else 0)  # dataset rows only where they age out
+
+
+def test_a_runs_history_becomes_a_dataset_of_everything_it_collected(tmp_path):
+    history = tmp_path / "history"
+    cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[
+        "--trainer.callbacks+=awr_modules.replay_history.ReplayHistory",
+        f"--trainer.callbacks.dirpath={history}"])])
+    recipe = ClassicControl("Pendulum-v1")
+    dataset = write_history_dataset("pendulum/history-v0", history, recipe, up_to_env_steps=2 * 128)
+    rows, identity = read_minari_dataset("pendulum/history-v0", **PENDULUM)
+    batches = [torch.load(path, weights_only=False) for path in sorted(history.glob("batch_*.pt"))[:2]]
+    assert dataset.total_steps == identity.transitions == 2 * 128
+    collected = torch.cat([batch.reshape(-1) for batch in batches])
+    # same transitions (rewards and states), regrouped by trajectory
+    torch.testing.assert_close(rows["next", "reward"].sum(), collected["next", "reward"].sum())
+    env_actions = recipe.env_actions(collected["action"]).clamp(-2.0, 2.0)
+    torch.testing.assert_close(rows["action"].sum(), env_actions.sum(), rtol=1e-4, atol=1e-3)
+
+
+def test_a_checkpoints_policy_writes_episodes_in_the_env_units(tmp_path):
+    import gymnasium as gym
+
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=1)])
+    recipe, actor = cli.model.recipe, cli.model.actor
+    env = gym.make("Pendulum-v1")
+    dataset = write_policy_dataset("pendulum/policy-v0", env, checkpoint_policy(actor, recipe, "deterministic"),
+                                   steps=50, seed=0)
+    episode = next(dataset.iterate_episodes())
+    from tensordict import TensorDict
+    from torchrl.envs import ExplorationType, set_exploration_type
+
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        mode = actor(TensorDict({"observation": torch.as_tensor(episode.observations[:1])}, [1]))["action"]
+    torch.testing.assert_close(torch.as_tensor(episode.actions[:1]), recipe.env_actions(mode).clamp(-2, 2))
+    assert dataset.total_steps == 50
