@@ -45,7 +45,7 @@ from awr_modules.distributions import (
 from awr_modules.precision import float32_context
 from awr_modules.value_targets import standardize_advantage
 
-_WEIGHTINGS = ("loss", "sampling")
+_WEIGHTINGS = ("loss", "sampling", "uniform")
 _REDUCTIONS = ("mean", "sum", "none")
 _ESTIMATOR_KEYS = ("advantage", "value_target", "value", "reward", "done", "terminated")
 _NETWORK_PARAMS = ("actor_network_params", "critic_network_params",
@@ -112,6 +112,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             ``"sampling"`` means the replay buffer samples transitions with
             probability proportional to ``w`` (:attr:`samples_by_weight`,
             :meth:`sampling_priority`), so the per-sample weight is 1. The two never stack.
+            ``"uniform"``: weight 1 everywhere, uniform sampling: behaviour cloning with the same
+            loss, the baseline AWR's weighting has to beat (the limit ``beta -> inf``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses, the batch shape).
         check_inputs: check keys and finiteness of the inputs before computing
             (one host sync per call). ``False`` leaves no data-dependent Python control flow,
@@ -214,7 +216,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         action_bound_penalty: float | None = 0.0,
         entropy_coeff: float = 0.0,
         action_l2_coeff: float = 0.0,
-        weighting: Literal["loss", "sampling"] = "loss",
+        weighting: Literal["loss", "sampling", "uniform"] = "loss",
         reduction: Literal["mean", "sum", "none"] = "mean",
         check_inputs: bool = True,
         functional: bool = True,
@@ -435,8 +437,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
         entropy = per_transition(closed_form_or_sampled_entropy(dist), batch_dims)
 
-        loss_actor = self._regularized(-log_prob if self.samples_by_weight else -weight * log_prob, dist, entropy,
-                                       batch_dims)
+        unweighted = self._weighting in ("sampling", "uniform")  # drawn by weight, or behaviour cloning
+        loss_actor = self._regularized(-log_prob if unweighted else -weight * log_prob, dist, entropy, batch_dims)
         if priority_weight is not None:
             loss_actor = loss_actor * priority_weight
         out = TensorDict({"loss_actor": self._reduce_loss(loss_actor, tensordict)}, batch_size=[])

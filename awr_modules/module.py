@@ -149,8 +149,9 @@ class AWRModule(pl.LightningModule):
         entropy_coeff: entropy bonus (reference 0).
         action_l2_coeff: L2 penalty on the Gaussian mean or the logits (reference ``action_l2_weight``:
             0, and 0.001 for LunarLander).
-        weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling) or
-            ``"sampling"`` (the buffer samples proportionally to ``w``; loss weight 1).
+        weighting: ``"loss"`` (paper: ``w`` multiplies the log-likelihood, uniform sampling),
+            ``"sampling"`` (the buffer samples proportionally to ``w``; loss weight 1) or ``"uniform"``
+            (weight 1, uniform sampling: behaviour cloning, the offline baseline).
         eval_episodes: episodes of the deterministic policy per evaluation.
         max_env_steps: stop training once this many env steps (all ranks) were collected.
         seed: base seed; rank ``r`` collects with ``seed + 1000 * r``.
@@ -216,7 +217,7 @@ class AWRModule(pl.LightningModule):
         action_bound_penalty: float | None = None,
         entropy_coeff: float = 0.0,
         action_l2_coeff: float = 0.0,
-        weighting: Literal["loss", "sampling"] = "loss",
+        weighting: Literal["loss", "sampling", "uniform"] = "loss",
         eval_episodes: int = 10,
         max_env_steps: int | None = None,
         seed: int = 0,

@@ -113,8 +113,8 @@ def test_a_failed_run_stops_its_collection_worker(tmp_path):
     assert not alive
 
 
-def test_collection_must_be_sync_or_async(capsys):
-    with pytest.raises(ValueError, match="collection must be 'sync' or 'async'"):
+def test_collection_must_be_sync_async_or_none(capsys):
+    with pytest.raises(ValueError, match="collection must be 'sync', 'async' or 'none'"):
         AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), collection="threads")
     with pytest.raises(SystemExit):  # the CLI refuses it before building anything, naming the field
         cli_main(["fit", *tiny_args(Path("unused"), extra=["--model.collection=threads"])])

@@ -227,6 +227,14 @@ def test_sampling_weighting_uses_weight_one(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["normal", "categorical"])
+def test_uniform_weighting_is_behaviour_cloning_of_the_same_loss(kind: str) -> None:
+    """``weighting="uniform"``: the mean negative log-likelihood, uniform sampling (the offline BC baseline)."""
+    loss, batch, log_prob, _, _ = _setup(kind, weighting="uniform")
+    torch.testing.assert_close(loss(batch)["loss_actor"], -log_prob.mean(), atol=1e-5, rtol=1e-5)
+    assert not loss.samples_by_weight
+
+
+@pytest.mark.parametrize("kind", ["normal", "categorical"])
 def test_priority_weight_multiplies_both_losses(kind: str) -> None:
     loss, batch, _, _, _ = _setup(kind, reduction="none")
     priority_weight = torch.linspace(0.25, 2.0, N)
