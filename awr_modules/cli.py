@@ -4,6 +4,7 @@
     awr validate -c configs/pendulum.yaml --ckpt_path runs/pendulum/checkpoints/last.ckpt
     awr fit -c configs/pendulum.yaml --ckpt_path last      # resume after a crash
     awr dataset random -c configs/pendulum.yaml --episodes 10 --id pendulum/random-v0   # see dataset_cli
+    awr export -c configs/pendulum.yaml --checkpoint runs/pendulum/checkpoints/last.ckpt --out policy.pt2
 
 The config is the signature: every field is a constructor argument of
 ``AWRModule``, its recipe, or Lightning's ``Trainer``; unknown fields are errors.
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from awr_modules.module import AWRModule
+from awr_modules.run_state import checked_run_state
 
 TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,  # an untrained policy's evaluation tells nothing and costs episodes
@@ -92,12 +94,28 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
     )
 
 
+def load_trained_module(config: str | os.PathLike, checkpoint: str | os.PathLike) -> AWRModule:
+    """The config's ``AWRModule`` with a checkpoint's networks, after checking that it fits the config's task and
+    network sizes (``awr export``, ``awr dataset policy``)."""
+    module = cli_main(["-c", str(config), "--trainer.logger=false"], run=False).model
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    checked_run_state(state, module.recipe.env_id, module.env_signature, module.state_dict())
+    module.load_state_dict(state["state_dict"])
+    return module
+
+
 def main() -> None:
-    """Entry point of the ``awr`` console script: Lightning's subcommands, and ``awr dataset`` (Minari datasets)."""
+    """Entry point of the ``awr`` console script: Lightning's subcommands, ``awr dataset`` (Minari datasets) and
+    ``awr export`` (a policy file that runs with torch alone)."""
     if sys.argv[1:2] == ["dataset"]:
         from awr_modules.dataset_cli import main as dataset_main
 
         dataset_main(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["export"]:
+        from awr_modules.export import main as export_main
+
+        export_main(sys.argv[2:])
         return
     cli_main()
 

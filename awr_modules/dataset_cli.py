@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 import gymnasium as gym
-import torch
 
 from awr_modules.dataset_writer import (
     checkpoint_policy,
@@ -26,7 +25,6 @@ from awr_modules.dataset_writer import (
     write_policy_dataset,
 )
 from awr_modules.offline_data import DatasetError
-from awr_modules.run_state import checked_run_state
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,12 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _module(config: Path):
-    from awr_modules.cli import cli_main
-
-    return cli_main(["-c", str(config), "--trainer.logger=false"], run=False).model
-
-
 def main(args: list[str] | None = None) -> None:
     try:
         _write(_parser().parse_args(args))
@@ -67,7 +59,10 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _write(options: argparse.Namespace) -> None:
-    module = _module(options.config)
+    from awr_modules.cli import cli_main, load_trained_module
+
+    module = (load_trained_module(options.config, options.checkpoint) if options.source == "policy"
+              else cli_main(["-c", str(options.config), "--trainer.logger=false"], run=False).model)
     recipe = module.recipe
     common = {"root": options.root, "overwrite": options.overwrite, "description": options.description}
     if options.source == "history":
@@ -75,9 +70,6 @@ def _write(options: argparse.Namespace) -> None:
     else:
         env = gym.make(recipe.env_id, **getattr(recipe, "env_kwargs", {}))
         if options.source == "policy":
-            checkpoint = torch.load(options.checkpoint, map_location="cpu", weights_only=True)
-            checked_run_state(checkpoint, recipe.env_id, module._env_signature, module.state_dict())
-            module.load_state_dict(checkpoint["state_dict"])
             act = checkpoint_policy(module.actor, recipe, options.mode, options.noise_std, options.seed)
             name = f"AWR {options.mode} policy ({options.checkpoint})"
         else:

@@ -274,6 +274,11 @@ class AWRModule(pl.LightningModule):
         self.iteration = 0
         self.runtime: _Runtime | None = None
 
+    @property
+    def env_signature(self) -> dict[str, Any]:
+        """The shapes of the task's spaces, as checkpoints record them (:func:`~awr_modules.run_state.env_signature`)."""
+        return self._env_signature
+
     # ------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
         """Build envs and buffer here, not in ``__init__``, so ``ddp_spawn`` can pickle the module."""

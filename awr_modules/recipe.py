@@ -65,3 +65,8 @@ class Recipe(ABC):
         """The inverse of :meth:`policy_actions`: the actor's actions as the env takes them."""
         raise NotImplementedError(f"{type(self).__name__} does not map its actor's actions to env actions; "
                                   f"it cannot write datasets.")
+
+    def deterministic_policy(self, actor: ProbabilisticActor) -> torch.nn.Module:
+        """The actor's deterministic action as a plain ``nn.Module`` from raw observations to env actions, for
+        ``awr export``. Recipes that can be exported implement it; the default refuses."""
+        raise NotImplementedError(f"{type(self).__name__} cannot export its actor as a plain module.")

@@ -67,6 +67,26 @@ class ScaleOutput(nn.Module):
         return x * self.scale
 
 
+class DeterministicPolicy(nn.Module):
+    """Raw observation -> the env action of a recipe actor's deterministic mode (see ``GymRecipe.deterministic_policy``)."""
+
+    def __init__(self, head: nn.Module, *, discrete: bool = False, squash: bool = False,
+                 low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.head, self.discrete, self.squash = head, discrete, squash
+        if not discrete:
+            self.register_buffer("center", (high + low) / 2)
+            self.register_buffer("half_range", (high - low) / 2)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return self.head(observation).argmax(-1)
+        loc = self.head(observation)[0]
+        if self.squash:
+            loc = torch.tanh(loc)
+        return loc * self.half_range + self.center
+
+
 class GymRecipe(Recipe):
     """A gymnasium task with the reference's state normalisation and MLP networks.
 
@@ -189,6 +209,18 @@ class GymRecipe(Recipe):
             return policy_actions.argmax(-1)
         low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
         return policy_actions.float() * ((high - low) / 2) + (high + low) / 2
+
+    def deterministic_policy(self, actor: ProbabilisticActor) -> nn.Module:
+        """The actor's deterministic action, the one evaluation takes, as a plain ``nn.Module``: raw observations
+        ``[B, obs]`` in, env actions out (the Gaussian mean, ``tanh`` of it for a TanhNormal, mapped to the env's
+        box without clipping, as the env's transform does; the argmax index for discrete actions). It holds the
+        actor's own layers, normaliser included, and nothing of TensorDict or TorchRL: ``awr export`` saves it."""
+        head = actor.module[0].module  # observation -> (loc, scale) or logits (see _make_actor)
+        space = self.action_space()
+        if isinstance(space, gym.spaces.Discrete):
+            return DeterministicPolicy(head, discrete=True)
+        low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
+        return DeterministicPolicy(head, squash=self.policy == "tanh_normal", low=low, high=high)
 
     # ------------------------------------------------------------- networks
     def make_networks(self, env: EnvBase, value_scale: float = 1.0) -> tuple[ProbabilisticActor, ValueOperator]:

@@ -1,0 +1,90 @@
+"""``awr export``: the deterministic policy as a ``torch.export`` file that runs with torch alone.
+
+Pinned: a fresh interpreter that cannot import this package, TensorDict or TorchRL loads the file and
+reproduces the return of the trained actor's evaluation episode on a fixed seed; the exported action
+is the actor's deterministic action in env units for every actor kind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from lightning_helpers import checkpoint_dir, tiny_args
+from tensordict import TensorDict
+from torchrl.envs import ExplorationType, set_exploration_type
+
+from awr_modules.cli import cli_main
+from awr_modules.evaluation import evaluate
+from awr_modules.export import main as export_main
+from recipes.classic_control import ClassicControl
+
+SEED = 7
+FRESH_INTERPRETER = """
+import sys
+for name in ("awr_modules", "recipes", "tensordict", "torchrl", "lightning"):
+    sys.modules[name] = None  # any import of them fails: the file must need torch alone
+import gymnasium as gym, torch
+policy = torch.export.load(sys.argv[1]).module()
+env = gym.make("Pendulum-v1")
+env.reset(seed=int(sys.argv[2]))  # as TorchRL's set_seed does; the evaluated episode starts at the next reset
+observation, _ = env.reset()
+total, done = 0.0, False
+while not done:
+    with torch.no_grad():
+        action = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
+    observation, reward, terminated, truncated, _ = env.step(action)
+    total, done = total + float(reward), terminated or truncated
+print(total)
+"""
+
+
+def test_the_exported_policy_reproduces_the_evaluation_return_without_this_package(tmp_path):
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=2)])
+    out = tmp_path / "policy.pt2"
+    config = tmp_path / "tiny.yaml"  # the task and network sizes of the tiny run
+    config.write_text("model:\n  recipe:\n    class_path: recipes.classic_control.ClassicControl\n    init_args:\n"
+                      "      env_id: Pendulum-v1\n      hidden_sizes: [16, 16]\n")
+    export_main(["-c", str(config), "--checkpoint", str(checkpoint_dir(tmp_path) / "last.ckpt"), "--out", str(out)])
+    fresh = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(out), str(SEED)], capture_output=True,
+                           text=True, check=True, cwd=tmp_path)
+    env = ClassicControl("Pendulum-v1", hidden_sizes=[16, 16]).make_env(SEED)
+    evaluation = evaluate(env, cli.model.actor.cpu())  # the episode `awr validate` runs, through TorchRL
+    assert float(fresh.stdout.strip()) == pytest.approx(evaluation.returns[0], rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["fixed_std", "learned_std", "tanh_normal", "discrete"])
+def test_the_exported_action_is_the_actors_deterministic_action_in_env_units(policy):
+    recipe = ClassicControl("CartPole-v1") if policy == "discrete" else ClassicControl("Pendulum-v1", policy=policy)
+    env = recipe.make_env(0)
+    actor, _ = recipe.make_networks(env)
+    for parameter in actor.parameters():  # away from the near-zero initial mean head
+        parameter.data.normal_(0, 0.5)
+    observation = torch.randn(5, env.observation_spec["observation"].shape[-1])
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        action = actor(TensorDict({"observation": observation}, [5]))["action"]
+    expected = action.argmax(-1) if policy == "discrete" else recipe.env_actions(action)
+    program = torch.export.export(recipe.deterministic_policy(actor), (observation,))
+    torch.testing.assert_close(program.module()(observation), expected)
+
+
+def test_a_gymnasium_episode_of_the_actor_matches_torchrls_evaluation_episode():
+    """The fresh interpreter's loop (gymnasium, ``reset(seed)``) is the episode TorchRL's seeded env evaluates."""
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[16, 16])
+    env = recipe.make_env(SEED)
+    actor, _ = recipe.make_networks(env)
+    policy = recipe.deterministic_policy(actor)
+    plain = gym.make("Pendulum-v1")
+    plain.reset(seed=SEED)  # TorchRL's set_seed resets once with the seed; evaluation starts at the next reset
+    observation, _ = plain.reset()
+    total, done = 0.0, False
+    while not done:
+        with torch.no_grad():
+            step = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
+        observation, reward, terminated, truncated, _ = plain.step(step)
+        total, done = total + float(reward), terminated or truncated
+    assert np.isclose(total, evaluate(env, actor).returns[0], rtol=1e-4)
