@@ -45,6 +45,9 @@ class AWRCLI(LightningCLI):
             "checkpoint.enable_version_counter": False,
             "trainer.logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         })
+        # One seed per run: seed_everything seeds torch, numpy and Python and is the module's seed too
+        # (True, a random seed, leaves the module to read the one Lightning drew).
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_module_seed)
         parser.add_argument(
             "--num_threads",
             type=int,
@@ -61,6 +64,11 @@ class AWRCLI(LightningCLI):
         torch.set_num_threads(config["num_threads"])
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = _experiment_checkpoint_dir(config.trainer.logger)
+
+
+def _module_seed(seed_everything: bool | int | None) -> int | None:
+    """``model.seed`` from ``seed_everything``: the same integer, or ``None`` (read when set) for ``True``/``False``."""
+    return None if seed_everything is None or isinstance(seed_everything, bool) else int(seed_everything)
 
 
 def _experiment_checkpoint_dir(logger: Any) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,7 +155,8 @@ class AWRModule(pl.LightningModule):
             (weight 1, uniform sampling: behaviour cloning, the offline baseline).
         eval_episodes: episodes of the deterministic policy per evaluation.
         max_env_steps: stop training once this many env steps (all ranks) were collected.
-        seed: base seed; rank ``r`` collects with ``seed + 1000 * r``.
+        seed: base seed; rank ``r`` collects with ``seed + 1000 * r``. ``None`` (the CLI's: it links
+            ``seed_everything`` here) takes the seed ``lightning.seed_everything`` set, else 0.
         compile: run each phase's minibatch gather and loss through ``torch.compile`` (default
             inductor backend): one graph per phase, compiled on its first minibatch (seconds) and
             once more with a dynamic buffer length when the buffer has grown; backward and optimizer
@@ -220,7 +222,7 @@ class AWRModule(pl.LightningModule):
         weighting: Literal["loss", "sampling", "uniform"] = "loss",
         eval_episodes: int = 10,
         max_env_steps: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         compile: bool = False,
         cudagraphs: bool = False,
         fused_steps: int = 8,
@@ -340,7 +342,10 @@ class AWRModule(pl.LightningModule):
 
     def _rank_seed(self) -> int:
         """This rank's seed: rank ``r`` collects with ``seed + 1000 * r`` (its eval env with ``+ 500``)."""
-        return self.hparams.seed + 1000 * self.global_rank
+        seed = self.hparams.seed
+        if seed is None:  # the run's one seed: what seed_everything set (Lightning keeps it in PL_GLOBAL_SEED)
+            seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        return seed + 1000 * self.global_rank
 
     def _captured_gradients(self) -> CapturedGradients | None:
         """The CUDA-graph cache when ``cudagraphs`` is on and can apply; a clear error or warning if not."""

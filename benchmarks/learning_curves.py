@@ -36,7 +36,7 @@ def fit_command(config: Path, out: Path, seed: int, overrides: list[str]) -> lis
     run = seed_dir(out, seed)
     command = [
         sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config),
-        f"--seed_everything={seed}", f"--model.seed={seed}",
+        f"--seed_everything={seed}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name=seed{seed}",
         f"--checkpoint.dirpath={run / 'checkpoints'}",

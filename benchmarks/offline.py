@@ -75,7 +75,7 @@ def make_datasets(args: argparse.Namespace) -> None:
 def fit_command(args: argparse.Namespace, dataset: str, method: str, seed: int) -> list[str]:
     folder = args.out / dataset / method / f"seed{seed}"
     command = awr("fit", "-c", str(args.offline_config), f"--model.dataset={args.task}/{dataset}-v0",
-                  f"--model.weighting={METHODS[method]}", f"--seed_everything={seed}", f"--model.seed={seed}",
+                  f"--model.weighting={METHODS[method]}", f"--seed_everything={seed}",
                   "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={folder}",
                   "--trainer.logger.init_args.name=run", f"--checkpoint.dirpath={folder / 'checkpoints'}")
     if (folder / "checkpoints" / "last.ckpt").exists():

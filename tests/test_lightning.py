@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import FRAMES, RecordPriorities, checkpoint_dir, load_checkpoint, subprocess_env, tiny_args
+from lightning_helpers import (
+    CONFIG,
+    FRAMES,
+    RecordPriorities,
+    checkpoint_dir,
+    load_checkpoint,
+    subprocess_env,
+    tiny_args,
+)
 from tensordict import TensorDict
 from torchrl.data import TensorDictPrioritizedReplayBuffer
 
@@ -376,3 +384,11 @@ def test_recipe_envs_state_their_device():
         env = recipe.make_env(0, num_envs)
         assert env.device == torch.device("cpu")
         env.close()
+
+
+def test_seed_everything_is_the_runs_one_seed(tmp_path):
+    """The CLI links ``seed_everything`` to the module's seed; setting the module's seed apart is refused."""
+    cli = cli_main(["-c", str(CONFIG), "--seed_everything=5"], run=False)
+    assert cli.model.hparams.seed == 5 and cli.model._rank_seed() == 5
+    with pytest.raises(SystemExit):
+        cli_main(["-c", str(CONFIG), "--model.seed=3"], run=False)
