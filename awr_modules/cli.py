@@ -96,7 +96,6 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
     return AWRCLI(
         AWRModule,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
