@@ -24,7 +24,8 @@ except ImportError:  # torchrl 0.12
 AUTO_LOSS_MASK_KEYS: tuple[NestedKey, ...] = (("collector", "mask"), "shifted_valid")
 """The validity masks TorchRL writes (a padding ``SliceSampler``, the value estimators), as in torchrl 0.14."""
 
-__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator", "validity_mask"]
+__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator", "check_compiled_extension",
+           "validity_mask"]
 
 
 def validity_mask(tensordict: TensorDictBase, keys: tuple[NestedKey, ...], shape: torch.Size) -> torch.Tensor | None:
@@ -81,3 +82,31 @@ class LossModuleFallbacks:
         if reduction == "sum":
             return loss.sum()
         return loss
+
+
+TESTED_PAIRS = "torch 2.14.x with torchrl 0.14.1; torch 2.11.x with torchrl 0.12.0 and tensordict 0.12.4"
+
+
+def check_compiled_extension(purpose: str) -> None:
+    """Refuse, naming the versions, when torchrl's compiled extension did not load with this torch.
+
+    torchrl does not pin torch, and its C++ extension (the prioritized sampler's segment trees) loads
+    only beside the torch it was built for; otherwise torchrl warns at import and raises
+    ``"SumSegmentTreeFp32 is not available"`` deep inside the first prioritized sample. ``purpose`` says
+    what needed it.
+    """
+    import torchrl
+    from torchrl.data.replay_buffers.samplers import prioritized
+
+    if getattr(prioritized, "SumSegmentTreeFp32", True) is not None:
+        return
+    try:
+        from torchrl._extension import pytorch_version
+    except ImportError:  # pragma: no cover - older layouts
+        pytorch_version = "another version"
+    raise RuntimeError(
+        f"{purpose} needs torchrl's compiled extension, which did not load: torchrl {torchrl.__version__} was "
+        f"built with torch {pytorch_version}, this is torch {torch.__version__}. Install the torchrl (and "
+        f"tensordict) built for this torch; tested pairs: {TESTED_PAIRS}. Without it, train with "
+        f"weighting='loss' (uniform sampling, no prioritized buffer)."
+    )

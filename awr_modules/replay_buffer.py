@@ -27,6 +27,8 @@ from torchrl.data import (
 )
 from torchrl.data.replay_buffers import SamplerWithoutReplacement
 
+from awr_modules._torchrl_compat import check_compiled_extension
+
 _PRIORITY_DEFAULTS = {"weight": (1.0, 0.0), "td_error": (0.6, 0.4)}  # (alpha, beta)
 
 
@@ -85,6 +87,8 @@ def make_replay_buffer(
         backing = LazyMemmapStorage(int(capacity), scratch_dir=scratch_dir, device=device or "cpu")
     else:
         raise ValueError(f"make_replay_buffer: storage must be 'memory' or 'memmap', got {storage!r}.")
+    if prioritized:
+        check_compiled_extension("make_replay_buffer(prioritized=True)")
     if not prioritized:
         return TensorDictReplayBuffer(storage=backing, sampler=SamplerWithoutReplacement(), batch_size=batch_size)
 

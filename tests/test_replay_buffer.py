@@ -170,3 +170,13 @@ def test_memmap_without_target_layout_raises(tmp_path) -> None:
     estimator = TD0Estimator(gamma=0.5, value_network=make_linear_critic([1.0, 1.0, 1.0]))
     with pytest.raises(KeyError, match="advantage"):
         refresh_value_targets(buffer, estimator)
+
+
+def test_a_torchrl_built_for_another_torch_is_refused_with_the_versions_named(monkeypatch):
+    """Instead of TorchRL's "SumSegmentTreeFp32 is not available" at the first prioritized sample."""
+    from torchrl.data.replay_buffers.samplers import prioritized
+
+    monkeypatch.setattr(prioritized, "SumSegmentTreeFp32", None)  # what a mismatched torch leaves
+    with pytest.raises(RuntimeError, match=r"built with torch .* tested pairs: torch 2.14.x with torchrl 0.14.1"):
+        make_replay_buffer(100, prioritized=True)
+    make_replay_buffer(100, prioritized=False)  # uniform sampling needs no extension
