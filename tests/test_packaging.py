@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 CORE_ONLY = """
 import sys
@@ -26,3 +27,13 @@ print(refresh_value_targets(buffer, estimator)["advantage"].shape)
 def test_the_core_runs_without_lightning_or_a_simulator():
     out = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True, check=True)
     assert "torch.Size([10, 1])" in out.stdout
+
+
+def test_the_readmes_library_example_runs_as_written_without_lightning_or_a_simulator():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The library"):]
+    example = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+    hidden = "import sys\nfor name in ('lightning', 'lightning_fabric', 'gymnasium', 'minari', 'recipes'):\n" \
+             "    sys.modules[name] = None\n"
+    out = subprocess.run([sys.executable, "-c", hidden + example], capture_output=True, text=True, check=True)
+    assert out.stdout.count("transitions, loss_actor") == 3
