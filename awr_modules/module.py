@@ -121,7 +121,7 @@ class AWRModule(pl.LightningModule):
     """Advantage-Weighted Regression, one AWR iteration per Lightning epoch.
 
     Args:
-        recipe: builds the env and the networks (e.g. ``recipes.classic_control.ClassicControl``).
+        recipe: builds the env and the networks (e.g. ``awr_recipes.classic_control.ClassicControl``).
 
     Keyword Args:
         frames_per_iteration: env steps collected per iteration and rank (reference ``samples_per_iter`` 2048).

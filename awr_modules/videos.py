@@ -7,7 +7,7 @@
     #       init_args: {every_n_evaluations: 2}
 
 After every ``every_n_evaluations``-th evaluation, rank 0 plays one episode of the policy's
-deterministic action (:meth:`~recipes.gym_recipe.GymRecipe.deterministic_policy`, the action evaluation
+deterministic action (:meth:`~awr_recipes.gym_recipe.GymRecipe.deterministic_policy`, the action evaluation
 takes) in the gymnasium env with ``render_mode="rgb_array"``, writes it as a GIF to ``dirpath``
 (default ``<log dir>/videos``), and hands it to every logger whose experiment has ``add_video``
 (TensorBoard; encoding needs ``moviepy``, the ``video`` extra). Rendering is headless: classic control

@@ -29,7 +29,9 @@ if [ "${WHEELS:-1}" = 1 ] && [ -d .whl ]; then
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# recipes/ installs as `awr_recipes` (pyproject's package-dir); without an install, a link gives it that name
+mkdir -p /tmp/awr_src && ln -sfn "$PWD/recipes" /tmp/awr_src/awr_recipes
+export PYTHONPATH="$PWD:/tmp/awr_src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 - <<'PY' 2>&1 | tee "$out/versions.txt"
 import lightning, tensordict, torch, torchrl
 from torchrl.data import PrioritizedSampler

@@ -24,7 +24,7 @@ from torchrl.objectives.value import TDLambdaEstimator
 
 from awr_modules import make_replay_buffer, refresh_value_targets
 from awr_modules import value_targets as value_targets_module
-from recipes.mujoco import MuJoCo
+from awr_recipes.mujoco import MuJoCo
 
 OBSERVATION = 17
 EPISODE = 1000

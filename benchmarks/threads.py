@@ -19,7 +19,7 @@ import torch
 from tensordict import TensorDict
 
 from awr_modules import AWRLoss, make_replay_buffer
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 BUFFER = 50_000
 BATCH = 256

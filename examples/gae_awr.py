@@ -20,7 +20,7 @@ from torchrl.objectives.value import GAE
 
 from awr_modules import AWRLoss
 from awr_modules.collector import make_collector
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 @dataclass

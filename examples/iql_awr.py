@@ -26,7 +26,7 @@ from torchrl.objectives import IQLLoss, SoftUpdate
 
 from awr_modules import AWRLoss
 from awr_modules.offline_data import read_minari_dataset
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tensordict import TensorDictBase
 
 from awr_modules import AWRLoss, make_replay_buffer, refresh_value_targets
 from awr_modules.collector import make_collector
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recipes.gym_recipe import GymRecipe
+from awr_recipes.gym_recipe import GymRecipe
 
 
 class ClassicControl(GymRecipe):

@@ -8,7 +8,7 @@ is ``truncated`` and bootstraps from ``V`` (AWR.md, step 2).
 
 from __future__ import annotations
 
-from recipes.gym_recipe import GymRecipe
+from awr_recipes.gym_recipe import GymRecipe
 
 
 class MuJoCo(GymRecipe):

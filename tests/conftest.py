@@ -16,7 +16,7 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
-from recipes.gym_recipe import FixedStd
+from awr_recipes.gym_recipe import FixedStd
 
 OBS_DIM = 3
 ACT_DIM = 2

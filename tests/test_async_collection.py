@@ -23,7 +23,7 @@ from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.cpu_worker import CpuWorkerEnv
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 ASYNC = ["--model.collection=async"]
 

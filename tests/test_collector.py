@@ -3,7 +3,7 @@
 import warnings
 
 from awr_modules.collector import make_collector
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 def test_collector_over_a_recipe_env_warns_nothing_and_collects_the_env_as_built() -> None:

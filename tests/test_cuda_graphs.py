@@ -35,7 +35,7 @@ from tensordict import TensorDict
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.cuda_graphs import CapturedGradients, _capturable, move_distribution_kwargs
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -6,7 +6,7 @@ from tensordict.nn import TensorDictModule
 from torchrl.envs import ExplorationType, set_exploration_type
 
 from awr_modules.evaluation import first_episodes
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 def test_side_by_side_episodes_equal_one_by_one_rollouts_of_the_same_seeds() -> None:

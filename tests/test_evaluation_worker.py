@@ -22,7 +22,7 @@ from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.evaluation import evaluate
 from awr_modules.evaluation_worker import EvaluationWorker
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 ASYNC_EVAL = ["--model.evaluation=async"]
 

@@ -18,7 +18,7 @@ from gae_awr import OnPolicySettings, make_loss, train_on_batch  # examples/ is 
 from iql_awr import IQLSettings, iql_advantage, make_losses, q_network, update
 
 from awr_modules.collector import make_collector
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 
 def _pendulum_networks(envs: int = 1):

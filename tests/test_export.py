@@ -21,12 +21,12 @@ from torchrl.envs import ExplorationType, set_exploration_type
 from awr_modules.cli import cli_main
 from awr_modules.evaluation import evaluate
 from awr_modules.export import main as export_main
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 SEED = 7
 FRESH_INTERPRETER = """
 import sys
-for name in ("awr_modules", "recipes", "tensordict", "torchrl", "lightning"):
+for name in ("awr_modules", "awr_recipes", "tensordict", "torchrl", "lightning"):
     sys.modules[name] = None  # any import of them fails: the file must need torch alone
 import gymnasium as gym, torch
 policy = torch.export.load(sys.argv[1]).module()
@@ -47,7 +47,7 @@ def test_the_exported_policy_reproduces_the_evaluation_return_without_this_packa
     cli = cli_main(["fit", *tiny_args(tmp_path, epochs=2)])
     out = tmp_path / "policy.pt2"
     config = tmp_path / "tiny.yaml"  # the task and network sizes of the tiny run
-    config.write_text("model:\n  recipe:\n    class_path: recipes.classic_control.ClassicControl\n    init_args:\n"
+    config.write_text("model:\n  recipe:\n    class_path: awr_recipes.classic_control.ClassicControl\n    init_args:\n"
                       "      env_id: Pendulum-v1\n      hidden_sizes: [16, 16]\n")
     export_main(["-c", str(config), "--checkpoint", str(checkpoint_dir(tmp_path) / "last.ckpt"), "--out", str(out)])
     fresh = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(out), str(SEED)], capture_output=True,

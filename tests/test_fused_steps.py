@@ -17,7 +17,7 @@ from tensordict import TensorDict
 from awr_modules import AWRLoss
 from awr_modules.fused_steps import FusedSGDSteps, fusable
 from awr_modules.phases import minibatch_losses
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 ROWS, BATCH, STEPS = 64, 16, 8
 

@@ -26,7 +26,7 @@ from torchrl.data import TensorDictPrioritizedReplayBuffer
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,7 @@ def test_action_space_the_recipe_cannot_handle_is_refused():
     import gymnasium as gym
     import numpy as np
 
-    from recipes.gym_recipe import GymRecipe
+    from awr_recipes.gym_recipe import GymRecipe
 
     class UnboundedActions(gym.Env):
         observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)

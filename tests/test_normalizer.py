@@ -30,7 +30,7 @@ def test_observation_statistics_record_the_collected_states_and_freeze():
     """The normaliser gets the mean and (population) std of every state of the collected batches, until frozen."""
     from tensordict import TensorDict
 
-    from recipes.classic_control import ClassicControl
+    from awr_recipes.classic_control import ClassicControl
 
     recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8], normalizer_samples=300)
     env = recipe.make_env(0)

@@ -19,7 +19,7 @@ from awr_modules.dataset_cli import main as dataset_main
 from awr_modules.dataset_writer import checkpoint_policy, random_policy, write_history_dataset, write_policy_dataset
 from awr_modules.offline_data import DatasetError, DatasetIdentity, read_minari_dataset
 from awr_modules.run_state import check_same_dataset
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 GAMMA, LAMBDA = 0.9, 0.8
 PENDULUM = {"env_id": "Pendulum-v1", "observation_shape": (3,), "action_shape": (1,)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 CORE_ONLY = """
 import sys
-for name in ("lightning", "lightning_fabric", "pytorch_lightning", "gymnasium", "minari", "recipes"):
+for name in ("lightning", "lightning_fabric", "pytorch_lightning", "gymnasium", "minari", "awr_recipes"):
     sys.modules[name] = None  # not installed: the core must not need them
 import torch
 from tensordict import TensorDict
@@ -33,7 +33,7 @@ def test_the_readmes_library_example_runs_as_written_without_lightning_or_a_simu
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## The library"):]
     example = section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
-    hidden = "import sys\nfor name in ('lightning', 'lightning_fabric', 'gymnasium', 'minari', 'recipes'):\n" \
+    hidden = "import sys\nfor name in ('lightning', 'lightning_fabric', 'gymnasium', 'minari', 'awr_recipes'):\n" \
              "    sys.modules[name] = None\n"
     out = subprocess.run([sys.executable, "-c", hidden + example], capture_output=True, text=True, check=True)
     assert out.stdout.count("transitions, loss_actor") == 3

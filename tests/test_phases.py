@@ -19,7 +19,7 @@ from awr_modules import AWRModule, make_replay_buffer
 from awr_modules.cli import cli_main
 from awr_modules.module import _Runtime
 from awr_modules.phases import check_finite_losses, phase_inputs
-from recipes.classic_control import ClassicControl
+from awr_recipes.classic_control import ClassicControl
 
 SIZE = 8
 

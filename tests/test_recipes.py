@@ -4,7 +4,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from recipes.mujoco import MuJoCo
+from awr_recipes.mujoco import MuJoCo
 
 
 def test_mujoco_recipe_acts_in_the_normalised_box_and_maps_it_to_the_env_bounds() -> None:
