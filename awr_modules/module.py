@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 from torch.utils.data import DataLoader
@@ -68,6 +69,8 @@ from awr_modules.run_state import (
     restore_rank_state,
 )
 from awr_modules.value_targets import refresh_value_targets_over
+
+INJECTED = ("actor_optimizer", "critic_optimizer", "actor_scheduler", "critic_scheduler")
 
 
 @dataclass
@@ -134,7 +137,14 @@ class AWRModule(pl.LightningModule):
         actor_batch_size: policy-phase minibatch size (reference 256).
         critic_lr: critic step size (reference 0.01 with SGD, momentum 0.9).
         actor_lr: actor step size (reference 5e-5 .. 5e-4 by task, SGD, momentum 0.9).
-        optimizer: ``"sgd"`` with ``momentum`` (reference) or ``"adam"``.
+        optimizer: ``"sgd"`` with ``momentum`` (reference) or ``"adam"``, at ``actor_lr`` / ``critic_lr``; the
+            shorthand for the reference's settings, replaced by ``actor_optimizer`` / ``critic_optimizer``.
+        actor_optimizer: any optimizer, injected (Lightning's ``OptimizerCallable``: in YAML a ``class_path``
+            such as ``torch.optim.Adam`` with ``init_args``); it is built on the actor's parameters.
+        critic_optimizer: the same for the critic.
+        actor_scheduler: a learning-rate scheduler of the actor's optimizer (``LRSchedulerCallable``, e.g.
+            ``torch.optim.lr_scheduler.CosineAnnealingLR``), stepped once per iteration.
+        critic_scheduler: the same for the critic's optimizer.
         momentum: SGD momentum (reference 0.9).
         gamma: discount (reference 0.99).
         td_lambda: lambda of the TD(lambda) targets (reference 0.95).
@@ -210,6 +220,10 @@ class AWRModule(pl.LightningModule):
         actor_lr: float = 5e-5,
         optimizer: Literal["sgd", "adam"] = "sgd",
         momentum: float = 0.9,
+        actor_optimizer: OptimizerCallable | None = None,
+        critic_optimizer: OptimizerCallable | None = None,
+        actor_scheduler: LRSchedulerCallable | None = None,
+        critic_scheduler: LRSchedulerCallable | None = None,
         gamma: float = 0.99,
         td_lambda: float = 0.95,
         temperature: float = 1.0,
@@ -249,7 +263,11 @@ class AWRModule(pl.LightningModule):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
             raise ValueError(f"AWRModule: need gamma < 1 and td_lambda <= 1, got gamma={gamma}, td_lambda={td_lambda}.")
-        self.save_hyperparameters(ignore=["recipe"])
+        # Injected callables stay out of the checkpoint's hyperparameters (which load with weights_only=True);
+        # the config that built them is saved beside the run's logs.
+        self.save_hyperparameters(ignore=["recipe", *INJECTED])
+        self._injected = {"actor_optimizer": actor_optimizer, "critic_optimizer": critic_optimizer,
+                          "actor_scheduler": actor_scheduler, "critic_scheduler": critic_scheduler}
         self.automatic_optimization = False
         self.recipe = recipe
 
@@ -450,14 +468,28 @@ class AWRModule(pl.LightningModule):
             gc.collect()
             torch.set_num_threads(threads)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        def make(params, lr: float) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        """The actor's and the critic's optimizers (injected, else ``optimizer`` at ``actor_lr`` / ``critic_lr``) and
+        the schedulers given for them, which :meth:`on_train_epoch_end` steps once per iteration."""
+        def make(network: torch.nn.Module, lr: float, injected: OptimizerCallable | None) -> torch.optim.Optimizer:
+            if injected is not None:
+                return injected(network.parameters())
             if self.hparams.optimizer == "adam":
-                return torch.optim.Adam(params, lr=lr)
-            return torch.optim.SGD(params, lr=lr, momentum=self.hparams.momentum)
+                return torch.optim.Adam(network.parameters(), lr=lr)
+            return torch.optim.SGD(network.parameters(), lr=lr, momentum=self.hparams.momentum)
 
-        return [make(self.actor.parameters(), self.hparams.actor_lr),
-                make(self.critic.parameters(), self.hparams.critic_lr)]
+        injected = self._injected
+        optimizers = [make(self.actor, self.hparams.actor_lr, injected["actor_optimizer"]),
+                      make(self.critic, self.hparams.critic_lr, injected["critic_optimizer"])]
+        schedulers = [scheduler(optimizer) for scheduler, optimizer in
+                      zip((injected["actor_scheduler"], injected["critic_scheduler"]), optimizers) if scheduler is not None]
+        return optimizers, schedulers
+
+    def on_train_epoch_end(self) -> None:
+        """Step the learning-rate schedulers once per AWR iteration (manual optimization leaves it to the module)."""
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     def train_dataloader(self) -> DataLoader:
         """One item per rank: each Lightning epoch is one AWR iteration on every rank."""

@@ -392,3 +392,19 @@ def test_seed_everything_is_the_runs_one_seed(tmp_path):
     assert cli.model.hparams.seed == 5 and cli.model._rank_seed() == 5
     with pytest.raises(SystemExit):
         cli_main(["-c", str(CONFIG), "--model.seed=3"], run=False)
+
+
+def test_optimizers_and_schedulers_are_injected_from_the_config_and_resume(tmp_path):
+    """Any torch.optim class and scheduler through the CLI (as in YAML), stepped once per iteration, resumed."""
+    injected = ["--model.actor_optimizer=torch.optim.Adam", "--model.actor_optimizer.lr=0.004",
+                "--model.actor_scheduler=torch.optim.lr_scheduler.StepLR", "--model.actor_scheduler.step_size=1",
+                "--model.actor_scheduler.gamma=0.5", "--model.critic_optimizer=torch.optim.RMSprop",
+                "--model.critic_optimizer.lr=0.002"]
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=injected)])
+    actor_optimizer, critic_optimizer = (wrapped.optimizer for wrapped in cli.model.optimizers())
+    assert isinstance(actor_optimizer, torch.optim.Adam) and isinstance(critic_optimizer, torch.optim.RMSprop)
+    assert actor_optimizer.param_groups[0]["lr"] == pytest.approx(0.004 * 0.5**2)
+    assert critic_optimizer.param_groups[0]["lr"] == pytest.approx(0.002)
+    load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")  # still weights_only-safe
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=injected), "--ckpt_path=last"])
+    assert resumed.model.optimizers()[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.004 * 0.5**3)
