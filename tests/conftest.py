@@ -8,6 +8,8 @@ computations of ``log pi(a|s)``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,20 @@ from torch import nn
 from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, ProbabilisticActor, TanhNormal, ValueOperator
 
 from awr_recipes.gym_recipe import FixedStd
+
+# Tests of optional extras run where the extra is installed (CI installs all of them); elsewhere, e.g. on the GPU
+# machine with carried wheels, their files are left out and the report header says which.
+OPTIONAL_EXTRAS = {"test_offline_data.py": ("minari", "h5py"), "test_trackers.py": ("mlflow", "wandb"),
+                   "test_videos.py": ("moviepy",)}
+collect_ignore = [name for name, modules in OPTIONAL_EXTRAS.items()
+                  if any(importlib.util.find_spec(module) is None for module in modules)]
+
+
+def pytest_report_header(config) -> str | None:
+    if collect_ignore:
+        return f"left out, their optional extra is not installed: {', '.join(collect_ignore)}"
+    return None
+
 
 OBS_DIM = 3
 ACT_DIM = 2
