@@ -73,7 +73,7 @@ def write_policy_dataset(dataset_id: str, env: gym.Env, act: Act, *, episodes: i
             taken += 1
             if terminated or truncated:
                 finished += 1
-                observation, _ = collector.reset()
+                observation, _ = collector.reset(seed=seed + finished)  # every episode's start is reproducible
         dataset = collector.create_dataset(dataset_id=dataset_id, algorithm_name=algorithm_name,
                                            description=description)
         collector.close()
@@ -166,13 +166,19 @@ def _recorded_batches(history_dir: Path, up_to_env_steps: int | None) -> list[Te
 
 
 def _trajectories(batches: list[TensorDict]) -> list[TensorDict]:
-    """Each collector trajectory's steps in time order, across batches (batches are ``[envs, T]``)."""
-    pieces: dict[int, list[TensorDict]] = {}
+    """Each collector trajectory's steps in time order, across batches (batches are ``[envs, T]``).
+
+    A trajectory is a collector's id within one process's run (a resumed run's collector counts its ids
+    from 0 again): batches carry that segment as ``("collector", "segment")``.
+    """
+    pieces: dict[tuple[int, int], list[TensorDict]] = {}
     for batch in batches:
         for env_steps in batch.reshape(-1, batch.shape[-1]).unbind(0):
             ids = env_steps["collector", "traj_ids"]
+            segment = env_steps.get(("collector", "segment"), torch.zeros_like(ids))
             for traj_id in ids.unique(sorted=True).tolist():
-                pieces.setdefault(traj_id, []).append(env_steps[ids == traj_id])
+                rows = ids == traj_id
+                pieces.setdefault((int(segment[rows][0]), traj_id), []).append(env_steps[rows])
     return [torch.cat(parts) for _, parts in sorted(pieces.items())]
 
 

@@ -95,6 +95,7 @@ class _Runtime:
     dataset: ReplayBuffer | None = None  # a dataset's transitions kept apart from the FIFO buffer
     dataset_identity: DatasetIdentity | None = None  # what checkpoints record of the dataset
     refreshed: bool = False  # whether this process has refreshed the stored targets yet
+    starts_from_init: bool = False  # ``init_from`` still to load (a new run, not a resume), in ``on_fit_start``
 
 
 def _check_data_sources(collection: str, evaluation: str, dataset: str | None, dataset_transitions: str,
@@ -259,6 +260,9 @@ class AWRModule(pl.LightningModule):
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
         _check_data_sources(collection, evaluation, dataset, dataset_transitions, refresh_every, weighting)
+        if collection == "none" and max_env_steps is not None:
+            rank_zero_warn("AWRModule: max_env_steps counts collected env steps and an offline run takes none; "
+                           "bound it with trainer.max_epochs.")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"AWRModule: optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         if gamma >= 1 or td_lambda > 1:
@@ -314,12 +318,12 @@ class AWRModule(pl.LightningModule):
                 runtime.buffer = self._new_buffer(self.hparams.buffer_size)
             if self.hparams.dataset is not None:
                 self._load_dataset(runtime)
-            if self.hparams.init_from is not None:
-                self._start_from(self.hparams.init_from, runtime)
+            runtime.starts_from_init = self.hparams.init_from is not None  # unless a resume restores the run
         self.runtime = runtime
 
     def _start_from(self, path: str, runtime: _Runtime) -> None:
         """Load a checkpoint's networks and observation statistics (frozen: the policy was trained on them)."""
+        runtime.starts_from_init = False
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
         self.load_state_dict(checkpoint["state_dict"])
@@ -349,6 +353,7 @@ class AWRModule(pl.LightningModule):
             if rows.shape[0] > hp.buffer_size:
                 rank_zero_warn(f"AWRModule: the dataset's {rows.shape[0]} transitions exceed buffer_size "
                                f"({hp.buffer_size}); age_out keeps its newest {hp.buffer_size}.")
+                rows = rows[-hp.buffer_size:]  # one write per slot (a wrapped extend would write slots twice)
             runtime.buffer.extend(rows.to(runtime.buffer.storage.device))
             return
         runtime.dataset = self._new_buffer(rows.shape[0])
@@ -379,7 +384,10 @@ class AWRModule(pl.LightningModule):
         return CapturedGradients(warmup=3 if self.hparams.compile else 2)
 
     def on_fit_start(self) -> None:
-        """The actor sits on its device now: move its distribution's tensor arguments there too."""
+        """Load ``init_from`` into a new run (after any checkpoint restore, which clears it); the actor sits on its
+        device now: move its distribution's tensor arguments there too."""
+        if self.runtime.starts_from_init:
+            self._start_from(self.hparams.init_from, self.runtime)
         move_distribution_kwargs(self.actor, self.device)
 
     def on_train_start(self) -> None:
@@ -483,6 +491,10 @@ class AWRModule(pl.LightningModule):
                       make(self.critic, self.hparams.critic_lr, injected["critic_optimizer"])]
         schedulers = [scheduler(optimizer) for scheduler, optimizer in
                       zip((injected["actor_scheduler"], injected["critic_scheduler"]), optimizers) if scheduler is not None]
+        for scheduler in schedulers:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                raise TypeError("AWRModule: ReduceLROnPlateau steps on a monitored metric; the schedulers here step "
+                                "once per iteration without one. Use a schedule of iterations (StepLR, CosineAnnealingLR, ...).")
         return optimizers, schedulers
 
     def on_train_epoch_end(self) -> None:
@@ -729,6 +741,7 @@ class AWRModule(pl.LightningModule):
         """Refuse a checkpoint of another task or shape before any weight is loaded, then restore the run."""
         state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
         check_same_dataset(state.get("dataset"), self.runtime.dataset_identity)
+        self.runtime.starts_from_init = False  # a resumed run continues from its own checkpoint
         self.env_steps = state["env_steps"]
         self.iteration = state["iteration"]
         statistics = self.runtime.statistics

@@ -182,6 +182,8 @@ def _fill_episode(rows: TensorDict, episode: Any, dataset_id: str, number: int) 
         raise DatasetError(f"offline data: episode {episode.id} of dataset {dataset_id!r} lacks {missing}; "
                            f"AWR needs {list(EPISODE_FIELDS)}.")
     steps = rows.shape[0]
+    if steps == 0:
+        raise DatasetError(f"offline data: episode {episode.id} of dataset {dataset_id!r} has no steps; drop it.")
     if len(episode.actions) != steps:
         raise DatasetError(f"offline data: episode {episode.id} of dataset {dataset_id!r} has {len(episode.actions)} "
                            f"actions, its metadata says {steps} steps.")
@@ -213,9 +215,11 @@ def _check_finite(rows: TensorDict, dataset_id: str) -> None:
 
 
 def _fingerprint(rows: TensorDict) -> str:
-    digest = hashlib.sha256()
-    for key in ("observation", "action", ("next", "reward"), ("next", "terminated")):
-        digest.update(rows[key].double().sum().numpy().tobytes())
-        digest.update(rows[key].double().abs().sum().numpy().tobytes())
-    digest.update(str(rows.shape[0]).encode())
+    """A hash of every stored field's bytes (not of sums, whose last bits depend on threads and CPU)."""
+    digest = hashlib.sha256(str(rows.shape[0]).encode())
+    for key in sorted(rows.keys(True, True), key=str):
+        value = rows[key]
+        digest.update(str(key).encode())
+        for chunk in value.reshape(value.shape[0], -1).split(1 << 16):
+            digest.update(chunk.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -33,6 +33,12 @@ class ReplayHistory(pl.Callback):
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.dirpath = Path(dirpath)
+        self.segment = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """This process's segment: the iteration it starts at. A resumed run's collector counts its trajectory
+        ids from 0 again, so a trajectory is (segment, id)."""
+        self.segment = pl_module.iteration
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -41,5 +47,6 @@ class ReplayHistory(pl.Callback):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         rank = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        torch.save(collected.select(*HISTORY_KEYS).cpu().clone(),
-                   self.dirpath / f"batch_{pl_module.iteration:06d}{rank}.pt")
+        batch = collected.select(*HISTORY_KEYS).cpu().clone()
+        batch.set(("collector", "segment"), torch.full(batch.shape, self.segment, dtype=torch.long))
+        torch.save(batch, self.dirpath / f"batch_{pl_module.iteration:06d}{rank}.pt")

@@ -71,16 +71,16 @@ class DeterministicPolicy(nn.Module):
     """Raw observation -> the env action of a recipe actor's deterministic mode (see ``GymRecipe.deterministic_policy``)."""
 
     def __init__(self, head: nn.Module, *, discrete: bool = False, squash: bool = False,
-                 low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> None:
+                 low: torch.Tensor | None = None, high: torch.Tensor | None = None, first_action: int = 0) -> None:
         super().__init__()
-        self.head, self.discrete, self.squash = head, discrete, squash
+        self.head, self.discrete, self.squash, self.first_action = head, discrete, squash, first_action
         if not discrete:
             self.register_buffer("center", (high + low) / 2)
             self.register_buffer("half_range", (high - low) / 2)
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         if self.discrete:
-            return self.head(observation).argmax(-1)
+            return self.head(observation).argmax(-1) + self.first_action
         loc = self.head(observation)[0]
         if self.squash:
             loc = torch.tanh(loc)
@@ -198,7 +198,8 @@ class GymRecipe(Recipe):
         affine action map), a discrete choice as a one-hot vector."""
         space = self.action_space()
         if isinstance(space, gym.spaces.Discrete):
-            return torch.nn.functional.one_hot(env_actions.long().reshape(-1), int(space.n)).to(torch.long)
+            index = env_actions.long().reshape(-1) - int(space.start)
+            return torch.nn.functional.one_hot(index, int(space.n)).to(torch.long)
         low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
         return (env_actions.float() - (high + low) / 2) / ((high - low) / 2)
 
@@ -206,7 +207,7 @@ class GymRecipe(Recipe):
         """The actor's actions as the gymnasium env takes them (the env's affine map; one-hot to an index)."""
         space = self.action_space()
         if isinstance(space, gym.spaces.Discrete):
-            return policy_actions.argmax(-1)
+            return policy_actions.argmax(-1) + int(space.start)
         low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
         return policy_actions.float() * ((high - low) / 2) + (high + low) / 2
 
@@ -218,7 +219,7 @@ class GymRecipe(Recipe):
         head = actor.module[0].module  # observation -> (loc, scale) or logits (see _make_actor)
         space = self.action_space()
         if isinstance(space, gym.spaces.Discrete):
-            return DeterministicPolicy(head, discrete=True)
+            return DeterministicPolicy(head, discrete=True, first_action=int(space.start))
         low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
         return DeterministicPolicy(head, squash=self.policy == "tanh_normal", low=low, high=high)
 

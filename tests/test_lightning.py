@@ -408,3 +408,9 @@ def test_optimizers_and_schedulers_are_injected_from_the_config_and_resume(tmp_p
     load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")  # still weights_only-safe
     resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=injected), "--ckpt_path=last"])
     assert resumed.model.optimizers()[0].optimizer.param_groups[0]["lr"] == pytest.approx(0.004 * 0.5**3)
+
+
+def test_a_scheduler_that_needs_a_monitored_metric_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="ReduceLROnPlateau"):
+        cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=[
+            "--model.actor_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau"])])

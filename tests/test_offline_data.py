@@ -227,3 +227,53 @@ def test_a_checkpoints_policy_writes_episodes_in_the_env_units(tmp_path):
         mode = actor(TensorDict({"observation": torch.as_tensor(episode.observations[:1])}, [1]))["action"]
     torch.testing.assert_close(torch.as_tensor(episode.actions[:1]), recipe.env_actions(mode).clamp(-2, 2))
     assert dataset.total_steps == 50
+
+
+def test_the_fingerprint_depends_on_the_bytes_not_on_threads():
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
+    torch.set_num_threads(2)
+    _, two_threads = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    torch.set_num_threads(1)
+    _, one_thread = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    assert two_threads.fingerprint == one_thread.fingerprint
+
+
+def test_the_seed_makes_every_written_episode_reproducible():
+    first = _random_dataset("cartpole/a-v0", "CartPole-v1", episodes=3, seed=4)
+    second = _random_dataset("cartpole/b-v0", "CartPole-v1", episodes=3, seed=4)
+    for one, other in zip(first.iterate_episodes(), second.iterate_episodes()):
+        np.testing.assert_array_equal(one.observations, other.observations)
+
+
+def test_age_out_keeps_the_newest_transitions_of_a_dataset_larger_than_the_buffer(tmp_path):
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)  # 400 transitions: ids -1, -2
+    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=[
+        "--model.dataset=pendulum/random-v0", "--model.dataset_transitions=age_out", "--model.buffer_size=300"])])
+    stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]
+    traj_ids = stored["_storage"]["_storage"]["collector.traj_ids"]
+    # the dataset's newest 300 rows (100 of episode 0, all 200 of episode 1), then 128 collected ones over the oldest
+    assert traj_ids[traj_ids < 0].unique().tolist() == [-2] and (traj_ids == -2).sum() == 300 - 128
+
+
+def test_a_resumed_offline_to_online_run_needs_no_init_checkpoint(tmp_path):
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=1)
+    offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
+    cli_main(["fit", *tiny_args(offline_dir, epochs=1, extra=[
+        "--model.collection=none", "--model.dataset=pendulum/random-v0"])])
+    start = tmp_path / "start.ckpt"
+    start.write_bytes((checkpoint_dir(offline_dir) / "last.ckpt").read_bytes())
+    online = tiny_args(online_dir, epochs=2, extra=[f"--model.init_from={start}"])
+    cli_main(["fit", *online[:2], "--trainer.max_epochs=1", *online[3:]])
+    start.unlink()  # the resume restores the run from its own checkpoint
+    assert cli_main(["fit", *online, "--ckpt_path=last"]).model.iteration == 2
+
+
+def test_a_resumed_runs_history_keeps_its_episodes_apart(tmp_path):
+    history = tmp_path / "history"
+    record = ["--trainer.callbacks+=awr_modules.replay_history.ReplayHistory", f"--trainer.callbacks.dirpath={history}"]
+    cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=record)])
+    cli_main(["fit", *tiny_args(tmp_path, epochs=4, extra=record), "--ckpt_path=last"])
+    dataset = write_history_dataset("pendulum/history-v0", history, ClassicControl("Pendulum-v1"))
+    assert dataset.total_steps == 4 * 128
+    for episode in dataset.iterate_episodes():  # an end flag only at an episode's last step
+        assert not (episode.terminations[:-1].any() or episode.truncations[:-1].any())
