@@ -21,7 +21,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from awr_modules.module import AWRModule
-from awr_modules.run_state import checked_run_state
 
 TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,  # an untrained policy's evaluation tells nothing and costs episodes
@@ -101,13 +100,16 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
     )
 
 
+def module_from_config(config: str | os.PathLike) -> AWRModule:
+    """The ``AWRModule`` a config builds, without a logger or a run (``awr export``, ``awr dataset``)."""
+    return cli_main(["-c", str(config), "--trainer.logger=false"], run=False).model
+
+
 def load_trained_module(config: str | os.PathLike, checkpoint: str | os.PathLike) -> AWRModule:
     """The config's ``AWRModule`` with a checkpoint's networks, after checking that it fits the config's task and
     network sizes (``awr export``, ``awr dataset policy``)."""
-    module = cli_main(["-c", str(config), "--trainer.logger=false"], run=False).model
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    checked_run_state(state, module.recipe.env_id, module.env_signature, module.state_dict())
-    module.load_state_dict(state["state_dict"])
+    module = module_from_config(config)
+    module.load_networks(checkpoint)
     return module
 
 

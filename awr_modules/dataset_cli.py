@@ -59,10 +59,10 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _write(options: argparse.Namespace) -> None:
-    from awr_modules.cli import cli_main, load_trained_module
+    from awr_modules.cli import load_trained_module, module_from_config
 
     module = (load_trained_module(options.config, options.checkpoint) if options.source == "policy"
-              else cli_main(["-c", str(options.config), "--trainer.logger=false"], run=False).model)
+              else module_from_config(options.config))
     recipe = module.recipe
     common = {"root": options.root, "overwrite": options.overwrite, "description": options.description}
     if options.source == "history":

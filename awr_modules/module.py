@@ -321,12 +321,18 @@ class AWRModule(pl.LightningModule):
             runtime.starts_from_init = self.hparams.init_from is not None  # unless a resume restores the run
         self.runtime = runtime
 
-    def _start_from(self, path: str, runtime: _Runtime) -> None:
-        """Load a checkpoint's networks and observation statistics (frozen: the policy was trained on them)."""
-        runtime.starts_from_init = False
+    def load_networks(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load a checkpoint's networks (normaliser included) after checking that it was written for this task and
+        these network sizes; returns the checkpoint's AWR section (:mod:`awr_modules.run_state`)."""
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checked_run_state(checkpoint, self.recipe.env_id, self._env_signature, self.state_dict())
         self.load_state_dict(checkpoint["state_dict"])
+        return state
+
+    def _start_from(self, path: str, runtime: _Runtime) -> None:
+        """Load a checkpoint's networks and observation statistics (frozen: the policy was trained on them)."""
+        runtime.starts_from_init = False
+        state = self.load_networks(path)
         if runtime.statistics is not None and state["normalizers"]:
             runtime.statistics.load_state_dict(state["normalizers"][0], env_steps=runtime.statistics.freeze_after)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from episode_return import episode_return
 from lightning_helpers import checkpoint_dir, tiny_args
 from tensordict import TensorDict
 from torchrl.envs import ExplorationType, set_exploration_type
@@ -28,18 +29,10 @@ FRESH_INTERPRETER = """
 import sys
 for name in ("awr_modules", "awr_recipes", "tensordict", "torchrl", "lightning"):
     sys.modules[name] = None  # any import of them fails: the file must need torch alone
-import gymnasium as gym, torch
-policy = torch.export.load(sys.argv[1]).module()
-env = gym.make("Pendulum-v1")
-env.reset(seed=int(sys.argv[2]))  # as TorchRL's set_seed does; the evaluated episode starts at the next reset
-observation, _ = env.reset()
-total, done = 0.0, False
-while not done:
-    with torch.no_grad():
-        action = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
-    observation, reward, terminated, truncated, _ = env.step(action)
-    total, done = total + float(reward), terminated or truncated
-print(total)
+sys.path.insert(0, sys.argv[3])
+import torch
+from episode_return import episode_return
+print(episode_return(torch.export.load(sys.argv[1]).module(), int(sys.argv[2])))
 """
 
 
@@ -50,8 +43,9 @@ def test_the_exported_policy_reproduces_the_evaluation_return_without_this_packa
     config.write_text("model:\n  recipe:\n    class_path: awr_recipes.classic_control.ClassicControl\n    init_args:\n"
                       "      env_id: Pendulum-v1\n      hidden_sizes: [16, 16]\n")
     export_main(["-c", str(config), "--checkpoint", str(checkpoint_dir(tmp_path) / "last.ckpt"), "--out", str(out)])
-    fresh = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(out), str(SEED)], capture_output=True,
-                           text=True, check=True, cwd=tmp_path)
+    tests = Path(__file__).resolve().parent  # episode_return.py, the loop the next test checks against TorchRL
+    fresh = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(out), str(SEED), str(tests)],
+                           capture_output=True, text=True, check=True, cwd=tmp_path)
     env = ClassicControl("Pendulum-v1", hidden_sizes=[16, 16]).make_env(SEED)
     evaluation = evaluate(env, cli.model.actor.cpu())  # the episode `awr validate` runs, through TorchRL
     assert float(fresh.stdout.strip()) == pytest.approx(evaluation.returns[0], rel=1e-4, abs=1e-3)
@@ -77,14 +71,5 @@ def test_a_gymnasium_episode_of_the_actor_matches_torchrls_evaluation_episode():
     recipe = ClassicControl("Pendulum-v1", hidden_sizes=[16, 16])
     env = recipe.make_env(SEED)
     actor, _ = recipe.make_networks(env)
-    policy = recipe.deterministic_policy(actor)
-    plain = gym.make("Pendulum-v1")
-    plain.reset(seed=SEED)  # TorchRL's set_seed resets once with the seed; evaluation starts at the next reset
-    observation, _ = plain.reset()
-    total, done = 0.0, False
-    while not done:
-        with torch.no_grad():
-            step = policy(torch.as_tensor(observation, dtype=torch.float32)[None])[0].numpy()
-        observation, reward, terminated, truncated, _ = plain.step(step)
-        total, done = total + float(reward), terminated or truncated
+    total = episode_return(recipe.deterministic_policy(actor), SEED)
     assert np.isclose(total, evaluate(env, actor).returns[0], rtol=1e-4)
