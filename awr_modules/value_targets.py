@@ -220,7 +220,7 @@ def refresh_value_targets_over(
     if not normalize_advantage:
         return
     key = estimator.tensor_keys.advantage
-    mean, std = mean_and_std(torch.cat([data.get(key) for data in refreshed]))
-    for buffer, data in zip(buffers, refreshed):
-        standardized = (data.get(key) - mean) / (std + ADVANTAGE_NORMALIZATION_EPS)
-        buffer.storage.set(data.get("index"), data.select().set(key, standardized), set_cursor=False)
+    advantages = [data.get(key) for data in refreshed]
+    standardized = standardize_advantage(torch.cat(advantages)).split([values.shape[0] for values in advantages])
+    for buffer, data, values in zip(buffers, refreshed, standardized):
+        buffer.storage.set(data.get("index"), data.select().set(key, values), set_cursor=False)

@@ -256,3 +256,27 @@ def test_float32_context_switches_autocast_off_without_knowing_the_device(device
             assert not torch.is_autocast_enabled(device_type)
             assert torch.ones(2, 2, device=device_type).matmul(torch.ones(2, 2, device=device_type)).dtype == torch.float32
         assert torch.is_autocast_enabled(device_type)
+
+
+def test_advantages_over_several_buffers_are_standardised_together():
+    from tensordict import TensorDict as _TD
+    from torchrl.modules import ValueOperator
+    from torchrl.objectives.value import TDLambdaEstimator
+
+    from awr_modules import make_replay_buffer
+    from awr_modules.value_targets import refresh_value_targets_over
+
+    critic = ValueOperator(torch.nn.Linear(3, 1), in_keys=["observation"])
+    buffers = []
+    for size, shift in ((40, 0.0), (60, 5.0)):
+        flag = torch.zeros(size, 1, dtype=torch.bool)
+        buffer = make_replay_buffer(size, prioritized=False)
+        buffer.extend(_TD({"observation": torch.randn(size, 3), "next": {"observation": torch.randn(size, 3),
+                           "reward": torch.randn(size, 1) + shift, "done": flag, "terminated": flag}}, [size]))
+        buffers.append(buffer)
+    refresh_value_targets_over(buffers, TDLambdaEstimator(gamma=0.9, lmbda=0.8, value_network=critic),
+                               normalize_advantage=True)
+    joint = torch.cat([buffer.storage.get(torch.arange(len(buffer)))["advantage"] for buffer in buffers])
+    torch.testing.assert_close(joint.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(joint.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    assert buffers[1].storage.get(torch.arange(60))["advantage"].mean() > 0.5  # not each buffer on its own
