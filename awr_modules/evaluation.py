@@ -10,6 +10,7 @@ resets a finished sub-env (TorchRL's partial reset) and its later steps are drop
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -82,3 +83,23 @@ def first_episodes(env: EnvBase, policy: TensorDictModuleBase, max_steps: int) -
         tensordict = next_tensordict
     stacked = torch.stack(steps, dim=-1)  # [envs, steps]
     return [stacked[index, : int(lengths[index])] for index in range(envs)]
+
+
+class EpisodeEvaluator(Protocol):
+    """Runs the deterministic policy of an actor for one evaluation's episodes: their returns and lengths.
+
+    It keeps its env between calls, so successive evaluations continue the env's seeded random stream.
+    """
+
+    def __call__(self, actor: TensorDictModuleBase) -> tuple[list[float], list[int]]: ...
+
+
+class TorchRLEvaluator:
+    """:func:`evaluate` on a TorchRL env it keeps: one episode per sub-env, any recipe's env and actor."""
+
+    def __init__(self, env: EnvBase) -> None:
+        self.env = env
+
+    def __call__(self, actor: TensorDictModuleBase) -> tuple[list[float], list[int]]:
+        evaluation = evaluate(self.env, actor)
+        return evaluation.returns, evaluation.lengths

@@ -2,10 +2,12 @@
 
 An evaluation of 10 MuJoCo episodes is 1,000 batched env steps with a policy call each: seconds
 in which an in-process evaluation stops training. :class:`EvaluationWorker` instead sends a copy
-of the actor's weights (normaliser included) to one spawned process that keeps its own eval env
-and runs :func:`~awr_modules.evaluation.evaluate` there, with the same episodes and returns as
-in-process evaluation of that snapshot. Results come back in submission order, each tagged with
-the env step and optimizer step of its snapshot, so a logger draws them where the policy was.
+of the actor's weights (normaliser included) to one spawned process that keeps the recipe's
+evaluator (:meth:`~awr_modules.recipe.Recipe.make_evaluator`) and runs it there, with the same
+episodes and returns as that evaluator in the process. Gymnasium recipes step their vector env
+directly: the episodes of TorchRL's evaluation at about a third of the CPU, which training shares.
+Results come back in submission order, each tagged with the env step and optimizer step of its
+snapshot, so a logger draws them where the policy was.
 
 The standard library's ``ProcessPoolExecutor`` carries requests, results and errors, and notices
 a worker that died (its futures fail with ``BrokenProcessPool``); a failure is re-raised naming
@@ -26,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 from tensordict.nn import TensorDictModuleBase
-from torchrl.envs import EnvBase
 
 from awr_modules.cpu_worker import hide_gpus
-from awr_modules.evaluation import evaluate
+from awr_modules.evaluation import EpisodeEvaluator
 
-_worker: tuple[EnvBase, TensorDictModuleBase] | None = None  # the worker process's env and policy
+_worker: tuple[EpisodeEvaluator, TensorDictModuleBase] | None = None  # the worker process's evaluator and policy
 
 
 class EvaluationWorkerError(RuntimeError):
@@ -49,19 +50,19 @@ class EvaluatedSnapshot:
 
 
 class EvaluationWorker:
-    """One spawned process that evaluates snapshots of ``policy`` in the env ``make_env`` builds there.
+    """One spawned process that evaluates snapshots of ``policy`` with the evaluator ``make_evaluator`` builds there.
 
     Args:
-        make_env: builds the eval env in the worker (picklable: a recipe's ``make_env`` with its
-            arguments bound); each of its sub-envs runs one episode per evaluation.
+        make_evaluator: builds the evaluator in the worker (picklable: a recipe's ``make_evaluator`` with its
+            seed and episodes bound; or :class:`~awr_modules.evaluation.TorchRLEvaluator` over a ``make_env``).
         policy: the actor; a CPU copy of it goes to the worker once, later snapshots send weights only.
         num_threads: torch threads in the worker (one: it shares the machine with training).
     """
 
-    def __init__(self, make_env: Callable[[], EnvBase], policy: TensorDictModuleBase, num_threads: int = 1) -> None:
+    def __init__(self, make_evaluator: Callable[[], EpisodeEvaluator], policy: TensorDictModuleBase, num_threads: int = 1) -> None:
         self._executor = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_worker, initargs=(make_env, copy.deepcopy(policy).cpu(), num_threads),
+            initializer=_start_worker, initargs=(make_evaluator, copy.deepcopy(policy).cpu(), num_threads),
         )
         self._pending: deque[tuple[int, int, Future]] = deque()
 
@@ -103,15 +104,15 @@ class EvaluationWorker:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _start_worker(make_env: Callable[[], EnvBase], policy: TensorDictModuleBase, num_threads: int) -> None:
+def _start_worker(make_evaluator: Callable[[], EpisodeEvaluator], policy: TensorDictModuleBase,
+                  num_threads: int) -> None:
     global _worker
     hide_gpus()  # the worker evaluates on the CPU, and its per-step device checks get cheaper
     torch.set_num_threads(num_threads)
-    _worker = (make_env(), policy)
+    _worker = (make_evaluator(), policy)
 
 
 def _evaluate_snapshot(weights: dict[str, torch.Tensor]) -> tuple[list[float], list[int]]:
-    env, policy = _worker
+    evaluator, policy = _worker
     policy.load_state_dict(weights)
-    evaluation = evaluate(env, policy)
-    return evaluation.returns, evaluation.lengths
+    return evaluator(policy)

@@ -412,7 +412,7 @@ class AWRModule(pl.LightningModule):
         runtime.fused = self._fused_steps()
         runtime.evaluates_in_worker = hp.evaluation == "async"
         if runtime.evaluates_in_worker and self.global_rank == 0:
-            runtime.evaluator = EvaluationWorker(partial(self.recipe.make_env, self._rank_seed() + 500,
+            runtime.evaluator = EvaluationWorker(partial(self.recipe.make_evaluator, self._rank_seed() + 500,
                                                          hp.eval_episodes), self.actor)
 
     def _start_collector(self) -> None:

@@ -16,6 +16,7 @@ import torch
 from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor, ValueOperator
 
+from awr_modules.evaluation import EpisodeEvaluator, TorchRLEvaluator
 from awr_modules.observation_statistics import ObservationStatistics
 
 
@@ -47,6 +48,13 @@ class Recipe(ABC):
         network itself predicts the *normalised* value ``V / s_v`` as the reference's critic
         does (``s_v = 1 / (1 - gamma)``), so its outputs stay O(1) and the reference's step sizes apply.
         """
+
+    def make_evaluator(self, seed: int, episodes: int) -> EpisodeEvaluator:
+        """What an evaluation worker runs: ``episodes`` episodes of an actor's deterministic policy side by side,
+        in envs seeded with ``seed``. The default steps :meth:`make_env`'s env through TorchRL
+        (:class:`~awr_modules.evaluation.TorchRLEvaluator`); a recipe may step its simulator more cheaply, with the
+        same episodes."""
+        return TorchRLEvaluator(self.make_env(seed, episodes))
 
     def observation_statistics(self, actor: ProbabilisticActor,
                                critic: ValueOperator) -> ObservationStatistics | None:

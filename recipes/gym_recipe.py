@@ -39,6 +39,7 @@ from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, Probabili
 from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.recipe import Recipe
+from awr_recipes.gym_evaluation import GymnasiumEvaluator
 
 STATISTICS_KEY = "observation_vecnorm"  # the recorder's (unused) normalised output: the networks read raw observations
 MEAN_HEAD_INIT = 0.01  # the reference initialises the policy's output layer uniform(+-0.01)
@@ -222,6 +223,11 @@ class GymRecipe(Recipe):
             return DeterministicPolicy(head, discrete=True, first_action=int(space.start))
         low, high = (torch.as_tensor(bound, dtype=torch.float32) for bound in (space.low, space.high))
         return DeterministicPolicy(head, squash=self.policy == "tanh_normal", low=low, high=high)
+
+    def make_evaluator(self, seed: int, episodes: int) -> GymnasiumEvaluator:
+        """The evaluation worker's episodes, stepped in the gymnasium vector env with :meth:`deterministic_policy`:
+        the episodes of TorchRL's evaluation at about a third of its cost."""
+        return GymnasiumEvaluator(self.env_id, self.env_kwargs, seed, episodes, self.deterministic_policy)
 
     # ------------------------------------------------------------- networks
     def make_networks(self, env: EnvBase, value_scale: float = 1.0) -> tuple[ProbabilisticActor, ValueOperator]:

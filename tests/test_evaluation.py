@@ -5,7 +5,7 @@ import torch
 from tensordict.nn import TensorDictModule
 from torchrl.envs import ExplorationType, set_exploration_type
 
-from awr_modules.evaluation import first_episodes
+from awr_modules.evaluation import TorchRLEvaluator, first_episodes
 from awr_recipes.classic_control import ClassicControl
 
 
@@ -45,3 +45,23 @@ def test_a_policy_without_parameters_runs_and_max_steps_must_be_positive() -> No
     assert (episode["action"] == 1).all()
     with pytest.raises(ValueError, match="max_steps"):
         first_episodes(env, push_right, max_steps=0)
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_the_gymnasium_evaluator_runs_the_episodes_of_torchrl_evaluation(env_id: str) -> None:
+    """Stepping gymnasium directly with the exported policy gives TorchRL's episodes: the same returns and lengths,
+    evaluation after evaluation (the sub-envs' random streams advance alike), for discrete and box actions."""
+    torch.manual_seed(0)
+    recipe = ClassicControl(env_id, hidden_sizes=[8])
+    torchrl_evaluator, gymnasium_evaluator = TorchRLEvaluator(recipe.make_env(7, 4)), recipe.make_evaluator(7, 4)
+    actor, _ = recipe.make_networks(recipe.make_env(0))
+    observation_dim = recipe.make_env(0).observation_spec["observation"].shape[-1]
+    actor.module[0].module[0].load_statistics(torch.randn(observation_dim), torch.rand(observation_dim) + 0.5)
+    for _ in range(2):
+        expected_returns, expected_lengths = torchrl_evaluator(actor)
+        returns, lengths = gymnasium_evaluator(actor)
+        assert lengths == expected_lengths
+        torch.testing.assert_close(torch.tensor(returns, dtype=torch.float64), torch.tensor(expected_returns, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-4)
+    if env_id == "CartPole-v1":
+        assert len(set(lengths)) > 1  # unequal episodes: partial resets happen mid-evaluation

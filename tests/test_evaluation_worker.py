@@ -20,7 +20,6 @@ from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
 
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
-from awr_modules.evaluation import evaluate
 from awr_modules.evaluation_worker import EvaluationWorker
 from awr_recipes.classic_control import ClassicControl
 
@@ -35,14 +34,14 @@ def _kill_worker(worker: EvaluationWorker) -> None:
 def test_a_snapshot_is_evaluated_as_in_the_process_and_later_weights_do_not_reach_it() -> None:
     torch.manual_seed(0)
     recipe = ClassicControl("CartPole-v1", hidden_sizes=[8])
-    make_env = partial(recipe.make_env, 11, 3)
-    actor, _ = recipe.make_networks(make_env())
-    worker = EvaluationWorker(make_env, actor)  # its copy of the actor has the identity normaliser
+    make_evaluator = partial(recipe.make_evaluator, 11, 3)
+    actor, _ = recipe.make_networks(recipe.make_env(11))
+    worker = EvaluationWorker(make_evaluator, actor)  # its copy of the actor has the identity normaliser
     actor.module[0].module[0].load_statistics(torch.randn(4) * 0.1, torch.rand(4) + 0.5)  # snapshots carry these
     try:
-        expected, in_process = [], make_env()  # one env for both, as the worker and the module keep theirs
+        expected, in_process = [], make_evaluator()  # one evaluator each, as the worker keeps its own
         for env_steps in (100, 200):
-            expected.append(evaluate(in_process, actor).returns)
+            expected.append(in_process(actor)[0])
             worker.submit(actor, env_steps=env_steps, global_step=env_steps // 10)
             with torch.no_grad():  # changed after submit: the queued snapshot keeps the old weights
                 for parameter in actor.parameters():
@@ -58,9 +57,8 @@ def test_a_snapshot_is_evaluated_as_in_the_process_and_later_weights_do_not_reac
 
 def test_a_dead_evaluation_worker_is_reported_by_name() -> None:
     recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8])
-    make_env = partial(recipe.make_env, 0)
-    actor, _ = recipe.make_networks(make_env())
-    worker = EvaluationWorker(make_env, actor)
+    actor, _ = recipe.make_networks(recipe.make_env(0))
+    worker = EvaluationWorker(partial(recipe.make_evaluator, 0, 1), actor)
     try:
         _kill_worker(worker)
         worker.submit(actor, env_steps=5, global_step=1)
