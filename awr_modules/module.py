@@ -95,6 +95,7 @@ class _Runtime:
     dataset: ReplayBuffer | None = None  # a dataset's transitions kept apart from the FIFO buffer
     dataset_identity: DatasetIdentity | None = None  # what checkpoints record of the dataset
     refreshed: bool = False  # whether this process has refreshed the stored targets yet
+    values_current: bool = False  # every stored V(s) is the current critic's, but for rows written since
     starts_from_init: bool = False  # ``init_from`` still to load (a new run, not a resume), in ``on_fit_start``
 
 
@@ -526,14 +527,15 @@ class AWRModule(pl.LightningModule):
             clock.seconds["between_iterations"] = clock.started - self.runtime.iteration_ended
 
         data = self._collect() if hp.collection != "none" else None              # 1. collect
-        if data is not None:
-            self._store(data)                                                    # 2. FIFO buffer
+        written = self._store(data) if data is not None else None               # 2. FIFO buffer
         clock.lap("collect")
         # always online; every ``refresh_every`` offline, and once a process has (re)read its dataset
         refresh = self.iteration % hp.refresh_every == 0 or not self.runtime.refreshed
         self.runtime.refreshed = True
         if refresh:
-            refresh_value_targets_over(self._sources(), estimator)               # 3. R over stored paths
+            refresh_value_targets_over(self._sources(), estimator,               # 3. R over stored paths
+                                       stale_values=self._stale_values(written))
+        self.runtime.values_current = False                                      # the value phase moves V
         clock.lap("refresh")
         value_out = self._phase("value", hp.critic_steps, hp.critic_batch_size, prioritized=False,
                                 loss_fn=self.runtime.value_loss, loss_key="loss_value",      # 4. value phase
@@ -543,6 +545,7 @@ class AWRModule(pl.LightningModule):
         if refresh:
             refresh_value_targets_over(self._sources(), estimator,               # 5. A with the new critic
                                        normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
+            self.runtime.values_current = not self._critic_shares_actor_parameters()
         clock.lap("refresh")
         actor_out = self._phase("policy", hp.actor_steps, hp.actor_batch_size,   # 6. policy phase
                                 prioritized=loss.samples_by_weight, loss_fn=self.runtime.actor_loss,
@@ -595,14 +598,28 @@ class AWRModule(pl.LightningModule):
             self._optimizer_step(optimizer, network)
         return out
 
-    def _store(self, data: TensorDictBase) -> None:
+    def _store(self, data: TensorDictBase) -> torch.Tensor:
         """Step 2: the batch's transitions into the FIFO buffer; beside dataset rows (``age_out``), only the
-        fields those have, so that both share one storage layout."""
+        fields those have, so that both share one storage layout. Returns the storage indices written."""
         rows = data.reshape(-1)
         buffer = self.runtime.buffer
         if self.runtime.dataset_identity is not None and self.hparams.dataset_transitions == "age_out":
             rows = rows.select(*buffer.storage.get(0).keys(True, True), strict=False)
-        buffer.extend(rows)
+        return buffer.extend(rows)
+
+    def _stale_values(self, written: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """Per source buffer, the rows whose stored ``V(s)`` is out of date: the rows just written, when the
+        critic and the observation normaliser have not changed since the last refresh (then the first refresh
+        of an iteration runs the critic on the new rows only); ``None`` (all rows) otherwise."""
+        if not self.runtime.values_current:
+            return None
+        none = torch.empty(0, dtype=torch.long)
+        return [written if buffer is self.runtime.buffer and written is not None else none
+                for buffer in self._sources()]
+
+    def _critic_shares_actor_parameters(self) -> bool:
+        """Whether the policy phase moves the critic too (a recipe whose networks share layers)."""
+        return bool({id(p) for p in self.actor.parameters()} & {id(p) for p in self.critic.parameters()})
 
     def _collect(self) -> TensorDictBase:
         """Step 1: the next batch of the collector; the observation statistics follow it."""
@@ -618,6 +635,8 @@ class AWRModule(pl.LightningModule):
         self.runtime.collected = data
         statistics = self.runtime.statistics
         if statistics is not None:
+            if not statistics.frozen:  # the networks' normaliser moves: every stored V(s) is out of date
+                self.runtime.values_current = False
             pool = mean_across_ranks(self.trainer.strategy, self.device) if self.trainer.world_size > 1 else None
             statistics.update(data, self.env_steps, pool)
         return data

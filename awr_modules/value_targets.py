@@ -91,10 +91,13 @@ def _takes_next_value(estimator: ValueEstimatorBase) -> bool:
     return estimator.value_network is not None and "next_value" in inspect.signature(estimator.value_estimate).parameters
 
 
-def _values_in_one_pass(estimator: ValueEstimatorBase, data: TensorDictBase,
-                        params: TensorDictBase | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _values_in_one_pass(estimator: ValueEstimatorBase, data: TensorDictBase, params: TensorDictBase | None,
+                        known: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``V(s)`` of every stored state ``[N]`` in one critic pass, and ``V(s')``: the next row's ``V(s)``
-    wherever the next row starts from ``s'``, else (cuts, the newest row) the critic's value of ``s'``."""
+    wherever the next row starts from ``s'``, else (cuts, the newest row) the critic's value of ``s'``.
+
+    ``known`` is ``(values, stale)``: the stored ``V(s)`` of each row and which of them are out of date; the
+    critic then runs on the stale rows only."""
     network = estimator.value_network
     in_keys, value_key = network.in_keys, estimator.tensor_keys.value
     following = data.get("next")
@@ -104,7 +107,11 @@ def _values_in_one_pass(estimator: ValueEstimatorBase, data: TensorDictBase,
         state, next_state = data.get(key), following.get(key)
         own[:-1] |= (next_state[:-1] != state[1:]).reshape(data.shape[0] - 1, -1).any(-1)
     with params.to_module(network) if params is not None else nullcontext():
-        value = network(data.select(*in_keys).copy()).get(value_key)
+        if known is None:
+            value = network(data.select(*in_keys).copy()).get(value_key)
+        else:
+            value, stale = known[0].clone(), known[1].nonzero().squeeze(-1)
+            value[stale] = network(data[stale].select(*in_keys).copy()).get(value_key)
         next_value = torch.roll(value, -1, dims=0)
         rows = own.nonzero().squeeze(-1)
         next_value[rows] = network(following[rows].select(*in_keys).copy()).get(value_key)
@@ -119,6 +126,7 @@ def refresh_value_targets(
     traj_id_key: NestedKey | None = DEFAULT_TRAJ_ID_KEY,
     params: TensorDictBase | None = None,
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
+    stale_values: torch.Tensor | None = None,
 ) -> TensorDictBase:
     """Recompute ``value_target`` and ``advantage`` of every stored transition with the current critic.
 
@@ -150,6 +158,11 @@ def refresh_value_targets(
         priority_fn: maps the refreshed data to one priority per transition,
             written to the buffer's sampler (e.g. AWR weights for
             ``weighting="sampling"``). Ignored by non-prioritized buffers.
+        stale_values: storage indices whose stored ``V(s)`` is out of date, when every other stored
+            ``V(s)`` is the current critic's (the critic and its observation normaliser unchanged since
+            the last refresh; then these are the rows written since). The critic runs on these rows
+            only (and on ``s'`` at the cuts); ``None`` runs it on every row. An AWR iteration's first
+            refresh needs only the newly collected rows: the critic changes in the value phase alone.
 
     Returns:
         The stored transitions, oldest first, with the refreshed keys and ``index``
@@ -160,7 +173,13 @@ def refresh_value_targets(
     keys = estimator.tensor_keys
     index = chronological_indices(buffer)
     refreshed = [keys.advantage, keys.value_target, keys.value]
-    data = buffer.storage.get(index).exclude(*refreshed)  # stale outputs of the previous critic
+    data = buffer.storage.get(index)
+    known = None
+    if stale_values is not None and keys.value in data.keys():  # noqa: SIM118 - a TensorDict refuses `in`
+        stale = torch.zeros(len(buffer), dtype=torch.bool, device=index.device)
+        stale[stale_values.to(index.device)] = True
+        known = (data.get(keys.value), stale[index])
+    data = data.exclude(*refreshed)  # outputs of the previous critic
     done_key = ("next", keys.done)
     if done_key not in data.keys(True):
         raise KeyError(f"refresh_value_targets: stored transitions lack {done_key!r}; the estimator needs it.")
@@ -172,7 +191,7 @@ def refresh_value_targets(
     sequence = data.unsqueeze(0)  # one sequence [1, N]: the estimators' time dimension is the last one
     with torch.no_grad(), float32_context(data.device):
         if _takes_next_value(estimator):
-            value, next_value = _values_in_one_pass(estimator, data, params)
+            value, next_value = _values_in_one_pass(estimator, data, params, known)
             value_target = estimator.value_estimate(sequence, next_value=next_value.unsqueeze(0)).squeeze(0)
             data.update({keys.value: value, keys.value_target: value_target, keys.advantage: value_target - value})
         else:  # GAE computes its values itself: two critic passes, V(s) and V(s')
@@ -204,19 +223,23 @@ def refresh_value_targets_over(
     *,
     normalize_advantage: bool = False,
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
+    stale_values: list[torch.Tensor] | None = None,
 ) -> None:
     """:func:`refresh_value_targets` over several buffers whose paths are separate (a dataset's and a FIFO
     buffer of collected transitions), with advantages standardised over all of them together.
 
     One buffer is refreshed exactly as by :func:`refresh_value_targets`. Prioritized sampling (``priority_fn``)
-    needs a single buffer.
+    needs a single buffer. ``stale_values``, if given, holds each buffer's ``stale_values``.
     """
+    stale_values = stale_values if stale_values is not None else [None] * len(buffers)
     if len(buffers) == 1:
-        refresh_value_targets(buffers[0], estimator, normalize_advantage=normalize_advantage, priority_fn=priority_fn)
+        refresh_value_targets(buffers[0], estimator, normalize_advantage=normalize_advantage, priority_fn=priority_fn,
+                              stale_values=stale_values[0])
         return
     if priority_fn is not None:
         raise ValueError("refresh_value_targets_over: priorities are per buffer; prioritized sampling needs one buffer.")
-    refreshed = [refresh_value_targets(buffer, estimator) for buffer in buffers]
+    refreshed = [refresh_value_targets(buffer, estimator, stale_values=stale)
+                 for buffer, stale in zip(buffers, stale_values, strict=True)]
     if not normalize_advantage:
         return
     key = estimator.tensor_keys.advantage

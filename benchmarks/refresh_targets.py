@@ -3,7 +3,9 @@
 ``refresh_value_targets`` computes ``V(s)`` of every stored state once and takes ``V(s')`` from the
 next row, running the critic on ``s'`` only where the next row does not start from it. The
 two-pass row is the same refresh with the estimator calling the critic on ``s`` and on ``s'``
-itself (TorchRL's estimators' own path, and this package's before the change). Both run on the
+itself (TorchRL's estimators' own path, and this package's before the change). The third row is an
+iteration's first refresh once the observation statistics are frozen: the critic has not changed since the
+previous refresh, so it runs on the newest collection batch only (``stale_values``). All run on the
 same buffer of HalfCheetah-v5 sizes (17-dim states, the reference's [128, 64] critic, episodes of
 1,000 steps, collection batches of 2,048 steps from 8 envs), alternating, one torch thread.
 
@@ -68,7 +70,13 @@ def main() -> None:
         with mock.patch.object(value_targets_module, "_takes_next_value", return_value=False):
             refresh_value_targets(buffer, estimator)
 
-    ways = {"one critic pass": lambda: refresh_value_targets(buffer, estimator), "two critic passes": two_passes}
+    newest_batch = (buffer._writer._cursor - FRAMES + torch.arange(FRAMES)) % len(buffer)
+
+    def newest_batch_only() -> None:  # an iteration's first refresh: the critic unchanged since the last one
+        refresh_value_targets(buffer, estimator, stale_values=newest_batch)
+
+    ways = {"one critic pass": lambda: refresh_value_targets(buffer, estimator), "two critic passes": two_passes,
+            "critic on the newest batch only (stored V reused)": newest_batch_only}
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(args.rounds + 1):  # the first round warms up
         for name, refresh in ways.items():

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from lightning_helpers import tiny_args
@@ -161,3 +163,29 @@ def test_direct_steps_need_full_precision_one_device_and_no_step_hooks():
     assert not direct_steps_suffice(trainer(MixedPrecision("bf16-mixed", "cpu"), single), module)
     assert not direct_steps_suffice(trainer(Precision(), DDPStrategy()), module)
     assert not direct_steps_suffice(trainer(Precision(), single, [Hooked()]), module)
+
+
+def test_fit_reuses_stored_values_only_while_critic_and_normaliser_are_unchanged(tmp_path, monkeypatch):
+    """An iteration's first refresh runs the critic on the new rows only once the observation statistics are
+    frozen (the critic moves in the value phase alone); its targets equal a full refresh, in a wrapped ring."""
+    import awr_modules.module as module_file
+
+    full_refresh, reused = module_file.refresh_value_targets_over, []
+
+    def checked(buffers, estimator, *, stale_values=None, **kwargs):
+        expected = None
+        if stale_values is not None:
+            expected = [copy.deepcopy(buffer) for buffer in buffers]
+            full_refresh(expected, estimator, **kwargs)
+        full_refresh(buffers, estimator, stale_values=stale_values, **kwargs)
+        reused.append(stale_values is not None)
+        for buffer, full in zip(buffers, expected, strict=True) if expected else []:
+            index = torch.arange(len(buffer))
+            for key in ("state_value", "value_target", "advantage"):
+                torch.testing.assert_close(buffer.storage.get(index)[key], full.storage.get(index)[key],
+                                           atol=1e-5, rtol=1e-5)
+
+    monkeypatch.setattr(module_file, "refresh_value_targets_over", checked)
+    # 128 frames per iteration, statistics frozen at 256 env steps (after the 2nd collection), a ring of 300
+    cli_main(["fit", *tiny_args(tmp_path, epochs=5, extra=["--model.buffer_size=300"])])
+    assert reused == [False, False, False, False, True, False, True, False, True, False]

@@ -168,6 +168,33 @@ def test_refresh_runs_the_critic_once_per_stored_state(name: str) -> None:
     assert sum(rows) == CAPACITY + len(own_next_state)  # two passes would be 2 * CAPACITY
 
 
+def test_a_refresh_with_the_critic_unchanged_runs_it_on_the_rows_written_since_only() -> None:
+    """Stored V(s) of the older rows are the unchanged critic's: the critic runs on the new batch (and s' at cuts),
+    and the targets equal the per-path TD(lambda) of a full refresh."""
+    critic = make_linear_critic(WEIGHT)
+    estimator = TDLambdaEstimator(gamma=GAMMA, lmbda=LMBDA, value_network=critic)
+    buffer = make_replay_buffer(CAPACITY, prioritized=False)
+    for start, stop in EXTENDS[:2]:
+        buffer.extend(_transitions(start, stop))
+    refresh_value_targets(buffer, estimator)
+    written = buffer.extend(_transitions(*EXTENDS[2]))  # overwrites rows 0..5, which still hold older V(s)
+    rows = _count_critic_rows(critic)
+    refresh_value_targets(buffer, estimator, stale_values=written)
+
+    steps = range(OLDEST, len(TRAJ_IDS))
+    own_next_state = [t for t in steps if t == len(TRAJ_IDS) - 1 or _next_obs(t) != _obs(t + 1)]
+    assert sorted(written.tolist()) == list(range(6)) and rows == [len(written), len(own_next_state)]
+    stored = _chronological_storage(buffer)
+    torch.testing.assert_close(stored["value_target"], torch.tensor(_expected_returns()).unsqueeze(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored["state_value"], torch.tensor([[_value(_obs(t))] for t in steps]), atol=1e-5, rtol=0)
+
+    stale_claimed_current = _filled_buffer(prioritized=False)  # the overwritten rows' V(s) were never refreshed
+    stale_claimed_current.storage.set(torch.arange(CAPACITY), stale_claimed_current.storage.get(torch.arange(CAPACITY))
+                                      .select().set("state_value", torch.zeros(CAPACITY, 1)), set_cursor=False)
+    refresh_value_targets(stale_claimed_current, estimator, stale_values=torch.empty(0, dtype=torch.long))
+    assert not torch.allclose(_chronological_storage(stale_claimed_current)["value_target"], stored["value_target"])
+
+
 def test_one_pass_equals_the_estimators_two_passes_where_states_do_not_chain() -> None:
     """A next state that is not the next row's state (no done, same trajectory id) gets its own value."""
     torch.manual_seed(0)
