@@ -24,7 +24,7 @@ import copy
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -68,6 +68,7 @@ from awr_modules.run_state import (
     rank_state,
     restore_rank_state,
 )
+from awr_modules.temperature import MEASURES, effective_sample_size, kl_from_behaviour, solve_temperature
 from awr_modules.value_targets import refresh_value_targets_over
 
 INJECTED = ("actor_optimizer", "critic_optimizer", "actor_scheduler", "critic_scheduler")
@@ -96,6 +97,7 @@ class _Runtime:
     dataset_identity: DatasetIdentity | None = None  # what checkpoints record of the dataset
     refreshed: bool = False  # whether this process has refreshed the stored targets yet
     values_current: bool = False  # every stored V(s) is the current critic's, but for rows written since
+    buffer_weights: dict[str, float] | None = None  # the temperature and the buffer's weight ESS / KL, for the log
     starts_from_init: bool = False  # ``init_from`` still to load (a new run, not a resume), in ``on_fit_start``
 
 
@@ -115,6 +117,18 @@ def _check_data_sources(collection: str, evaluation: str, dataset: str | None, d
     if dataset is not None and collection != "none" and dataset_transitions == "keep" and weighting == "sampling":
         raise ValueError("AWRModule: weighting='sampling' samples one prioritized buffer; with a kept dataset beside "
                          "the FIFO buffer use weighting='loss' or dataset_transitions='age_out'.")
+
+
+def _check_temperature_tuning(tuning: str, target: float | None, weighting: str) -> None:
+    if tuning not in ("fixed", *MEASURES):
+        raise ValueError(f"AWRModule: temperature_tuning must be 'fixed', 'ess' or 'kl', got {tuning!r}.")
+    if tuning == "fixed":
+        return
+    if weighting == "uniform":
+        raise ValueError("AWRModule: weighting='uniform' has no temperature to tune; use temperature_tuning='fixed'.")
+    if target is None or not (0 < target < 1 if tuning == "ess" else target > 0):
+        raise ValueError(f"AWRModule: temperature_tuning={tuning!r} needs temperature_target "
+                         f"{'in (0, 1)' if tuning == 'ess' else '> 0'}, got {target}.")
 
 
 def _positive(name: str, value: float) -> None:
@@ -150,7 +164,15 @@ class AWRModule(pl.LightningModule):
         momentum: SGD momentum (reference 0.9).
         gamma: discount (reference 0.99).
         td_lambda: lambda of the TD(lambda) targets (reference 0.95).
-        temperature: ``beta`` of ``exp(A / beta)`` (reference 1.0 on normalised advantages).
+        temperature: ``beta`` of ``exp(A / beta)`` (reference 1.0 on normalised advantages); with
+            ``temperature_tuning`` the first iteration's value only.
+        temperature_tuning: ``"fixed"`` (the reference) or ``"ess"`` / ``"kl"``: every iteration, after the
+            advantages' refresh, ``beta`` is solved (:func:`~awr_modules.temperature.solve_temperature`) so that
+            the weights over the whole buffer have ``temperature_target`` as their normalised effective sample
+            size, or as the KL of the weighted policy from the behaviour policy (nats). Logged as
+            ``train/temperature``, beside ``train/buffer_weight_ess`` and ``train/buffer_weight_kl`` (always).
+        temperature_target: the ESS in ``(0, 1)`` or the KL ``> 0`` that ``temperature_tuning`` holds. Standardised
+            Gaussian advantages at ``beta = 1`` (the reference) have an ESS of ``exp(-1) = 0.37`` and a KL of 0.5.
         max_weight: weight clip (reference 20).
         normalize_advantage: standardise advantages over the buffer before weighting (reference: yes).
         value_scale: ``s_v``; ``None`` means ``1 / (1 - gamma)`` as the reference. The critic network predicts
@@ -229,6 +251,8 @@ class AWRModule(pl.LightningModule):
         gamma: float = 0.99,
         td_lambda: float = 0.95,
         temperature: float = 1.0,
+        temperature_tuning: Literal["fixed", "ess", "kl"] = "fixed",
+        temperature_target: float | None = None,
         max_weight: float = 20.0,
         normalize_advantage: bool = True,
         value_scale: float | None = None,
@@ -261,6 +285,7 @@ class AWRModule(pl.LightningModule):
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
         _check_data_sources(collection, evaluation, dataset, dataset_transitions, refresh_every, weighting)
+        _check_temperature_tuning(temperature_tuning, temperature_target, weighting)
         if collection == "none" and max_env_steps is not None:
             rank_zero_warn("AWRModule: max_env_steps counts collected env steps and an offline run takes none; "
                            "bound it with trainer.max_epochs.")
@@ -542,10 +567,13 @@ class AWRModule(pl.LightningModule):
                                 optimizer=critic_optimizer, network=self.critic)
         clock.lap("value_phase")
         priority_fn = loss.sampling_priority if loss.samples_by_weight else None
+        tunes = hp.temperature_tuning != "fixed"
         if refresh:
             refresh_value_targets_over(self._sources(), estimator,               # 5. A with the new critic
-                                       normalize_advantage=hp.normalize_advantage, priority_fn=priority_fn)
+                                       normalize_advantage=hp.normalize_advantage,
+                                       priority_fn=None if tunes else priority_fn)
             self.runtime.values_current = not self._critic_shares_actor_parameters()
+            self.runtime.buffer_weights = self._weigh_buffer(priority_fn if tunes else None)
         clock.lap("refresh")
         actor_out = self._phase("policy", hp.actor_steps, hp.actor_batch_size,   # 6. policy phase
                                 prioritized=loss.samples_by_weight, loss_fn=self.runtime.actor_loss,
@@ -616,6 +644,30 @@ class AWRModule(pl.LightningModule):
         none = torch.empty(0, dtype=torch.long)
         return [written if buffer is self.runtime.buffer and written is not None else none
                 for buffer in self._sources()]
+
+    def _weigh_buffer(self, priority_fn: Callable[[TensorDictBase], torch.Tensor] | None) -> dict[str, float]:
+        """The AWR weights over every stored transition, after the advantages' refresh: with ``temperature_tuning``
+        the temperature that meets the target is set first (and then the sampling priorities, with ``priority_fn``);
+        returns the temperature and the weights' ESS and KL from the behaviour policy, for the log."""
+        hp, loss = self.hparams, self.loss_module
+        key = loss.tensor_keys.advantage
+        advantage = torch.cat([buffer.storage.get(slice(0, len(buffer))).get(key).reshape(-1)
+                               for buffer in self._sources()])
+        max_weight = float(loss.max_weight)
+        if hp.temperature_tuning != "fixed":
+            temperature = torch.tensor(solve_temperature(advantage, hp.temperature_target, hp.temperature_tuning,
+                                                         max_weight=max_weight))
+            if self.trainer.world_size > 1:  # one temperature for all ranks: the mean of each rank's buffer's
+                temperature = mean_across_ranks(self.trainer.strategy, self.device)(temperature)
+            loss.temperature.fill_(float(temperature))
+        if priority_fn is not None:
+            (buffer,) = self._sources()  # prioritized sampling reads one buffer
+            stored = buffer.storage.get(slice(0, len(buffer)))
+            buffer.update_priority(torch.arange(len(buffer)), priority_fn(stored).reshape(-1).float())
+        temperature = float(loss.temperature)
+        return {"train/temperature": temperature,
+                "train/buffer_weight_ess": effective_sample_size(advantage, temperature, max_weight),
+                "train/buffer_weight_kl": kl_from_behaviour(advantage, temperature, max_weight)}
 
     def _critic_shares_actor_parameters(self) -> bool:
         """Whether the policy phase moves the critic too (a recipe whose networks share layers)."""
@@ -689,6 +741,8 @@ class AWRModule(pl.LightningModule):
             self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
         for phase, value in seconds.items():
             self.log(f"time/{phase}", value)
+        for name, value in (self.runtime.buffer_weights or {}).items():
+            self.log(name, value)
         for out in outputs:
             for key, value in out.items():
                 self.log(f"train/{key}", value.detach().float(), sync_dist=True)

@@ -11,7 +11,8 @@ as a user runs it. Beside them, ``benchmarks/plain_loop.py`` with the config's e
 envs, actor step size, action std and evaluation schedule. The runs alternate (each round starts
 one run later), so that drift of the machine's speed hits all alike; the median over rounds is
 reported. From two iteration counts, the seconds per further iteration (slope) and a projection to
-``--budget`` env steps: seconds at the larger count plus the remaining iterations at that slope.
+``--budget`` env steps: seconds at the larger count plus the remaining iterations at that slope. From one
+count (e.g. 489 HalfCheetah iterations: 1M env steps), the whole runs compared as they are.
 
 Writes ``benchmarks/results/end_to_end_<task>.csv`` (every run) and prints a markdown table.
 """
@@ -41,7 +42,7 @@ def plain_command(config: dict, iterations: int) -> list[str]:
             "--frames", str(model["frames_per_iteration"]), "--envs", str(model["num_envs"]),
             "--actor-lr", str(model["actor_lr"]), "--action-std", str(recipe["action_std"]),
             "--eval-every", str(config["trainer"]["check_val_every_n_epoch"]),
-            "--eval-episodes", str(model["eval_episodes"]), "--seed", str(model["seed"])]
+            "--eval-episodes", str(model["eval_episodes"]), "--seed", str(model.get("seed") or config.get("seed_everything") or 0)]
 
 
 def fit_command(config: Path, iterations: int, overrides: list[str], out: str) -> list[str]:
@@ -67,7 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDES (space-separated)")
-    parser.add_argument("--iterations", type=int, nargs=2, default=[25, 50])
+    parser.add_argument("--iterations", type=int, nargs="+", default=[25, 50],
+                        help="one count (whole runs, compared as they are) or two (a slope and a projection)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budget", type=float, default=1e6, help="env steps of the projection")
     args = parser.parse_args()
@@ -97,6 +99,9 @@ def main() -> None:
                 f.flush()
                 print(f"round {round_index}: {name}, {iterations} iterations: {taken:.1f} s", flush=True)
 
+    if len(args.iterations) == 1:
+        print_whole_runs(task, args, variants, seconds)
+        return
     low, high = args.iterations
     budget_iterations = math.ceil(args.budget / config["model"]["frames_per_iteration"])
     median = {run: statistics.median(values) for run, values in seconds.items()}
@@ -112,6 +117,16 @@ def main() -> None:
           f"{args.budget:,.0f} env steps ({budget_iterations} iterations)\n")
     print_table(["run", f"{low} iterations (s)", f"{high} iterations (s)", "s per further iteration",
                  "projected minutes", "of the plain loop"], rows)
+
+
+def print_whole_runs(task: str, args: argparse.Namespace, variants: dict, seconds: dict) -> None:
+    """One iteration count: each variant's median wall-clock and its ratio to the plain loop's, no projection."""
+    (iterations,) = args.iterations
+    median = {name: statistics.median(seconds[name, iterations]) for name in variants}
+    rows = [[name, f"{median[name]:.1f}", f"{median[name] / 60:.2f}", f"{median[name] / median[PLAIN]:.2f}x"]
+            for name in variants]
+    print(f"\n{task}: {iterations} iterations, median of {args.rounds} rounds, wall-clock from process start\n")
+    print_table(["run", "seconds", "minutes", "of the plain loop"], rows)
 
 
 if __name__ == "__main__":
