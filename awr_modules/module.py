@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -117,6 +118,19 @@ def _check_data_sources(collection: str, evaluation: str, dataset: str | None, d
     if dataset is not None and collection != "none" and dataset_transitions == "keep" and weighting == "sampling":
         raise ValueError("AWRModule: weighting='sampling' samples one prioritized buffer; with a kept dataset beside "
                          "the FIFO buffer use weighting='loss' or dataset_transitions='age_out'.")
+
+
+def _check_dataset_storage(collection: str, dataset: str | None, dataset_transitions: str,
+                           refresh_chunk_size: int | None, dataset_memmap_dir: str | None) -> None:
+    if refresh_chunk_size is not None and refresh_chunk_size < 1:
+        raise ValueError(f"AWRModule: refresh_chunk_size must be >= 1, got {refresh_chunk_size}.")
+    if dataset_memmap_dir is None:
+        return
+    if dataset is None:
+        raise ValueError("AWRModule: dataset_memmap_dir holds a dataset's transitions; set model.dataset too.")
+    if collection != "none" and dataset_transitions == "keep":
+        raise ValueError("AWRModule: a memory-mapped dataset kept beside the FIFO buffer would be copied into memory "
+                         "for every phase; train offline (collection='none') or use dataset_transitions='age_out'.")
 
 
 def _check_temperature_tuning(tuning: str, target: float | None, weighting: str) -> None:
@@ -224,6 +238,13 @@ class AWRModule(pl.LightningModule):
             its newest ``buffer_size`` transitions, and collected ones push them out).
         refresh_every: offline only: recompute targets and advantages every this many iterations (their cost
             grows with the dataset; online runs refresh every iteration, as new transitions need targets).
+        refresh_chunk_size: refresh targets this many transitions at a time, in runs of whole stored paths
+            (:func:`~awr_modules.value_targets.refresh_value_targets`), so that no refresh reads a whole
+            dataset at once; ``None``: each buffer at once.
+        dataset_memmap_dir: keep the dataset's transitions in memory-mapped files under this folder (a
+            ``rank<r>`` folder each, rewritten at every start) instead of in memory: datasets larger than
+            memory train offline (``collection="none"``) or age out (``dataset_transitions="age_out"``).
+            Pair it with ``refresh_chunk_size``.
         init_from: a checkpoint of this task whose networks and observation statistics (frozen) a new run starts
             from, with this config's settings: online fine-tuning of an offline run, say. ``--ckpt_path`` instead
             resumes a run, with the hyperparameters stored in its checkpoint (Lightning's CLI restores them).
@@ -272,6 +293,8 @@ class AWRModule(pl.LightningModule):
         dataset_root: str | None = None,
         dataset_transitions: Literal["keep", "age_out"] = "keep",
         refresh_every: int = 1,
+        refresh_chunk_size: int | None = None,
+        dataset_memmap_dir: str | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -285,6 +308,7 @@ class AWRModule(pl.LightningModule):
             raise ValueError(f"AWRModule: frames_per_iteration ({frames_per_iteration}) must be a multiple of "
                              f"num_envs ({num_envs}): each env contributes the same number of steps.")
         _check_data_sources(collection, evaluation, dataset, dataset_transitions, refresh_every, weighting)
+        _check_dataset_storage(collection, dataset, dataset_transitions, refresh_chunk_size, dataset_memmap_dir)
         _check_temperature_tuning(temperature_tuning, temperature_target, weighting)
         if collection == "none" and max_env_steps is not None:
             rank_zero_warn("AWRModule: max_env_steps counts collected env steps and an offline run takes none; "
@@ -373,14 +397,17 @@ class AWRModule(pl.LightningModule):
     def _load_dataset(self, runtime: _Runtime) -> None:
         """Read the dataset (refused early if it does not fit the recipe), its actions in the actor's units, into
         its own buffer or the FIFO buffer (``age_out``); the observation statistics start from its states."""
-        hp = self.hparams
+        hp, keys = self.hparams, self.loss_module.tensor_keys
+        memmap_dir = self._dataset_memmap_dir()
         rows, runtime.dataset_identity = read_minari_dataset(
             hp.dataset, env_id=self.recipe.env_id, root=hp.dataset_root,
             observation_shape=tuple(self._env_signature["observation_shape"]),
-            action_shape=() if self._env_signature["discrete"] else tuple(self._env_signature["action_shape"]))
-        rows.set("action", self.recipe.policy_actions(rows.get("action")))
+            action_shape=() if self._env_signature["discrete"] else tuple(self._env_signature["action_shape"]),
+            memmap_dir=memmap_dir, policy_actions=self.recipe.policy_actions,
+            extra_columns=(keys.value, keys.value_target, keys.advantage) if memmap_dir is not None else ())
         if runtime.statistics is not None:
-            runtime.statistics.update(rows, 0)
+            for part in rows.split(hp.refresh_chunk_size or rows.shape[0]):  # a memory-mapped dataset piece by piece
+                runtime.statistics.update(part, 0)
         if hp.dataset_transitions == "age_out" and hp.collection != "none":
             if rows.shape[0] > hp.buffer_size:
                 rank_zero_warn(f"AWRModule: the dataset's {rows.shape[0]} transitions exceed buffer_size "
@@ -388,8 +415,20 @@ class AWRModule(pl.LightningModule):
                 rows = rows[-hp.buffer_size:]  # one write per slot (a wrapped extend would write slots twice)
             runtime.buffer.extend(rows.to(runtime.buffer.storage.device))
             return
+        if memmap_dir is not None:  # the files are the buffer's storage: nothing is copied
+            runtime.dataset = make_replay_buffer(rows.shape[0], prioritized=self.loss_module.samples_by_weight,
+                                                 priority="weight", storage=rows)
+            return
         runtime.dataset = self._new_buffer(rows.shape[0])
         runtime.dataset.extend(rows.to(runtime.dataset.storage.device))
+
+    def _dataset_memmap_dir(self) -> str | None:
+        """This rank's fresh folder for the dataset's memory-mapped rows, or ``None`` (rows in memory)."""
+        if self.hparams.dataset_memmap_dir is None:
+            return None
+        folder = os.path.join(self.hparams.dataset_memmap_dir, f"rank{self.global_rank}")
+        shutil.rmtree(folder, ignore_errors=True)  # a previous start's rows: read again, as a resume does
+        return folder
 
     def _sources(self) -> list[ReplayBuffer]:
         """The buffers the phases train on: the dataset's and the FIFO buffer, those that hold transitions."""
@@ -559,7 +598,7 @@ class AWRModule(pl.LightningModule):
         self.runtime.refreshed = True
         if refresh:
             refresh_value_targets_over(self._sources(), estimator,               # 3. R over stored paths
-                                       stale_values=self._stale_values(written))
+                                       stale_values=self._stale_values(written), chunk_size=hp.refresh_chunk_size)
         self.runtime.values_current = False                                      # the value phase moves V
         clock.lap("refresh")
         value_out = self._phase("value", hp.critic_steps, hp.critic_batch_size, prioritized=False,
@@ -571,7 +610,7 @@ class AWRModule(pl.LightningModule):
         if refresh:
             refresh_value_targets_over(self._sources(), estimator,               # 5. A with the new critic
                                        normalize_advantage=hp.normalize_advantage,
-                                       priority_fn=None if tunes else priority_fn)
+                                       priority_fn=None if tunes else priority_fn, chunk_size=hp.refresh_chunk_size)
             self.runtime.values_current = not self._critic_shares_actor_parameters()
             self.runtime.buffer_weights = self._weigh_buffer(priority_fn if tunes else None)
         clock.lap("refresh")

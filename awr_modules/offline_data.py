@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict
+from tensordict.utils import NestedKey
 
 TRAJ_ID_KEY = ("collector", "traj_ids")
 EPISODE_FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
@@ -104,7 +105,9 @@ def open_minari_dataset(dataset_id: str, root: str | os.PathLike | None = None) 
 
 def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tuple[int, ...],
                         action_shape: tuple[int, ...], root: str | os.PathLike | None = None,
-                        memmap_dir: str | os.PathLike | None = None) -> tuple[TensorDict, DatasetIdentity]:
+                        memmap_dir: str | os.PathLike | None = None,
+                        policy_actions: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        extra_columns: Sequence[NestedKey] = ()) -> tuple[TensorDict, DatasetIdentity]:
     """All transitions of a local Minari dataset as rows ``[N]``, after checking it fits the recipe.
 
     Args:
@@ -115,10 +118,15 @@ def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tupl
         observation_shape: the env's observation shape; ``action_shape``: its action space's shape
             (``()`` for a discrete space, whose actions Minari stores as integers).
         root: the Minari datasets folder (default ``MINARI_DATASETS_PATH``).
-        memmap_dir: write the rows as memory-mapped files there instead of keeping them in memory.
+        memmap_dir: write the rows as memory-mapped files there instead of keeping them in memory: the
+            dataset is read one episode at a time and checked in chunks, so it may be larger than memory.
+        policy_actions: maps a batch of stored actions (the env's units) to the actor's (e.g. a recipe's
+            ``policy_actions``), applied episode by episode; the rows then hold the mapped actions.
+        extra_columns: keys of float columns ``[N, 1]`` of zeros to add (e.g. the value targets a refresh
+            writes: a memory-mapped layout cannot grow later). The fingerprint leaves them out.
 
     Returns:
-        The rows (actions as stored, in the env's units) and the dataset's identity.
+        The rows (actions as stored unless ``policy_actions``) and the dataset's identity.
     """
     dataset = open_minari_dataset(dataset_id, root)
     _check_env(dataset, dataset_id, env_id, observation_shape, action_shape)
@@ -126,9 +134,10 @@ def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tupl
     total = int(sum(lengths))
     if total == 0:
         raise DatasetError(f"offline data: dataset {dataset_id!r} holds no transitions; there is nothing to train on.")
-    rows = _empty_rows(total, observation_shape, action_shape)
+    rows = _empty_rows(total, observation_shape, _row_action(action_shape, policy_actions), extra_columns,
+                       device="meta" if memmap_dir is not None else None)
     if memmap_dir is not None:
-        rows = rows.memmap_(memmap_dir)
+        rows = rows.memmap_like(memmap_dir)  # files of the rows' layout, nothing allocated in memory
     start = 0
     episodes = dataset.iterate_episodes()
     for number, length in enumerate(lengths):
@@ -137,11 +146,18 @@ def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tupl
         except KeyError as error:  # Minari's reader names the field its storage lacks
             raise DatasetError(f"offline data: episode {number} of dataset {dataset_id!r} lacks a field ({error}); "
                                f"AWR needs {list(EPISODE_FIELDS)}.") from error
-        _fill_episode(rows[start:start + length], episode, dataset_id, number)
+        _fill_episode(rows[start:start + length], episode, dataset_id, number, policy_actions)
         start += length
     _check_finite(rows, dataset_id)
-    identity = DatasetIdentity(dataset_id, env_id, len(lengths), total, _fingerprint(rows))
+    identity = DatasetIdentity(dataset_id, env_id, len(lengths), total, _fingerprint(rows.exclude(*extra_columns)))
     return rows, identity
+
+
+def _row_action(action_shape: tuple[int, ...],
+                policy_actions: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """One row's action as the rows hold it (shape and dtype): as stored, or mapped by ``policy_actions``."""
+    stored = torch.zeros(1, *action_shape) if action_shape else torch.zeros(1, dtype=torch.long)
+    return stored[0] if policy_actions is None else policy_actions(stored)[0]
 
 
 def _check_env(dataset: Any, dataset_id: str, env_id: str, observation_shape: tuple[int, ...],
@@ -164,18 +180,25 @@ def _episode_lengths(dataset: Any) -> list[int]:
     return [int(meta["total_steps"]) for meta in dataset.storage.get_episode_metadata(dataset.episode_indices)]
 
 
-def _empty_rows(total: int, observation_shape: tuple[int, ...], action_shape: tuple[int, ...]) -> TensorDict:
-    flag = torch.zeros(total, 1, dtype=torch.bool)
-    return TensorDict({
-        "observation": torch.zeros(total, *observation_shape),
-        "action": torch.zeros(total, *action_shape) if action_shape else torch.zeros(total, dtype=torch.long),
-        "next": {"observation": torch.zeros(total, *observation_shape), "reward": torch.zeros(total, 1),
+def _empty_rows(total: int, observation_shape: tuple[int, ...], action: torch.Tensor,
+                extra_columns: Sequence[NestedKey], device: str | None) -> TensorDict:
+    """Zeroed rows (on ``"meta"``: the layout only, for ``memmap_like``)."""
+    flag = torch.zeros(total, 1, dtype=torch.bool, device=device)
+    rows = TensorDict({
+        "observation": torch.zeros(total, *observation_shape, device=device),
+        "action": torch.zeros(total, *action.shape, dtype=action.dtype, device=device),
+        "next": {"observation": torch.zeros(total, *observation_shape, device=device),
+                 "reward": torch.zeros(total, 1, device=device),
                  "done": flag, "terminated": flag.clone(), "truncated": flag.clone()},
-        TRAJ_ID_KEY: torch.zeros(total, dtype=torch.long),
-    }, batch_size=[total])
+        TRAJ_ID_KEY: torch.zeros(total, dtype=torch.long, device=device),
+    }, batch_size=[total], device=device)
+    for key in extra_columns:
+        rows.set(key, torch.zeros(total, 1, device=device))
+    return rows
 
 
-def _fill_episode(rows: TensorDict, episode: Any, dataset_id: str, number: int) -> None:
+def _fill_episode(rows: TensorDict, episode: Any, dataset_id: str, number: int,
+                  policy_actions: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
     """Write one episode's transitions; its trajectory id is ``-1 - number``, apart from any collector's ids."""
     missing = [name for name in EPISODE_FIELDS if getattr(episode, name, None) is None]
     if missing:
@@ -194,10 +217,12 @@ def _fill_episode(rows: TensorDict, episode: Any, dataset_id: str, number: int) 
     terminated = torch.as_tensor(np.asarray(episode.terminations, dtype=bool)).reshape(steps, 1)
     truncated = torch.as_tensor(np.asarray(episode.truncations, dtype=bool)).reshape(steps, 1)
     truncated[-1] |= ~terminated[-1]  # the stored episode stops here: a path end either way
-    action = rows["action"]
+    action = torch.as_tensor(np.asarray(episode.actions))
+    if policy_actions is not None:
+        action = policy_actions(action)
     rows.update_(TensorDict({  # in place: ``rows`` is a slice of the dataset's rows
         "observation": torch.from_numpy(observations[:-1]),
-        "action": torch.as_tensor(np.asarray(episode.actions)).reshape(action.shape).to(action.dtype),
+        "action": action.reshape(rows["action"].shape).to(rows["action"].dtype),
         "next": {"observation": torch.from_numpy(observations[1:]),
                  "reward": torch.as_tensor(np.asarray(episode.rewards, dtype=np.float32)).reshape(steps, 1),
                  "terminated": terminated, "truncated": truncated, "done": terminated | truncated},
@@ -205,11 +230,19 @@ def _fill_episode(rows: TensorDict, episode: Any, dataset_id: str, number: int) 
     }, batch_size=[steps]))
 
 
-def _check_finite(rows: TensorDict, dataset_id: str) -> None:
+def _check_finite(rows: TensorDict, dataset_id: str, chunk: int = 1 << 16) -> None:
+    """Refuse non-finite values, ``chunk`` rows at a time (a memory-mapped dataset is never read whole)."""
     for key in ("observation", "action", ("next", "observation"), ("next", "reward")):
         value = rows[key]
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(-1).nonzero()[:3, 0].tolist()
+        if not value.is_floating_point():
+            continue
+        bad = []
+        for start in range(0, value.shape[0], chunk):
+            part = value[start:start + chunk]
+            bad += (start + (~torch.isfinite(part)).reshape(part.shape[0], -1).any(-1).nonzero()[:3, 0]).tolist()
+            if bad:
+                break
+        if bad:
             raise DatasetError(f"offline data: dataset {dataset_id!r} has non-finite {key} (transitions {bad}...); "
                                f"clean the dataset or drop those episodes.")
 

@@ -31,6 +31,8 @@ class PhaseClock:
         self._last = now
 
 
+CHECK_CHUNK = 1 << 16  # rows per input check: a memory-mapped dataset is never read whole
+
 MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 """A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
 
@@ -85,7 +87,8 @@ def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, step
         index, _ = buffers[0].sampler.sample(storage, steps * batch_size)  # beta = 0: no importance weights
     else:
         index = torch.randint(stored.shape[0], (steps * batch_size,), device=storage.device)
-    loss.check_batch(stored)  # keys and finiteness, once for the whole phase
+    for part in stored.split(CHECK_CHUNK):  # keys and finiteness, once per phase (a memory-mapped dataset in pieces)
+        loss.check_batch(part)
     return stored, index.to(storage.device).view(steps, batch_size)
 
 

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tensordict import TensorDictBase
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
     TensorDictPrioritizedReplayBuffer,
     TensorDictReplayBuffer,
+    TensorStorage,
 )
 from torchrl.data.replay_buffers import SamplerWithoutReplacement
 
@@ -39,7 +41,7 @@ def make_replay_buffer(
     alpha: float | None = None,
     beta: float | None = None,
     priority: Literal["weight", "td_error"] = "weight",
-    storage: Literal["memory", "memmap"] = "memory",
+    storage: Literal["memory", "memmap"] | TensorDictBase = "memory",
     scratch_dir: str | Path | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
@@ -59,7 +61,9 @@ def make_replay_buffer(
             0: a correction would cancel the AWR weighting), 0.4 for ``"td_error"``.
         priority: what the priorities are: the AWR ``"weight"`` or ``"td_error"``.
         storage: ``"memory"`` (``LazyTensorStorage``) or ``"memmap"`` (on disk,
-            ``LazyMemmapStorage``, for buffers larger than RAM).
+            ``LazyMemmapStorage``, for buffers larger than RAM); or transitions ``[capacity]`` that become
+            the storage itself (TorchRL's ``TensorStorage``: full, nothing copied), e.g. a dataset's
+            memory-mapped rows.
         scratch_dir: directory of the memmap storage (default: a temporary one).
         device: where the stored transitions live.
         batch_size: default minibatch size of ``sample()``.
@@ -81,7 +85,12 @@ def make_replay_buffer(
         raise ValueError(f"make_replay_buffer: capacity must be a positive number of transitions, got {capacity}.")
     if priority not in _PRIORITY_DEFAULTS:
         raise ValueError(f"make_replay_buffer: priority must be 'weight' or 'td_error', got {priority!r}.")
-    if storage == "memory":
+    if isinstance(storage, TensorDictBase):
+        if storage.shape[:1] != (int(capacity),):
+            raise ValueError(f"make_replay_buffer: a TensorDict storage must hold capacity ({capacity}) rows, "
+                             f"got shape {tuple(storage.shape)}.")
+        backing = TensorStorage(storage, device=device or storage.device or "cpu")
+    elif storage == "memory":
         backing = LazyTensorStorage(int(capacity), device=device or "cpu")
     elif storage == "memmap":
         backing = LazyMemmapStorage(int(capacity), scratch_dir=scratch_dir, device=device or "cpu")

@@ -11,6 +11,7 @@ vectorised pass of any TorchRL value estimator.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -127,7 +128,8 @@ def refresh_value_targets(
     params: TensorDictBase | None = None,
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
     stale_values: torch.Tensor | None = None,
-) -> TensorDictBase:
+    chunk_size: int | None = None,
+) -> TensorDictBase | None:
     """Recompute ``value_target`` and ``advantage`` of every stored transition with the current critic.
 
     The buffer's transitions are laid out oldest first as one long sequence and
@@ -163,22 +165,102 @@ def refresh_value_targets(
             the last refresh; then these are the rows written since). The critic runs on these rows
             only (and on ``s'`` at the cuts); ``None`` runs it on every row. An AWR iteration's first
             refresh needs only the newly collected rows: the critic changes in the value phase alone.
+        chunk_size: refresh about this many transitions at a time, in runs of whole paths (a path
+            longer than it is one run), so that a buffer larger than memory (a memory-mapped dataset)
+            is never read at once; advantages are then standardised in a second pass over the stored
+            advantages alone. ``None``: the whole buffer at once.
 
     Returns:
         The stored transitions, oldest first, with the refreshed keys and ``index``
-        (their storage indices).
+        (their storage indices); ``None`` with ``chunk_size`` (the transitions stay where they are).
     """
     if len(buffer) == 0:
         raise ValueError("refresh_value_targets: the replay buffer is empty; extend it with collected data first.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"refresh_value_targets: chunk_size must be >= 1, got {chunk_size}.")
     keys = estimator.tensor_keys
     index = chronological_indices(buffer)
+    stale = None
+    if stale_values is not None:
+        stale = torch.zeros(len(buffer), dtype=torch.bool, device=index.device)
+        stale[stale_values.to(index.device)] = True
+        stale = stale[index]
+    if chunk_size is None or chunk_size >= len(buffer):
+        data = _refresh_rows(buffer, index, estimator, traj_id_key, params, stale)
+        if normalize_advantage:
+            data.set(keys.advantage, standardize_advantage(data.get(keys.advantage)))
+            buffer.storage.set(index, data.select(keys.advantage), set_cursor=False)
+        if priority_fn is not None and hasattr(buffer, "update_priority"):
+            buffer.update_priority(index, priority_fn(data).reshape(-1).float())
+        return data
+    ends = trajectory_ends(_stored(buffer).select(("next", keys.done), *_present(buffer, traj_id_key))[index],
+                           keys.done, traj_id_key)
+    for rows in path_aligned_chunks(ends.reshape(ends.shape[0], -1).any(-1), chunk_size):
+        _refresh_rows(buffer, index[rows], estimator, traj_id_key, params, None if stale is None else stale[rows])
+    if normalize_advantage:
+        standardize_stored_advantages([buffer], keys.advantage, chunk_size)
+    if priority_fn is not None and hasattr(buffer, "update_priority"):
+        for rows in torch.arange(len(buffer)).split(chunk_size):
+            buffer.update_priority(rows, priority_fn(buffer.storage.get(rows)).reshape(-1).float())
+    return None
+
+
+def _stored(buffer: ReplayBuffer) -> TensorDictBase:
+    """Every stored row in storage order, as a view of the storage (nothing is copied)."""
+    return buffer.storage.get(slice(0, len(buffer)))
+
+
+def _present(buffer: ReplayBuffer, key: NestedKey | None) -> list[NestedKey]:
+    return [key] if key is not None and key in _stored(buffer).keys(True) else []
+
+
+def path_aligned_chunks(ends: torch.Tensor, chunk_size: int) -> list[slice]:
+    """Consecutive slices of a sequence ``[N]`` whose path ends are ``ends``: each stops at a path end and holds at
+    most ``chunk_size`` rows, unless a single path is longer (then that path alone). The last row ends a path."""
+    stops = (ends.reshape(-1).nonzero().squeeze(-1) + 1).tolist()  # exclusive stops of the paths
+    chunks, start, previous = [], 0, None
+    for stop in stops:
+        if stop - start > chunk_size and previous is not None and previous > start:
+            chunks.append(slice(start, previous))
+            start = previous
+        previous = stop
+    chunks.append(slice(start, stops[-1]))
+    return chunks
+
+
+def standardize_stored_advantages(buffers: list[ReplayBuffer], key: NestedKey, chunk_size: int | None = None) -> None:
+    """Standardise the stored ``key`` over all rows of ``buffers`` together (as :func:`standardize_advantage`),
+    reading ``chunk_size`` rows at a time: one pass for the moments (chunk moments combined in float64, Chan et
+    al.'s pairwise update), one for the writes."""
+    count, mean, squares = 0, 0.0, 0.0
+    for buffer in buffers:
+        for rows in torch.arange(len(buffer)).split(chunk_size or max(len(buffer), 1)):
+            values = buffer.storage.get(rows).get(key).double().reshape(-1)
+            n, chunk_mean = values.numel(), float(values.mean())
+            chunk_squares = float((values - chunk_mean).pow(2).sum())
+            delta, total = chunk_mean - mean, count + n
+            mean += delta * n / total
+            squares += chunk_squares + delta**2 * count * n / total
+            count = total
+    std = math.sqrt(squares / max(count - 1, 1))
+    for buffer in buffers:
+        for rows in torch.arange(len(buffer)).split(chunk_size or max(len(buffer), 1)):
+            stored = buffer.storage.get(rows).get(key)
+            standardized = ((stored.double() - mean) / (std + ADVANTAGE_NORMALIZATION_EPS)).to(stored.dtype)
+            buffer.storage.set(rows, buffer.storage.get(rows).select().set(key, standardized), set_cursor=False)
+
+
+def _refresh_rows(buffer: ReplayBuffer, index: torch.Tensor, estimator: ValueEstimatorBase,
+                  traj_id_key: NestedKey | None, params: TensorDictBase | None,
+                  stale: torch.Tensor | None) -> TensorDictBase:
+    """Refresh the rows at storage ``index`` (whole paths, oldest first) and write value, target and advantage back;
+    returns them with ``index``. ``stale``: which of these rows' stored ``V(s)`` is out of date (``None``: all)."""
+    keys = estimator.tensor_keys
     refreshed = [keys.advantage, keys.value_target, keys.value]
     data = buffer.storage.get(index)
     known = None
-    if stale_values is not None and keys.value in data.keys():  # noqa: SIM118 - a TensorDict refuses `in`
-        stale = torch.zeros(len(buffer), dtype=torch.bool, device=index.device)
-        stale[stale_values.to(index.device)] = True
-        known = (data.get(keys.value), stale[index])
+    if stale is not None and keys.value in data.keys():  # noqa: SIM118 - a TensorDict refuses `in`
+        known = (data.get(keys.value), stale)
     data = data.exclude(*refreshed)  # outputs of the previous critic
     done_key = ("next", keys.done)
     if done_key not in data.keys(True):
@@ -199,9 +281,6 @@ def refresh_value_targets(
             data = sequence.squeeze(0)
     data.set(done_key, stored_done)
 
-    if normalize_advantage:
-        data.set(keys.advantage, standardize_advantage(data.get(keys.advantage)))
-
     buffer.storage.set(index, data.select(*refreshed), set_cursor=False)  # rewrite in place, length unchanged
     stored_keys = buffer.storage.get(index[:1]).keys(True)
     missing = [key for key in refreshed if key not in stored_keys]
@@ -212,8 +291,6 @@ def refresh_value_targets(
             f"batch.set('advantage', torch.zeros_like(batch['next', 'reward'])), for each of {refreshed}."
         )
     data.set("index", index)
-    if priority_fn is not None and hasattr(buffer, "update_priority"):
-        buffer.update_priority(index, priority_fn(data).reshape(-1).float())
     return data
 
 
@@ -224,26 +301,23 @@ def refresh_value_targets_over(
     normalize_advantage: bool = False,
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
     stale_values: list[torch.Tensor] | None = None,
+    chunk_size: int | None = None,
 ) -> None:
     """:func:`refresh_value_targets` over several buffers whose paths are separate (a dataset's and a FIFO
     buffer of collected transitions), with advantages standardised over all of them together.
 
     One buffer is refreshed exactly as by :func:`refresh_value_targets`. Prioritized sampling (``priority_fn``)
-    needs a single buffer. ``stale_values``, if given, holds each buffer's ``stale_values``.
+    needs a single buffer. ``stale_values``, if given, holds each buffer's ``stale_values``; ``chunk_size``
+    bounds the rows read at once, as there.
     """
     stale_values = stale_values if stale_values is not None else [None] * len(buffers)
     if len(buffers) == 1:
         refresh_value_targets(buffers[0], estimator, normalize_advantage=normalize_advantage, priority_fn=priority_fn,
-                              stale_values=stale_values[0])
+                              stale_values=stale_values[0], chunk_size=chunk_size)
         return
     if priority_fn is not None:
         raise ValueError("refresh_value_targets_over: priorities are per buffer; prioritized sampling needs one buffer.")
-    refreshed = [refresh_value_targets(buffer, estimator, stale_values=stale)
-                 for buffer, stale in zip(buffers, stale_values, strict=True)]
-    if not normalize_advantage:
-        return
-    key = estimator.tensor_keys.advantage
-    advantages = [data.get(key) for data in refreshed]
-    standardized = standardize_advantage(torch.cat(advantages)).split([values.shape[0] for values in advantages])
-    for buffer, data, values in zip(buffers, refreshed, standardized):
-        buffer.storage.set(data.get("index"), data.select().set(key, values), set_cursor=False)
+    for buffer, stale in zip(buffers, stale_values, strict=True):
+        refresh_value_targets(buffer, estimator, stale_values=stale, chunk_size=chunk_size)
+    if normalize_advantage:
+        standardize_stored_advantages(buffers, estimator.tensor_keys.advantage, chunk_size)

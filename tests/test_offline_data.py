@@ -6,6 +6,7 @@ Every dataset here is written by the test itself into a temporary ``MINARI_DATAS
 from __future__ import annotations
 
 import h5py
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ from lightning_helpers import checkpoint_dir, load_checkpoint, tiny_args
 from minari.data_collector import EpisodeBuffer
 from torchrl.objectives.value import TDLambdaEstimator
 
-from awr_modules import make_replay_buffer, refresh_value_targets
+from awr_modules import AWRModule, make_replay_buffer, refresh_value_targets
 from awr_modules.cli import cli_main
 from awr_modules.dataset_cli import main as dataset_main
 from awr_modules.dataset_writer import checkpoint_policy, random_policy, write_history_dataset, write_policy_dataset
@@ -277,3 +278,61 @@ def test_a_resumed_runs_history_keeps_its_episodes_apart(tmp_path):
     assert dataset.total_steps == 4 * 128
     for episode in dataset.iterate_episodes():  # an end flag only at an episode's last step
         assert not (episode.terminations[:-1].any() or episode.truncations[:-1].any())
+
+
+def test_memmap_rows_with_mapped_actions_and_target_columns(tmp_path):
+    """Actions mapped to the actor's units episode by episode, zero target columns, the same identity."""
+    _random_dataset("cartpole/random-v0", "CartPole-v1", episodes=2)
+    recipe = ClassicControl("CartPole-v1")
+    cartpole = {"env_id": "CartPole-v1", "observation_shape": (4,), "action_shape": ()}
+    stored, identity = read_minari_dataset("cartpole/random-v0", **cartpole)
+    mapped, same = read_minari_dataset("cartpole/random-v0", **cartpole, memmap_dir=tmp_path / "rows",
+                                       policy_actions=recipe.policy_actions, extra_columns=("advantage",))
+    assert mapped.is_memmap() and same.transitions == identity.transitions
+    assert torch.equal(mapped["action"], recipe.policy_actions(stored["action"]))  # one-hot [N, 2]
+    assert mapped["advantage"].shape == (stored.shape[0], 1) and not mapped["advantage"].any()
+    assert torch.equal(mapped["next", "observation"], stored["next", "observation"])
+
+
+class RecordDatasetTargets(pl.Callback):
+    """The dataset buffer's stored targets at the end of fit, and whether its storage is memory-mapped."""
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        buffer = module.runtime.dataset
+        self.memmap = buffer.storage._storage.is_memmap()
+        self.targets = buffer.storage.get(torch.arange(len(buffer))).select(
+            "state_value", "value_target", "advantage").clone()
+
+
+def _recorded(cli) -> RecordDatasetTargets:
+    (recorder,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, RecordDatasetTargets)]
+    return recorder
+
+
+def test_a_memory_mapped_dataset_refreshed_in_chunks_trains_as_one_in_memory(tmp_path):
+    """The same offline run with the dataset in memory-mapped files, refreshed 150 rows at a time: its storage is the
+    files, its targets are those of the in-memory run, and it trains and resumes."""
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=3)  # 600 transitions
+    offline = ["--model.collection=none", "--model.dataset=pendulum/random-v0", "--model.critic_steps=0",
+               "--model.actor_steps=0", f"--trainer.callbacks+={__name__}.RecordDatasetTargets"]
+    memmap = [f"--model.dataset_memmap_dir={tmp_path / 'rows'}", "--model.refresh_chunk_size=150"]
+    in_memory = _recorded(cli_main(["fit", *tiny_args(tmp_path / "memory", epochs=1, extra=offline)]))
+    on_disk = _recorded(cli_main(["fit", *tiny_args(tmp_path / "disk", epochs=1, extra=[*offline, *memmap])]))
+    assert on_disk.memmap and not in_memory.memmap and (tmp_path / "rows" / "rank0").is_dir()
+    expected, got = in_memory.targets, on_disk.targets
+    for key in ("state_value", "value_target", "advantage"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+    assert got["advantage"].std() > 0.5  # standardised over the dataset, not zero columns
+
+    trains = ["--model.collection=none", "--model.dataset=pendulum/random-v0", *memmap]
+    cli_main(["fit", *tiny_args(tmp_path / "train", epochs=2, extra=trains)])
+    resumed = cli_main(["fit", *tiny_args(tmp_path / "train", epochs=3, extra=trains), "--ckpt_path=last"])
+    assert resumed.model.iteration == 3
+
+
+def test_a_memory_mapped_dataset_is_not_kept_beside_the_fifo_buffer():
+    with pytest.raises(ValueError, match="copied into memory"):
+        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), dataset="pendulum/random-v0",
+                  dataset_memmap_dir="rows")
+    with pytest.raises(ValueError, match="set model.dataset too"):
+        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), dataset_memmap_dir="rows")

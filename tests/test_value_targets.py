@@ -307,3 +307,37 @@ def test_advantages_over_several_buffers_are_standardised_together():
     torch.testing.assert_close(joint.mean(), torch.tensor(0.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(joint.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
     assert buffers[1].storage.get(torch.arange(60))["advantage"].mean() > 0.5  # not each buffer on its own
+
+
+def test_path_aligned_chunks_stop_at_path_ends_and_keep_a_long_path_whole():
+    from awr_modules.value_targets import path_aligned_chunks
+
+    ends = torch.zeros(20, dtype=torch.bool)
+    ends[[2, 5, 6, 15, 19]] = True  # paths [0, 3) [3, 6) [6, 7) [7, 16) [16, 20)
+    assert path_aligned_chunks(ends, 4) == [slice(0, 3), slice(3, 7), slice(7, 16), slice(16, 20)]
+    assert path_aligned_chunks(ends, 7) == [slice(0, 7), slice(7, 16), slice(16, 20)]
+    assert path_aligned_chunks(ends, 100) == [slice(0, 20)]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 9])
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_a_refresh_in_chunks_of_whole_paths_equals_one_over_the_buffer(name: str, chunk_size: int) -> None:
+    """The wrapped ring's paths refreshed a few at a time, advantages standardised in a second pass and the
+    priorities written per chunk: the same stored targets, advantages and priorities as at once; the critic never
+    reads more than a chunk (or one longer path) at a time."""
+    make_estimator = ESTIMATORS[name][0]
+    whole, chunked = _filled_buffer(prioritized=True), _filled_buffer(prioritized=True)
+    priority = lambda data: data["advantage"].exp()  # noqa: E731
+    refresh_value_targets(whole, make_estimator(make_linear_critic(WEIGHT)), normalize_advantage=True,
+                          priority_fn=priority)
+    critic = make_linear_critic(WEIGHT)
+    rows = _count_critic_rows(critic)
+    assert refresh_value_targets(chunked, make_estimator(critic), normalize_advantage=True, priority_fn=priority,
+                                 chunk_size=chunk_size) is None
+    for key in ("state_value", "value_target", "advantage"):
+        torch.testing.assert_close(_chronological_storage(chunked)[key], _chronological_storage(whole)[key],
+                                   atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(chunked.sampler._sum_tree[torch.arange(CAPACITY)]),
+                               torch.as_tensor(whole.sampler._sum_tree[torch.arange(CAPACITY)]), atol=1e-5, rtol=1e-5)
+    longest_path = 6  # transitions 10..15 (trajectory id 2) in the stored sequence
+    assert max(rows) <= max(chunk_size, longest_path) and len(rows) > 2
