@@ -327,7 +327,7 @@ def test_a_refresh_in_chunks_of_whole_paths_equals_one_over_the_buffer(name: str
     reads more than a chunk (or one longer path) at a time."""
     make_estimator = ESTIMATORS[name][0]
     whole, chunked = _filled_buffer(prioritized=True), _filled_buffer(prioritized=True)
-    priority = lambda data: data["advantage"].exp()  # noqa: E731
+    priority = lambda data: data["advantage"].exp()
     refresh_value_targets(whole, make_estimator(make_linear_critic(WEIGHT)), normalize_advantage=True,
                           priority_fn=priority)
     critic = make_linear_critic(WEIGHT)
