@@ -9,6 +9,8 @@ read every 50 ms: the peak of ``RssAnon`` (memory the process allocated) and of 
 mapped files, which the kernel can drop and read again: the page cache, not the process's own).
 
     python benchmarks/dataset_memory.py --steps 1000000 --out benchmarks/results/dataset_memory
+
+Prints the table and writes it to ``--out/summary.md``.
 """
 
 from __future__ import annotations
@@ -77,8 +79,13 @@ def main() -> None:
                                                  f"--checkpoint.dirpath={runs}/checkpoints", *extra], env)
         rows.append([name, f"{anon:.0f}", f"{mapped:.0f}", f"{seconds:.0f}"])
         print(rows[-1], flush=True)
-    print(f"\nOffline fit of {args.iterations} iterations on {args.steps:,} HalfCheetah-v5 transitions\n")
-    print_table(["dataset rows", "peak RssAnon (MiB)", "peak RssFile (MiB)", "wall-clock (s)"], rows)
+    title = f"Offline fit of {args.iterations} iterations on {args.steps:,} HalfCheetah-v5 transitions"
+    header = ["dataset rows", "peak RssAnon (MiB)", "peak RssFile (MiB)", "wall-clock (s)"]
+    print(f"\n{title}\n")
+    print_table(header, rows)
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *("| " + " | ".join(row) + " |" for row in rows)]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
