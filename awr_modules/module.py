@@ -70,7 +70,7 @@ from awr_modules.run_state import (
     restore_rank_state,
 )
 from awr_modules.temperature import MEASURES, effective_sample_size, kl_from_behaviour, solve_temperature
-from awr_modules.value_targets import refresh_value_targets_over
+from awr_modules.value_targets import refresh_value_targets_over, write_priorities
 
 INJECTED = ("actor_optimizer", "critic_optimizer", "actor_scheduler", "critic_scheduler")
 
@@ -701,8 +701,7 @@ class AWRModule(pl.LightningModule):
             loss.temperature.fill_(float(temperature))
         if priority_fn is not None:
             (buffer,) = self._sources()  # prioritized sampling reads one buffer
-            stored = buffer.storage.get(slice(0, len(buffer)))
-            buffer.update_priority(torch.arange(len(buffer)), priority_fn(stored).reshape(-1).float())
+            write_priorities(buffer, priority_fn, hp.refresh_chunk_size)
         temperature = float(loss.temperature)
         return {"train/temperature": temperature,
                 "train/buffer_weight_ess": effective_sample_size(advantage, temperature, max_weight),

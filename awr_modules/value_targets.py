@@ -186,10 +186,7 @@ def refresh_value_targets(
         stale[stale_values.to(index.device)] = True
         stale = stale[index]
     if chunk_size is None or chunk_size >= len(buffer):
-        data = _refresh_rows(buffer, index, estimator, traj_id_key, params, stale)
-        if normalize_advantage:
-            data.set(keys.advantage, standardize_advantage(data.get(keys.advantage)))
-            buffer.storage.set(index, data.select(keys.advantage), set_cursor=False)
+        data = _refresh_rows(buffer, index, estimator, traj_id_key, params, stale, standardize=normalize_advantage)
         if priority_fn is not None and hasattr(buffer, "update_priority"):
             buffer.update_priority(index, priority_fn(data).reshape(-1).float())
         return data
@@ -199,10 +196,19 @@ def refresh_value_targets(
         _refresh_rows(buffer, index[rows], estimator, traj_id_key, params, None if stale is None else stale[rows])
     if normalize_advantage:
         standardize_stored_advantages([buffer], keys.advantage, chunk_size)
-    if priority_fn is not None and hasattr(buffer, "update_priority"):
-        for rows in torch.arange(len(buffer)).split(chunk_size):
-            buffer.update_priority(rows, priority_fn(buffer.storage.get(rows)).reshape(-1).float())
+    if priority_fn is not None:
+        write_priorities(buffer, priority_fn, chunk_size)
     return None
+
+
+def write_priorities(buffer: ReplayBuffer, priority_fn: Callable[[TensorDictBase], torch.Tensor],
+                     chunk_size: int | None = None) -> None:
+    """Write ``priority_fn`` of the stored transitions to the buffer's sampler, ``chunk_size`` rows at a time
+    (all at once with ``None``). Ignored by non-prioritized buffers."""
+    if not hasattr(buffer, "update_priority"):
+        return
+    for rows in torch.arange(len(buffer)).split(chunk_size or max(len(buffer), 1)):
+        buffer.update_priority(rows, priority_fn(buffer.storage.get(rows)).reshape(-1).float())
 
 
 def _stored(buffer: ReplayBuffer) -> TensorDictBase:
@@ -252,9 +258,10 @@ def standardize_stored_advantages(buffers: list[ReplayBuffer], key: NestedKey, c
 
 def _refresh_rows(buffer: ReplayBuffer, index: torch.Tensor, estimator: ValueEstimatorBase,
                   traj_id_key: NestedKey | None, params: TensorDictBase | None,
-                  stale: torch.Tensor | None) -> TensorDictBase:
+                  stale: torch.Tensor | None, *, standardize: bool = False) -> TensorDictBase:
     """Refresh the rows at storage ``index`` (whole paths, oldest first) and write value, target and advantage back;
-    returns them with ``index``. ``stale``: which of these rows' stored ``V(s)`` is out of date (``None``: all)."""
+    returns them with ``index``. ``stale``: which of these rows' stored ``V(s)`` is out of date (``None``: all);
+    ``standardize``: standardise the advantages over these rows before the write."""
     keys = estimator.tensor_keys
     refreshed = [keys.advantage, keys.value_target, keys.value]
     data = buffer.storage.get(index)
@@ -280,6 +287,8 @@ def _refresh_rows(buffer: ReplayBuffer, index: torch.Tensor, estimator: ValueEst
             estimator(sequence, params=params)
             data = sequence.squeeze(0)
     data.set(done_key, stored_done)
+    if standardize:
+        data.set(keys.advantage, standardize_advantage(data.get(keys.advantage)))
 
     buffer.storage.set(index, data.select(*refreshed), set_cursor=False)  # rewrite in place, length unchanged
     stored_keys = buffer.storage.get(index[:1]).keys(True)

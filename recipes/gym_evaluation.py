@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torchrl.modules import ProbabilisticActor
 
-EVAL_MAX_STEPS = 100_000  # a safety bound only, as in awr_modules.evaluation: episodes end at the env's time limit
+from awr_modules.evaluation import EVAL_MAX_STEPS
 
 
 class GymnasiumEvaluator:
