@@ -57,7 +57,14 @@ from awr_modules.fused_steps import FusedSGDSteps, fused_phases
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
 from awr_modules.offline_data import DatasetIdentity, read_minari_dataset
-from awr_modules.phases import MinibatchLoss, PhaseClock, check_finite_losses, minibatch_losses, phase_inputs
+from awr_modules.phases import (
+    MinibatchLoss,
+    PhaseClock,
+    check_finite_losses,
+    for_compiled_phases,
+    minibatch_losses,
+    phase_inputs,
+)
 from awr_modules.recipe import Recipe
 from awr_modules.replay_buffer import make_replay_buffer
 from awr_modules.run_state import (
@@ -206,8 +213,8 @@ class AWRModule(pl.LightningModule):
         seed: base seed; rank ``r`` collects with ``seed + 1000 * r``. ``None`` (the CLI's: it links
             ``seed_everything`` here) takes the seed ``lightning.seed_everything`` set, else 0.
         compile: run each phase's minibatch gather and loss through ``torch.compile`` (default
-            inductor backend): one graph per phase, compiled on its first minibatch (seconds) and
-            once more with a dynamic buffer length when the buffer has grown; backward and optimizer
+            inductor backend): one graph per phase, compiled once on its first minibatch (seconds), for
+            every buffer length (:func:`~awr_modules.phases.for_compiled_phases`); backward and optimizer
             steps stay outside the graph, so every precision and strategy works as without it.
         cudagraphs: on a CUDA device, replay each phase's gradient computation (minibatch gather,
             loss, backward) as a CUDA graph (:mod:`awr_modules.cuda_graphs`); optimizer steps stay
@@ -641,6 +648,8 @@ class AWRModule(pl.LightningModule):
         if inputs is None:
             return None
         stored, indices = inputs
+        if self.hparams.compile:
+            stored = for_compiled_phases(stored)
         out = None
         fused = self.runtime.fused[phase] if self.runtime.fused else None
         if fused is not None:

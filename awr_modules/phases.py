@@ -37,6 +37,12 @@ MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 """A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
 
 
+def minibatch(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
+    """``stored[index]``, gathered leaf by leaf: compiled, the graph reads the stored length only as its
+    tensors' (symbolic) size, where ``TensorDict.__getitem__`` checks it as a Python int the graph guards on."""
+    return stored.apply(lambda tensor: tensor[index], batch_size=index.shape)
+
+
 def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
     """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
 
@@ -49,10 +55,10 @@ def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[Minibatch
     """
 
     def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss.actor_loss(stored[index])
+        return loss.actor_loss(minibatch(stored, index))
 
     def value_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss.value_loss(stored[index])
+        return loss.value_loss(minibatch(stored, index))
 
     if compile:
         return torch.compile(actor_loss), torch.compile(value_loss)
@@ -90,6 +96,25 @@ def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, step
     for part in stored.split(CHECK_CHUNK):  # keys and finiteness, once per phase (a memory-mapped dataset in pieces)
         loss.check_batch(part)
     return stored, index.to(storage.device).view(steps, batch_size)
+
+
+def for_compiled_phases(stored: TensorDictBase) -> TensorDictBase:
+    """``stored`` (a phase's data, from :func:`phase_inputs`) made ready for ``torch.compile`` graphs that
+    compile once for every buffer length.
+
+    The FIFO buffer grows by one batch per iteration until it is full, so the data a phase reads has a
+    new length every iteration. ``torch.compile`` specialises a graph on the length it first sees and
+    compiles again, with a symbolic length, at the second: seconds per phase. Marking the leading
+    dimension dynamic makes the first graph the symbolic one. Flattening and rebuilding ``stored``
+    once through PyTorch's pytree first registers its class in tensordict's pytree table eagerly;
+    registered inside the first trace, the table's size changes under the guard that trace recorded,
+    and the next call compiles once more.
+    """
+    leaves, spec = torch.utils._pytree.tree_flatten(stored)
+    torch.utils._pytree.tree_unflatten(leaves, spec)
+    for tensor in stored.values(True, True):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return stored
 
 
 def check_finite_losses(iteration: int, *outputs: TensorDictBase | None) -> None:

@@ -121,6 +121,17 @@ def test_fused_steps_train_the_same_parameters_and_count_global_steps(tmp_path, 
         torch.testing.assert_close(fused, one_by_one, rtol=1e-4, atol=1e-5)
 
 
+def test_a_compiled_fit_compiles_each_phase_graph_once_while_the_buffer_grows(tmp_path):
+    """Three iterations, three buffer lengths: the fused and the single-step graph of each phase compile
+    once (four graphs), none again for a new length or for tensordict's pytree registration."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=["--model.compile=true", "--model.fused_steps=2"]),
+                    "--seed_everything=0"])
+    assert len(cli.trainer.callback_metrics) and cli.trainer.current_epoch == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
+
+
 def test_direct_steps_train_like_lightnings_per_step_calls_and_count_global_steps(tmp_path, monkeypatch):
     """Full precision on one device and no step hook: the phases call backward and the optimizer's step
     themselves. A callback with a step hook brings Lightning's calls back; both train the same parameters."""
