@@ -25,7 +25,7 @@ from conftest import make_linear_critic, td_lambda_reference
 from tensordict import TensorDict
 from torchrl.objectives.value import GAE, TDLambdaEstimator
 
-from awr_modules import KStepReturnEstimator, make_replay_buffer, refresh_value_targets
+from awr_modules import KStepReturnEstimator, make_replay_buffer, refresh_value_targets, value_targets
 from awr_modules.precision import float32_context
 
 GAMMA = 0.9
@@ -166,6 +166,20 @@ def test_refresh_runs_the_critic_once_per_stored_state(name: str) -> None:
     own_next_state = [t for t in steps if t == len(TRAJ_IDS) - 1 or _next_obs(t) != _obs(t + 1)]
     assert 0 < len(own_next_state) < CAPACITY // 2
     assert sum(rows) == CAPACITY + len(own_next_state)  # two passes would be 2 * CAPACITY
+
+
+@pytest.mark.parametrize("name", ["td_lambda", "kstep_monte_carlo"])
+def test_the_critic_runs_in_blocks_and_gives_the_same_targets(name: str, monkeypatch) -> None:
+    monkeypatch.setattr(value_targets, "CRITIC_BLOCK_ROWS", 4)
+    make_estimator, lmbda = ESTIMATORS[name]
+    critic = make_linear_critic(WEIGHT)
+    rows = _count_critic_rows(critic)
+    buffer = _filled_buffer(prioritized=False)
+    refresh_value_targets(buffer, make_estimator(critic))
+    assert max(rows) == 4 and sum(rows) > CAPACITY  # every stored state, four at a time
+    stored = _chronological_storage(buffer)
+    torch.testing.assert_close(stored["value_target"], torch.tensor(_expected_returns(lmbda)).unsqueeze(-1),
+                               atol=1e-5, rtol=0)
 
 
 def test_a_refresh_with_the_critic_unchanged_runs_it_on_the_rows_written_since_only() -> None:
