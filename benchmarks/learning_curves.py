@@ -10,13 +10,16 @@ CSV, plot and summary from whatever the runs have logged so far.
 
 Outputs under ``--out``: ``curves.csv`` (seed, env_steps, eval_return),
 ``timing.csv`` (mean wall-clock seconds per phase of an iteration),
-``curve.png`` and ``summary.md``.
+``curve.png`` and ``summary.md``. With ``--milestones``, the summary also tabulates each seed's eval return
+there and, for runs that log them, the AWR weights' effective sample size over the whole buffer and the
+temperature, averaged between milestones (how much of the buffer the policy phase learns from).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import subprocess
 import sys
 import time
@@ -102,6 +105,35 @@ def milestone_table(curves: dict[int, list[tuple[float, float]]], milestones: li
     return lines
 
 
+WEIGHT_METRICS = {"train/buffer_weight_ess": "buffer weights' ESS (normalised)", "train/temperature": "temperature beta"}
+
+
+def weights_table(out: Path, seeds: list[int], milestones: list[float]) -> list[str]:
+    """Markdown rows: the AWR weights' effective sample size over the whole buffer and the temperature, each
+    averaged over the iterations between consecutive milestones, then mean +- std over seeds (empty for runs
+    that did not log them)."""
+    edges = [0.0, *milestones]
+    windows = [f"{a / 1000:g}k-{b / 1000:g}k" if b < 1e6 else f"{a / 1000:g}k-{b / 1e6:g}M"
+               for a, b in itertools.pairwise(edges)]
+    lines = []
+    for metric, name in WEIGHT_METRICS.items():
+        per_window: list[list[float]] = [[] for _ in milestones]
+        for seed in seeds:
+            points = [(float(r["env_steps"]), float(r[metric])) for r in read_metrics(out, seed)
+                      if r.get(metric) and r.get("env_steps")]
+            for column, (low, high) in zip(per_window, itertools.pairwise(edges), strict=True):
+                inside = [value for steps, value in points if low < steps <= high]
+                if inside:
+                    column.append(float(np.mean(inside)))
+        if any(per_window):
+            lines.append(f"| {name} | " + " | ".join(
+                f"{np.mean(c):.3f} +- {np.std(c):.3f} ({len(c)})" if c else "-" for c in per_window) + " |")
+    if not lines:
+        return []
+    return [f"| mean over iterations in env steps, mean +- std over seeds (seeds) | {' | '.join(windows)} |",
+            "|---" * (len(milestones) + 1) + "|", *lines]
+
+
 def summarize(out: Path, seeds: list[int], target: float | None, budget: float | None, title: str,
               reference: float | None, milestones: list[float] | None = None) -> str:
     curves = {s: eval_curve(read_metrics(out, s)) for s in seeds}
@@ -140,6 +172,9 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
                        f"(mean +- std over {len(finals)} seeds).")]
     if milestones:
         lines += ["", *milestone_table(curves, milestones)]
+        weights = weights_table(out, seeds, milestones)
+        if weights:
+            lines += ["", *weights]
     if timing:
         per_phase = ", ".join(f"{p} {np.mean(timing[p]):.2f} s" for p in PHASES if timing[p])
         lines += ["", f"Wall-clock per iteration: {per_phase}."]
