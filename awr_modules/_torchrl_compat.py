@@ -96,7 +96,11 @@ def check_compiled_extension(purpose: str) -> None:
     what needed it.
     """
     import torchrl
-    from torchrl.data.replay_buffers.samplers import prioritized
+
+    try:  # torchrl 0.13+: a package of sampler modules
+        from torchrl.data.replay_buffers.samplers import prioritized
+    except ImportError:  # torchrl 0.12: one module
+        from torchrl.data.replay_buffers import samplers as prioritized
 
     if getattr(prioritized, "SumSegmentTreeFp32", True) is not None:
         return
