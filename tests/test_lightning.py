@@ -222,6 +222,13 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     assert (hparams.critic_lr, hparams.critic_steps, hparams.actor_steps, hparams.frames_per_iteration) == (
         0.01, 200, 1000, 2048)
     assert (hparams.buffer_size, hparams.max_weight, hparams.td_lambda, hparams.temperature) == (50_000, 20, 0.95, 1)
+    # beta: the reference's fixed 1.0, or (where it won side by side) tuned to a weight ESS of 0.35
+    tuned = {"halfcheetah"}
+    assert (hparams.temperature_tuning, hparams.temperature_target) == (
+        ("ess", 0.35) if task in tuned else ("fixed", None))
+    reference = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml"),
+                          "-c", str(REPO / "configs" / "reference" / "fixed_temperature.yaml")], run=False)
+    assert (reference.model.hparams.temperature_tuning, float(reference.model.loss_module.temperature)) == ("fixed", 1.0)
 
 
 
