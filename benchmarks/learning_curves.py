@@ -108,19 +108,18 @@ def milestone_table(curves: dict[int, list[tuple[float, float]]], milestones: li
 WEIGHT_METRICS = {"train/buffer_weight_ess": "buffer weights' ESS (normalised)", "train/temperature": "temperature beta"}
 
 
-def weights_table(out: Path, seeds: list[int], milestones: list[float]) -> list[str]:
+def weights_table(logged: dict[int, list[dict[str, str]]], milestones: list[float]) -> list[str]:
     """Markdown rows: the AWR weights' effective sample size over the whole buffer and the temperature, each
     averaged over the iterations between consecutive milestones, then mean +- std over seeds (empty for runs
-    that did not log them)."""
+    that did not log them). ``logged``: each seed's metric rows (:func:`read_metrics`)."""
     edges = [0.0, *milestones]
     windows = [f"{a / 1000:g}k-{b / 1000:g}k" if b < 1e6 else f"{a / 1000:g}k-{b / 1e6:g}M"
                for a, b in itertools.pairwise(edges)]
     lines = []
     for metric, name in WEIGHT_METRICS.items():
         per_window: list[list[float]] = [[] for _ in milestones]
-        for seed in seeds:
-            points = [(float(r["env_steps"]), float(r[metric])) for r in read_metrics(out, seed)
-                      if r.get(metric) and r.get("env_steps")]
+        for rows in logged.values():
+            points = [(float(r["env_steps"]), float(r[metric])) for r in rows if r.get(metric) and r.get("env_steps")]
             for column, (low, high) in zip(per_window, itertools.pairwise(edges), strict=True):
                 inside = [value for steps, value in points if low < steps <= high]
                 if inside:
@@ -136,7 +135,8 @@ def weights_table(out: Path, seeds: list[int], milestones: list[float]) -> list[
 
 def summarize(out: Path, seeds: list[int], target: float | None, budget: float | None, title: str,
               reference: float | None, milestones: list[float] | None = None) -> str:
-    curves = {s: eval_curve(read_metrics(out, s)) for s in seeds}
+    logged = {s: read_metrics(out, s) for s in seeds}  # each seed's rows, read once
+    curves = {s: eval_curve(rows) for s, rows in logged.items()}
     with (out / "curves.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "env_steps", "eval_return"])
@@ -144,8 +144,8 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
             writer.writerows((seed, int(steps), ret) for steps, ret in points)
 
     timing = defaultdict(list)
-    for seed in seeds:
-        for row in read_metrics(out, seed):
+    for rows in logged.values():
+        for row in rows:
             for phase in PHASES:
                 if row.get(f"time/{phase}"):
                     timing[phase].append(float(row[f"time/{phase}"]))
@@ -172,7 +172,7 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
                        f"(mean +- std over {len(finals)} seeds).")]
     if milestones:
         lines += ["", *milestone_table(curves, milestones)]
-        weights = weights_table(out, seeds, milestones)
+        weights = weights_table(logged, milestones)
         if weights:
             lines += ["", *weights]
     if timing:
