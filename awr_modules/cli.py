@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from awr_modules.checkpointing import IterationCheckpoint
 from awr_modules.module import AWRModule
 
 TRAINER_DEFAULTS = {
@@ -33,7 +33,7 @@ class AWRCLI(LightningCLI):
     """LightningCLI with a ``--num_threads`` option applied before anything is built."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")  # saves the run's end too
         parser.set_defaults({
             # `--ckpt_path last` resumes from it; a link to the iteration's checkpoint, not a second copy of the buffer
             "checkpoint.save_last": "link",

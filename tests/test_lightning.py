@@ -67,6 +67,19 @@ def test_last_checkpoint_holds_the_last_iteration_between_evaluations(tmp_path):
     assert state["env_steps"] == 3 * FRAMES
 
 
+def test_checkpoints_every_n_iterations_still_save_the_last_one_and_resume_from_it(tmp_path):
+    _fit(tmp_path, epochs=3, extra=["--checkpoint.every_n_epochs=2"])
+    saved = sorted(p.name for p in checkpoint_dir(tmp_path).glob("epoch=*.ckpt"))
+    assert len(saved) == 1  # top-1: the final save replaced iteration 2's
+    state = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
+    assert (state["iteration"], state["env_steps"]) == (3, 3 * FRAMES)  # not iteration 2's, the last periodic save
+
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=4, extra=["--checkpoint.every_n_epochs=2"]),
+                        "--ckpt_path=last"])
+    assert (resumed.model.iteration, resumed.model.env_steps) == (4, 4 * FRAMES)  # one more iteration, not two
+    assert load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["iteration"] == 4
+
+
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
