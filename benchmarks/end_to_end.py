@@ -6,7 +6,7 @@
 
 Each ``--variant NAME=OVERRIDES`` is ``awr fit -c CONFIG`` with those command-line overrides
 (space-separated), run for each ``--iterations`` count in a fresh process: start-up, compilation,
-evaluation every ``check_val_every_n_epoch`` iterations and a checkpoint per iteration included,
+evaluation every ``check_val_every_n_epoch`` iterations and the config's checkpoints included,
 as a user runs it. Beside them, ``benchmarks/plain_loop.py`` with the config's env, frames,
 envs, actor step size, action std and evaluation schedule. The runs alternate (each round starts
 one run later), so that drift of the machine's speed hits all alike; the median over rounds is
