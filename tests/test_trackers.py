@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import wandb
 from lightning_helpers import tiny_args
 
@@ -26,4 +28,9 @@ def test_wandb_writes_the_runs_metrics_offline(tmp_path, monkeypatch):
         "--trainer.logger.init_args.project=awr", f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb'}"])])
     wandb.finish()  # what the end of the `awr` process does: flush the run file
     (run,) = (tmp_path / "wandb").rglob("offline-run-*/run-*.wandb")
+    # W&B's service process writes the file; on a loaded machine its records can land after finish()
+    # returns (once only the 7-byte header was there), so wait for them before reading
+    deadline = time.monotonic() + 120
+    while b"train/loss_actor" not in run.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert b"eval/return" in run.read_bytes() and b"train/loss_actor" in run.read_bytes()
