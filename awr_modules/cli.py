@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from awr_modules.checkpointing import IterationCheckpoint
+from awr_modules.cpu_worker import hide_gpus, trains_on_cpu_only
 from awr_modules.module import AWRModule
 
 TRAINER_DEFAULTS = {
@@ -61,6 +62,8 @@ class AWRCLI(LightningCLI):
         if config.get("num_threads", 0) <= 0:
             raise ValueError(f"awr: --num_threads must be >= 1, got {config.get('num_threads')}.")
         torch.set_num_threads(config["num_threads"])
+        if trains_on_cpu_only(config.trainer.accelerator):
+            hide_gpus()  # cheaper device checks where synchronous collection steps envs; undone by cli_main
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = _experiment_checkpoint_dir(config.trainer.logger)
 
@@ -91,13 +94,28 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
 
     With ``run=False`` the config is parsed and the module and trainer are built, nothing more
     (then ``args`` has no subcommand).
+
+    A run on the CPU hides GPUs from its process while the CLI runs (see :mod:`awr_modules.cpu_worker`); the
+    process's ``CUDA_VISIBLE_DEVICES`` is restored on return, so a later run in the same process sees its GPUs.
     """
-    return AWRCLI(
-        AWRModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=args,
-        run=run,
-    )
+    visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        return AWRCLI(
+            AWRModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=args,
+            run=run,
+        )
+    finally:
+        _restore_env("CUDA_VISIBLE_DEVICES", visible_devices)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    """Set (or, for ``None``, remove) an environment variable."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def module_from_config(config: str | os.PathLike) -> AWRModule:

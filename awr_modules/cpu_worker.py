@@ -5,7 +5,9 @@ it. Under it, ``torch.cuda.is_available()`` asks NVML, and on a CUDA build of to
 visible GPU it loads NVML anew on every call (the answer is cached only once CUDA is initialised).
 tensordict asks on every device cast, so a TorchRL env step paid it once per step: about a sixth of
 a HalfCheetah collection batch on this project's 2-core machine. A worker that collects or
-evaluates on the CPU hides the GPUs first, and the question is answered without NVML.
+evaluates on the CPU hides the GPUs first, and the question is answered without NVML. A run whose
+trainer is on the CPU does the same in its training process (``awr``'s CLI), where synchronous
+collection steps the envs.
 """
 
 from __future__ import annotations
@@ -14,12 +16,26 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torchrl.envs import EnvBase
 
 
 def hide_gpus() -> None:
     """Make this process see no GPU; call it before CUDA is initialised (a worker's first act)."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def trains_on_cpu_only(accelerator: object) -> bool:
+    """Whether a trainer configured with ``accelerator`` runs on the CPU: ``"cpu"`` (or Lightning's
+    ``CPUAccelerator``), or ``"auto"`` with no GPU visible.
+
+    Hiding GPUs from such a run changes no device it uses (CUDA is never initialised for it), and
+    its processes, DDP's included, inherit the hiding.
+    """
+    if isinstance(accelerator, str):
+        return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    class_path = getattr(accelerator, "class_path", None) or type(accelerator).__qualname__
+    return str(class_path).rsplit(".", 1)[-1] == "CPUAccelerator"
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from typing import ClassVar
 import lightning.pytorch as pl
 import pytest
 import torch
+from jsonargparse import Namespace
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
 
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
-from awr_modules.cpu_worker import CpuWorkerEnv
+from awr_modules.cpu_worker import CpuWorkerEnv, trains_on_cpu_only
 from awr_recipes.classic_control import ClassicControl
 
 ASYNC = ["--model.collection=async"]
@@ -137,3 +139,27 @@ def test_a_cpu_learners_collection_worker_builds_its_env_with_gpus_hidden(monkey
     env = factory()
     assert env.batch_size == torch.Size([]) and os.environ["CUDA_VISIBLE_DEVICES"] == ""
     env.close()
+
+
+def test_a_cpu_run_hides_gpus_from_its_training_process_while_the_cli_runs(tmp_path, monkeypatch):
+    """Synchronous collection steps envs in the training process: a CPU run hides GPUs there too (cheaper device
+    checks), and the CLI restores the process's setting on return, so a later run in the process sees its GPUs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after the test
+    seen_in_fit = []
+    on_fit_start = AWRModule.on_fit_start
+    monkeypatch.setattr(AWRModule, "on_fit_start", lambda module: (
+        seen_in_fit.append(os.environ.get("CUDA_VISIBLE_DEVICES")), on_fit_start(module))[-1])
+    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=["--model.collection=sync"])])
+    assert seen_in_fit == [""] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+@pytest.mark.parametrize(("accelerator", "cpu_only"), [
+    ("cpu", True), ("gpu", False), ("cuda", False), ("mps", False),
+    ("auto", not torch.cuda.is_available()),
+    (Namespace(class_path="lightning.pytorch.accelerators.CPUAccelerator"), True),
+    (Namespace(class_path="lightning.pytorch.accelerators.CUDAAccelerator"), False),
+    (CPUAccelerator(), True), (CUDAAccelerator(), False),
+])
+def test_only_runs_on_the_cpu_have_their_gpus_hidden(accelerator, cpu_only):
+    """A run that may use a GPU keeps it: ``"auto"`` counts as CPU-only only where no GPU is visible."""
+    assert trains_on_cpu_only(accelerator) is cpu_only
