@@ -8,14 +8,22 @@ thread. The TorchRL row is what ``awr fit`` collects with: the recipe's env and 
 called on a tensor. They alternate, ``--frames`` env steps per timed batch, and the median
 steps/s of ``--rounds`` rounds is reported.
 
+GPUs are hidden, as ``awr fit`` hides them from its collection worker and, since e49cf78, from a
+CPU run's training process. A third row steps the same collector with them visible: there Lightning's
+``PYTORCH_NVML_BASED_CUDA_CHECK=1`` makes each of tensordict's device checks load NVML again on a
+CUDA build of torch (``awr_modules/cpu_worker.py``), which synchronous collection in the training
+process paid before.
+
     python benchmarks/collection.py --config configs/halfcheetah.yaml --frames 2048 --rounds 5
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
@@ -59,6 +67,20 @@ def plain_collection(model, envs: int, frames: int):
     return collect, vector_env.close
 
 
+def with_gpus_visible(collect: Callable[[], int]) -> Callable[[], int]:
+    """``collect`` run with ``CUDA_VISIBLE_DEVICES`` unset (torch reads it on every device check), then hidden again."""
+
+    def collect_with_gpus_visible() -> int:
+        hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        try:
+            return collect()
+        finally:
+            if hidden is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+
+    return collect_with_gpus_visible
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
@@ -71,8 +93,10 @@ def main() -> None:
     np.random.seed(0)
     model = cli_main(["-c", str(args.config)], run=False).model
     args.envs = args.envs or model.hparams.num_envs
+    collect, shutdown = torchrl_collection(model, args.envs, args.frames)
     ways = {"plain gymnasium vector loop": plain_collection(model, args.envs, args.frames),
-            "awr fit's TorchRL collector": torchrl_collection(model, args.envs, args.frames)}
+            "awr fit's TorchRL collector": (collect, shutdown),
+            "the same, GPUs visible (NVML check per device cast)": (with_gpus_visible(collect), lambda: None)}
     rates: dict[str, list[float]] = {name: [] for name in ways}
     with set_exploration_type(ExplorationType.RANDOM):
         for round_index in range(args.rounds + 1):  # the first round warms up
