@@ -133,6 +133,14 @@ def weights_table(logged: dict[int, list[dict[str, str]]], milestones: list[floa
             "|---" * (len(milestones) + 1) + "|", *lines]
 
 
+def late_mean(points: list[tuple[float, float]], budget: float | None) -> float:
+    """Mean eval return over the evaluations in the last 10% of ``budget`` (of the run, without one): a seed
+    whose returns swing between evaluations is read by its level, not by where its last evaluation fell."""
+    end = budget if budget is not None else points[-1][0]
+    late = [r for s, r in points if s > 0.9 * end]
+    return float(np.mean(late)) if late else float("nan")
+
+
 def summarize(out: Path, seeds: list[int], target: float | None, budget: float | None, title: str,
               reference: float | None, milestones: list[float] | None = None) -> str:
     logged = {s: read_metrics(out, s) for s in seeds}  # each seed's rows, read once
@@ -154,22 +162,25 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
         writer.writerow(["phase", "mean_seconds_per_iteration", "iterations"])
         writer.writerows((p, f"{np.mean(timing[p]):.3f}", len(timing[p])) for p in PHASES if timing[p])
 
-    lines = [f"### {title}", "", "| seed | env steps | final eval return | best eval return | first env steps at target |",
-             "|---|---|---|---|---|"]
-    finals = []
+    lines = [f"### {title}", "", ("| seed | env steps | final eval return | best eval return | "
+             "mean eval return, last 10% of the budget | first env steps at target |"), "|---|---|---|---|---|---|"]
+    finals, lasts = [], []
     for seed, points in curves.items():
         if not points:
-            lines.append(f"| {seed} | - | - | - | - |")
+            lines.append(f"| {seed} | - | - | - | - | - |")
             continue
         within = [(s, r) for s, r in points if budget is None or s <= budget]
         final = within[-1][1] if within else float("nan")
         finals.append(final)
+        last = late_mean(within, budget)
+        lasts.append(last)
         hit = next((int(s) for s, r in points if target is not None and r >= target), None)
         lines.append(f"| {seed} | {int(points[-1][0])} | {final:.1f} | {max(r for _, r in within):.1f} | "
-                     f"{hit if hit is not None else 'not reached'} |")
+                     f"{last:.1f} | {hit if hit is not None else 'not reached'} |")
     if finals:
         lines += ["", (f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
-                       f"(mean +- std over {len(finals)} seeds).")]
+                       f"(mean +- std over {len(finals)} seeds); mean over the evaluations in the budget's last "
+                       f"10%: {np.mean(lasts):.1f} +- {np.std(lasts):.1f}.")]
     if milestones:
         lines += ["", *milestone_table(curves, milestones)]
         weights = weights_table(logged, milestones)
