@@ -244,6 +244,13 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     assert (reference.model.hparams.temperature_tuning, float(reference.model.loss_module.temperature)) == ("fixed", 1.0)
 
 
+def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():
+    """The reference's Humanoid-v2 saw the external contact forces as zeros; v5's 78 of them are left out."""
+    recipe = cli_main(["-c", str(REPO / "configs" / "humanoid.yaml")], run=False).model.recipe
+    env = recipe.make_env(0)
+    assert env.observation_spec["observation"].shape[-1] == 348 - 78
+    env.close()
+
 
 def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path):
     """``awr fit --ckpt_path last`` resumes a run whose metrics went to an earlier ``version_N``.
