@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from awr_modules.checkpointing import IterationCheckpoint
 from awr_modules.cpu_worker import hide_gpus, trains_on_cpu_only
+from awr_modules.environment import environment_variable
 from awr_modules.module import AWRModule
 
 TRAINER_DEFAULTS = {
@@ -98,24 +99,13 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> AWRCLI:
     A run on the CPU hides GPUs from its process while the CLI runs (see :mod:`awr_modules.cpu_worker`); the
     process's ``CUDA_VISIBLE_DEVICES`` is restored on return, so a later run in the same process sees its GPUs.
     """
-    visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
+    with environment_variable("CUDA_VISIBLE_DEVICES"):
         return AWRCLI(
             AWRModule,
             trainer_defaults=TRAINER_DEFAULTS,
             args=args,
             run=run,
         )
-    finally:
-        _restore_env("CUDA_VISIBLE_DEVICES", visible_devices)
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    """Set (or, for ``None``, remove) an environment variable."""
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def module_from_config(config: str | os.PathLike) -> AWRModule:

@@ -33,6 +33,8 @@ import torch
 from tensordict import TensorDict
 from tensordict.utils import NestedKey
 
+from awr_modules.environment import environment_variable
+
 TRAJ_ID_KEY = ("collector", "traj_ids")
 EPISODE_FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
 
@@ -70,15 +72,8 @@ def datasets_root(root: str | os.PathLike | None = None) -> Path:
 def minari_datasets_path(root: str | os.PathLike | None) -> Iterator[Path]:
     """Point Minari (which reads ``MINARI_DATASETS_PATH``) at ``root`` for the duration of the block."""
     folder = datasets_root(root)
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(folder)
-    try:
+    with environment_variable("MINARI_DATASETS_PATH", str(folder)):
         yield folder
-    finally:
-        if previous is None:
-            os.environ.pop("MINARI_DATASETS_PATH", None)
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
 
 
 def local_dataset_ids(root: str | os.PathLike | None = None) -> list[str]:

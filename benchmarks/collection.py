@@ -20,7 +20,6 @@ process paid before.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from torchrl.envs import ExplorationType, set_exploration_type
 from awr_modules.cli import cli_main
 from awr_modules.collector import make_collector
 from awr_modules.cpu_worker import hide_gpus
+from awr_modules.environment import environment_variable
 
 
 def torchrl_collection(model, envs: int, frames: int):
@@ -71,12 +71,8 @@ def with_gpus_visible(collect: Callable[[], int]) -> Callable[[], int]:
     """``collect`` run with ``CUDA_VISIBLE_DEVICES`` unset (torch reads it on every device check), then hidden again."""
 
     def collect_with_gpus_visible() -> int:
-        hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        try:
+        with environment_variable("CUDA_VISIBLE_DEVICES", None):
             return collect()
-        finally:
-            if hidden is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
 
     return collect_with_gpus_visible
 
