@@ -121,12 +121,42 @@ ESTIMATORS = {
 
 
 def test_scenario_exercises_every_cut() -> None:
-    """The buffer really wrapped, and the traj-id cut changes the expected returns."""
+    """The ring wrapped, and the stored sequence holds every kind of path end, each worked out by hand here.
+
+    Stored, oldest first: transitions 6..21. Paths: 6..9 (trajectory 1, begun before the oldest stored row, written
+    by two ``extend`` calls, truncated at 9), 10..15 (trajectory 2, cut at 15 by the next row's trajectory id only:
+    no done flag), 16..19 (terminated at 19) and 20..21 (cut at the write cursor).
+    """
     buffer = _filled_buffer(prioritized=False)
     assert len(buffer) == CAPACITY
-    assert _chronological_storage(buffer)["step"].tolist() == list(range(OLDEST, len(TRAJ_IDS)))
-    with_cut, without_cut = _expected_returns(), _expected_returns(cut_on_traj_id=False)
-    assert with_cut[15 - OLDEST] != pytest.approx(without_cut[15 - OLDEST])
+    stored = _chronological_storage(buffer)
+    steps = range(OLDEST, len(TRAJ_IDS))
+    assert stored["step"].tolist() == list(steps) == list(range(6, 22))
+    assert stored["collector", "traj_ids"].tolist() == [1] * 4 + [2] * 6 + [3] * 4 + [4] * 2
+    assert TRAJ_IDS[OLDEST - 1] == 1  # the oldest stored path's start was overwritten
+    flagged = {key: [t for t, flag in zip(steps, stored["next", key].reshape(-1).tolist(), strict=True) if flag]
+               for key in ("done", "terminated", "truncated")}
+    assert flagged == {"done": [9, 19], "terminated": [19], "truncated": [9]}
+    assert EXTENDS[0][1] == 8 and TRAJ_IDS[7] == TRAJ_IDS[8]  # an extend boundary inside a path: not a cut
+
+    assert [t for t, end in zip(steps, _ends(steps), strict=True) if end] == [9, 15, 19, 21]
+    assert [t for t, end in zip(steps, _ends(steps, cut_on_traj_id=False), strict=True) if end] == [9, 19, 21]
+    returns = dict(zip(steps, _expected_returns(), strict=True))
+    # each path's last step by hand: s' of a stopped trajectory is [2 - 0.1 t, 1, -0.3], V(s) = 1.5 s0 - 0.5 s1 + 0.25 s2
+    assert returns[9] == pytest.approx(math.cos(11.7) + 0.9 + GAMMA * (1.5 * 1.1 - 0.5 + 0.25 * -0.3))  # truncated
+    assert returns[15] == pytest.approx(math.cos(19.5) + 1.5 + GAMMA * (1.5 * 0.5 - 0.5 + 0.25 * -0.3))  # id cut
+    assert returns[19] == pytest.approx(math.cos(24.7) + 1.9)  # terminated: no bootstrap
+    assert returns[21] == pytest.approx(math.cos(27.3) + 2.1 + GAMMA * (1.5 * -0.1 - 0.5 + 0.25 * -0.3))  # cursor
+    # across the extend boundary the path runs on: s'_7 = s_8 = [sin 8, 0.5 cos 8, 0.8]
+    value_8 = 1.5 * math.sin(8) - 0.25 * math.cos(8) + 0.2
+    assert returns[7] == pytest.approx(math.cos(9.1) + 0.7 + GAMMA * ((1 - LMBDA) * value_8 + LMBDA * returns[8]))
+    # without the id cut, transition 15 would run on into trajectory 3 (its s' is still the fresh state)
+    without_cut = dict(zip(steps, _expected_returns(cut_on_traj_id=False), strict=True))
+    assert without_cut[15] == pytest.approx(math.cos(19.5) + 1.5 + GAMMA * (
+        (1 - LMBDA) * (1.5 * 0.5 - 0.5 + 0.25 * -0.3) + LMBDA * returns[16]))
+    assert without_cut[15] != pytest.approx(returns[15])
+    # the next transition overwrites the oldest row (transition 6, storage index 6): the ring's cursor
+    assert buffer.extend(_transitions(0, 1)).tolist() == [OLDEST % CAPACITY] == [6]
 
 
 @pytest.mark.parametrize("prioritized", [False, True], ids=["uniform", "prioritized"])
