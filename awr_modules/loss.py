@@ -275,6 +275,12 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         (``alpha = 1``, no importance correction): ``weighting="sampling"``."""
         return self._weighting == "sampling"
 
+    @property
+    def weighs_by_advantage(self) -> bool:
+        """Whether samples count by their AWR weight (in the loss or in sampling): ``False`` for behaviour cloning
+        (``weighting="uniform"``), which has no temperature."""
+        return self._weighting != "uniform"
+
     def sampling_priority(self, tensordict: TensorDictBase) -> torch.Tensor:
         """The priorities a buffer that samples by weight needs: ``w`` of the stored advantages."""
         return self.weights(tensordict.get(self.tensor_keys.advantage))
