@@ -1,10 +1,36 @@
-"""The MuJoCo recipe: the reference's action normalisation, and falls end episodes as terminations."""
+"""The recipes: envs that state their device; the MuJoCo recipe's action normalisation, and falls as terminations."""
 
 import pytest
 import torch
 from tensordict import TensorDict
 
+from awr_recipes.box2d import Box2D
+from awr_recipes.classic_control import ClassicControl
 from awr_recipes.mujoco import MuJoCo
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+@pytest.mark.parametrize(("recipe_class", "env_id"), [(ClassicControl, "Pendulum-v1"), (ClassicControl, "CartPole-v1"),
+                                                      (Box2D, "LunarLander-v3"), (MuJoCo, "Hopper-v5")])
+def test_recipe_envs_state_their_device(recipe_class, env_id: str, num_envs: int) -> None:
+    """A GPU policy's actions reach a CPU env only if the env says it is on the CPU (collectors and rollouts cast to
+    ``env.device``). TorchRL's ``GymEnv`` without a device has ``device None`` and returns tensordicts without one."""
+    recipe = recipe_class(env_id, hidden_sizes=[8])
+    env = recipe.make_env(0, num_envs)
+    assert env.device == CPU and env.base_env.device == CPU
+    specs = {"observation": env.full_observation_spec, "action": env.full_action_spec, "reward": env.full_reward_spec,
+             "done": env.full_done_spec}
+    for name, spec in specs.items():
+        assert spec.device == CPU, name
+        assert {leaf.device for leaf in spec.values(True, True)} == {CPU}, name
+    actor, _ = recipe.make_networks(env)
+    rollout = env.rollout(3, actor, break_when_any_done=False)
+    assert env.reset().device == CPU and rollout.device == CPU and rollout["next"].device == CPU
+    assert rollout.shape == ((3,) if num_envs == 1 else (num_envs, 3))
+    assert {value.device for value in rollout.values(True, True)} == {CPU}
+    env.close()
 
 
 def test_mujoco_recipe_acts_in_the_normalised_box_and_maps_it_to_the_env_bounds() -> None:
