@@ -34,3 +34,8 @@ def make_collector(env: EnvBase | Callable[[], EnvBase], policy: Any, *, asynchr
     if asynchronous:  # TorchRL lowers this process's torch threads by one per worker unless told how many to keep
         return AsyncCollector(env, policy, num_threads=torch.get_num_threads(), **collector_kwargs)
     return Collector(env, policy, **collector_kwargs, **_KEEP_ENV_AS_BUILT)
+
+
+def publish_weights(collector: AsyncCollector, policy: torch.nn.Module) -> None:
+    """Send ``policy``'s weights to an asynchronous collector's worker, which acts with them from its next batch."""
+    collector.update_policy_weights_(policy)

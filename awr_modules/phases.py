@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer
 
 from awr_modules.loss import AWRLoss
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of an AWR iteration: ``steps`` minibatch steps of ``batch_size`` transitions each, drawn from
+    everything stored (value phase: reference 200 steps of 256; policy phase: 1000 steps of 256)."""
+
+    steps: int
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"Phase: steps must be >= 0, got {self.steps}.")
+        if self.batch_size < 1:
+            raise ValueError(f"Phase: batch_size must be >= 1, got {self.batch_size}.")
 
 
 class PhaseClock:

@@ -22,8 +22,13 @@ from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase
 
 CHECKPOINT_KEY = "awr"
-"""The checkpoint section ``AWRModule`` writes: ``env_id``, ``signature``, ``env_steps``, ``iteration``,
-``normalizers`` (observation statistics) and ``ranks`` (each rank's ``buffer`` and ``rng``)."""
+"""The checkpoint section ``AWRModule`` writes: ``version``, ``env_id``, ``signature``, ``env_steps``,
+``iteration``, ``normalizers`` (observation statistics), ``ranks`` (each rank's ``buffer`` and ``rng``) and
+``dataset`` (the identity of a dataset the run read)."""
+
+FORMAT_VERSION = "0.2.0"
+"""The torchrl-awr version whose checkpoint layout this is. 0.1.0 wrote no version; its networks load (the
+state dict's keys are unchanged), but its runs do not resume: their configs name flags that became parts."""
 
 
 def env_signature(env: EnvBase) -> dict[str, Any]:
@@ -37,13 +42,21 @@ def env_signature(env: EnvBase) -> dict[str, Any]:
 
 
 def checked_run_state(checkpoint: dict[str, Any], env_id: str, signature: dict[str, Any],
-                      own_state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The checkpoint's AWR section, after checking that it fits this env and these networks."""
+                      own_state: dict[str, torch.Tensor], *, resume: bool = False) -> dict[str, Any]:
+    """The checkpoint's AWR section, after checking that it fits this env and these networks; with ``resume``,
+    also that its layout is this version's (a run resumes from a checkpoint of the same format only)."""
     state = checkpoint.get(CHECKPOINT_KEY)
     if state is None:
         raise ValueError(
             f"AWRModule: the checkpoint has no {CHECKPOINT_KEY!r} section; it was not written by AWRModule "
             f"(or is corrupt). Pass a checkpoint from `awr fit`."
+        )
+    version = state.get("version", "0.1.0")
+    if resume and version != FORMAT_VERSION:
+        raise ValueError(
+            f"AWRModule: the checkpoint was written by torchrl-awr {version}, whose runs this version "
+            f"({FORMAT_VERSION}) cannot resume (its config's flags became parts). Its networks load: start a new "
+            f"run from them with `--model.init_from <checkpoint>`, or evaluate them with `awr validate`."
         )
     if state["env_id"] != env_id or state["signature"] != signature:
         raise ValueError(

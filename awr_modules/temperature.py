@@ -93,3 +93,70 @@ def solve_temperature(advantage: torch.Tensor, target: float, measure: Temperatu
         else:
             low = middle
     return math.exp((low + high) / 2)
+
+
+class Temperature:
+    """Base of the temperature parts: the ``beta`` of ``w = min(exp(A / beta), w_max)`` an iteration's policy
+    phase uses, set on the loss after the advantages' refresh.
+
+    Args:
+        beta: the temperature (reference 1.0 on standardised advantages); for a tuned temperature, the first
+            iteration's value only.
+    """
+
+    tunes = False
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if not beta > 0:
+            raise ValueError(f"{type(self).__name__}: beta must be > 0, got {beta}.")
+        self.beta = beta
+
+    def solve(self, advantage: torch.Tensor, max_weight: float) -> float | None:
+        """This iteration's ``beta`` for the buffer's ``advantage`` (``None``: keep the loss's)."""
+        return None
+
+
+class Fixed(Temperature):
+    """A fixed ``beta``, the paper's choice (tuned per task by hand)."""
+
+
+class _Tuned(Temperature):
+    measure: TemperatureMeasure
+    tunes = True
+
+    def __init__(self, target: float, beta: float = 1.0) -> None:
+        super().__init__(beta)
+        if self.measure == "ess" and not 0 < target < 1:
+            raise ValueError(f"{type(self).__name__}: target must be an ESS in (0, 1), got {target}.")
+        if self.measure == "kl" and not target > 0:
+            raise ValueError(f"{type(self).__name__}: target must be a KL > 0 (nats), got {target}.")
+        self.target = target
+
+    def solve(self, advantage: torch.Tensor, max_weight: float) -> float:
+        return solve_temperature(advantage, self.target, self.measure, max_weight=max_weight)
+
+
+class TunedToESS(_Tuned):
+    """``beta`` solved every iteration so that the AWR weights over the whole buffer keep a normalised effective
+    sample size ``(sum w)^2 / (n sum w^2)`` of ``target`` (:func:`solve_temperature`). Standardised Gaussian
+    advantages at ``beta = 1`` (the reference) have an ESS of ``exp(-1) = 0.37``.
+
+    Args:
+        target: the ESS in ``(0, 1)``.
+        beta: the first iteration's temperature.
+    """
+
+    measure = "ess"
+
+
+class TunedToKL(_Tuned):
+    """``beta`` solved every iteration so that the weighted policy ``pi ~ mu exp(A / beta)`` keeps
+    ``KL(pi || mu) = target`` nats from the behaviour policy on the buffer (:func:`solve_temperature`); the KL
+    constraint whose Lagrange multiplier ``beta`` is. Standardised Gaussian advantages at ``beta = 1`` give 0.5.
+
+    Args:
+        target: the KL ``> 0`` (nats).
+        beta: the first iteration's temperature.
+    """
+
+    measure = "kl"

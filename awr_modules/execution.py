@@ -1,0 +1,218 @@
+"""The execution part: how a phase's minibatch steps run. Every speed-up of the phases lives here.
+
+A phase (step 4 or 6 of an AWR iteration) is hundreds of identical small steps: gather ``stored[index]``,
+compute the loss, backward, optimizer step. The parts differ only in how those steps are executed:
+
+- :class:`Eager`: one Python call of the loss per step;
+- :class:`Compiled`: the gather and the loss as one ``torch.compile`` graph per phase, and, where plain SGD
+  steps on one device need none of Lightning's per-step calls, ``fused_steps`` whole steps per graph call
+  (:class:`~awr_modules.fused_steps.FusedSGDSteps`);
+- :class:`CudaGraphs`: on one CUDA device, each step's gradient computation replayed as a captured CUDA graph
+  (:class:`~awr_modules.cuda_graphs.CapturedGradients`), compiled first or not.
+
+All three take the same steps (tested): the backward and the optimizer step go through an
+:class:`OptimizerSteps`, which the Lightning module implements with Lightning's calls (precision, DDP) and
+:class:`PlainSteps` with plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Protocol
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+from awr_modules.cuda_graphs import CapturedGradients
+from awr_modules.fused_steps import FusedSGDSteps, fusable
+from awr_modules.loss import AWRLoss
+from awr_modules.phases import MinibatchLoss, for_compiled_phases, minibatch_losses
+
+LOSS_KEYS = {"policy": "loss_actor", "value": "loss_value"}
+"""The loss output each phase minimises."""
+
+
+class OptimizerSteps(Protocol):
+    """How a phase's backward passes and optimizer steps are taken.
+
+    Attributes:
+        direct: plain ``backward()`` and the optimizer's own ``step()`` are all that is needed (one device, full
+            precision, no step hooks): steps may then also run fused, outside any per-step call.
+    """
+
+    direct: bool
+
+    def backward(self, objective: torch.Tensor) -> None: ...
+
+    def step(self, optimizer: Any, network: nn.Module) -> None: ...
+
+    def count(self, optimizer: Any, steps: int) -> None:
+        """Account for ``steps`` optimizer steps that ran fused, outside :meth:`step`."""
+
+    def unwrapped(self, optimizer: Any) -> torch.optim.Optimizer:
+        """The ``torch.optim.Optimizer`` behind ``optimizer`` (fused steps update its state directly)."""
+
+
+class PlainSteps:
+    """Plain PyTorch steps: ``objective.backward()`` and ``optimizer.step()`` (a loop without Lightning)."""
+
+    direct = True
+
+    def backward(self, objective: torch.Tensor) -> None:
+        objective.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, network: nn.Module) -> None:
+        optimizer.step()
+
+    def count(self, optimizer: torch.optim.Optimizer, steps: int) -> None:
+        return None
+
+    def unwrapped(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+
+class Execution:
+    """Base of the execution parts: runs a phase's steps one by one, eagerly.
+
+    :meth:`bind` is called once the networks, the optimizers and the device are known (the start of training);
+    :meth:`run_phase` then runs each phase.
+    """
+
+    compiles = False
+
+    def __init__(self) -> None:
+        self._losses: dict[str, MinibatchLoss] = {}
+        self._steps: OptimizerSteps | None = None
+
+    def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
+             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
+        """Build the phases' minibatch losses for ``loss`` (``networks`` and ``optimizers`` keyed by phase name,
+        ``"policy"`` and ``"value"``)."""
+        actor_loss, value_loss = minibatch_losses(loss, compile=self.compiles)
+        self._losses = {"policy": actor_loss, "value": value_loss}
+        self._steps = steps
+
+    def run_phase(self, phase: str, stored: TensorDictBase, indices: torch.Tensor, optimizer: Any,
+                  network: nn.Module) -> TensorDictBase | None:
+        """One step per row of ``indices`` ``[steps, batch_size]`` on ``stored[index]``: the last step's loss output."""
+        if self.compiles:
+            stored = for_compiled_phases(stored)
+        return self._one_by_one(phase, stored, indices, optimizer, network)
+
+    def _one_by_one(self, phase: str, stored: TensorDictBase, indices: torch.Tensor, optimizer: Any,
+                    network: nn.Module) -> TensorDictBase | None:
+        loss_fn, key, steps = self._losses[phase], LOSS_KEYS[phase], self._steps
+        set_to_none = self._grads_set_to_none
+
+        def gradients(index: torch.Tensor) -> TensorDictBase:
+            out = loss_fn(stored, index)
+            optimizer.zero_grad(set_to_none=set_to_none)
+            steps.backward(out[key])
+            return out
+
+        step = self._wrap(phase, stored, gradients, network)
+        out = None
+        for index in indices:
+            out = step(index)
+            steps.step(optimizer, network)
+        return out
+
+    _grads_set_to_none = True
+
+    def _wrap(self, phase: str, stored: TensorDictBase, gradients: Any, network: nn.Module) -> Any:
+        """The gradient computation as it runs each step (as it is, here)."""
+        return gradients
+
+
+class Eager(Execution):
+    """Each minibatch step as plain PyTorch calls: the loss, ``backward()``, the optimizer's ``step()``."""
+
+
+class Compiled(Execution):
+    """The phases' minibatch gather and loss as one ``torch.compile`` graph (default inductor backend) per phase,
+    compiled once on its first minibatch (seconds), for every buffer length.
+
+    Where the steps are direct (full precision, one device, no step hooks) and both optimizers are plain SGD,
+    ``fused_steps`` minibatch steps run as one compiled graph (:class:`~awr_modules.fused_steps.FusedSGDSteps`:
+    gradients by ``torch.func.grad``, SGD's update in place; the same steps as ``torch.optim.SGD``, tested);
+    a phase's remaining steps run one by one. Elsewhere the backward and optimizer steps stay outside the graph,
+    so every precision and strategy works as without it.
+
+    Args:
+        fused_steps: minibatch steps per fused graph call; 1 never fuses.
+    """
+
+    compiles = True
+
+    def __init__(self, fused_steps: int = 8) -> None:
+        super().__init__()
+        if fused_steps < 1:
+            raise ValueError(f"Compiled: fused_steps must be >= 1, got {fused_steps}.")
+        self.fused_steps = fused_steps
+        self._fused: dict[str, FusedSGDSteps] = {}
+
+    def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
+             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
+        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size)
+        raw = {phase: steps.unwrapped(optimizer) for phase, optimizer in optimizers.items()}
+        self._fused = {}
+        if self.fused_steps > 1 and steps.direct and all(fusable(optimizer) for optimizer in raw.values()):
+            eager = dict(zip(("policy", "value"), minibatch_losses(loss), strict=True))  # traced into the graphs
+            self._fused = {phase: FusedSGDSteps(eager[phase], LOSS_KEYS[phase], networks[phase], raw[phase],
+                                                self.fused_steps) for phase in ("policy", "value")}
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the bound phases run fused steps."""
+        return bool(self._fused)
+
+    def run_phase(self, phase: str, stored: TensorDictBase, indices: torch.Tensor, optimizer: Any,
+                  network: nn.Module) -> TensorDictBase | None:
+        stored = for_compiled_phases(stored)
+        out, fused = None, self._fused.get(phase)
+        if fused is not None:
+            whole = indices.shape[0] - indices.shape[0] % fused.steps_per_call
+            if whole:
+                out = fused(stored, indices[:whole])
+                self._steps.count(optimizer, whole)
+            indices = indices[whole:]
+        return self._one_by_one(phase, stored, indices, optimizer, network) if len(indices) else out
+
+
+class CudaGraphs(Execution):
+    """On one CUDA device, each phase's gradient computation (minibatch gather, loss, backward) replayed as a
+    captured CUDA graph (:class:`~awr_modules.cuda_graphs.CapturedGradients`); optimizer steps stay outside the
+    graph, so every precision works. Refused under DDP; without a CUDA device the phases run eagerly (a warning).
+
+    Args:
+        compile: compile the loss first (``torch.compile``), as :class:`Compiled` does.
+    """
+
+    def __init__(self, compile: bool = True) -> None:
+        super().__init__()
+        self.compiles = compile
+        self._captured: CapturedGradients | None = None
+
+    def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
+             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
+        if world_size > 1:
+            raise ValueError(f"CudaGraphs: CUDA graphs are for a single device; under DDP (world size {world_size}) "
+                             "use model.execution: awr_modules.execution.Compiled.")
+        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size)
+        self._captured = None
+        if device.type != "cuda":
+            warnings.warn(f"CudaGraphs: CUDA graphs need a CUDA device; on {device.type} the phases run eagerly.",
+                          stacklevel=2)
+            return
+        self._captured = CapturedGradients(warmup=3 if self.compiles else 2)
+
+    @property
+    def _grads_set_to_none(self) -> bool:
+        # a captured graph writes the gradients into tensors that outlive it: zeroed in place, never set to None
+        return self._captured is None
+
+    def _wrap(self, phase: str, stored: TensorDictBase, gradients: Any, network: nn.Module) -> Any:
+        if self._captured is None:
+            return gradients
+        return self._captured(phase, stored, gradients, network)
