@@ -5,6 +5,8 @@ Every dataset here is written by the test itself into a temporary ``MINARI_DATAS
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import lightning.pytorch as pl
 import numpy as np
@@ -196,20 +198,33 @@ def test_offline_to_online_starts_from_the_offline_networks(tmp_path, transition
 
 
 def test_a_runs_history_becomes_a_dataset_of_everything_it_collected(tmp_path):
+    """Three iterations of 8 Pendulum envs x 16 steps recorded; the first two batches' 256 steps written: each env's
+    32 steps are one episode (Pendulum's last 200), step for step what was collected, cut as truncated."""
     history = tmp_path / "history"
     cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[
         "--trainer.callbacks+=awr_modules.replay_history.ReplayHistory",
         f"--trainer.callbacks.dirpath={history}"])])
+    files = sorted(history.glob("batch_*.pt"))
+    assert [path.name for path in files] == ["batch_000001.pt", "batch_000002.pt", "batch_000003.pt"]
+    first, second = (torch.load(path, weights_only=False) for path in files[:2])
+    assert first.shape == second.shape == (8, 16)
+    for batch in (first, second):  # one trajectory per env across both batches
+        assert torch.equal(batch["collector", "traj_ids"], torch.arange(8).unsqueeze(-1).expand(8, 16))
     recipe = ClassicControl("Pendulum-v1")
     dataset = write_history_dataset("pendulum/history-v0", history, recipe, up_to_env_steps=2 * 128)
-    rows, identity = read_minari_dataset("pendulum/history-v0", **PENDULUM)
-    batches = [torch.load(path, weights_only=False) for path in sorted(history.glob("batch_*.pt"))[:2]]
-    assert dataset.total_steps == identity.transitions == 2 * 128
-    collected = torch.cat([batch.reshape(-1) for batch in batches])
-    # same transitions (rewards and states), regrouped by trajectory
-    torch.testing.assert_close(rows["next", "reward"].sum(), collected["next", "reward"].sum())
-    env_actions = recipe.env_actions(collected["action"]).clamp(-2.0, 2.0)
-    torch.testing.assert_close(rows["action"].sum(), env_actions.sum(), rtol=1e-4, atol=1e-3)
+    _, identity = read_minari_dataset("pendulum/history-v0", **PENDULUM)
+    assert dataset.total_steps == identity.transitions == 2 * 128 and identity.episodes == 8
+
+    episodes = list(dataset.iterate_episodes())
+    for env, (episode, steps) in enumerate(zip(episodes, torch.cat([first, second], dim=1), strict=True)):
+        assert episode.id == env
+        assert torch.equal(steps["next", "observation"][:-1], steps["observation"][1:])  # consecutive steps
+        observations = torch.cat([steps["observation"], steps["next", "observation"][-1:]])
+        np.testing.assert_array_equal(episode.observations, observations.numpy())
+        np.testing.assert_array_equal(episode.actions, (2.0 * steps["action"]).clamp(-2.0, 2.0).numpy())  # [-2, 2]
+        np.testing.assert_array_equal(episode.rewards, steps["next", "reward"].reshape(-1).double().numpy())
+        assert not episode.terminations.any()
+        assert episode.truncations.tolist() == [False] * 31 + [True]  # still running where the history stops
 
 
 def test_a_checkpoints_policy_writes_episodes_in_the_env_units(tmp_path):
@@ -230,20 +245,81 @@ def test_a_checkpoints_policy_writes_episodes_in_the_env_units(tmp_path):
     assert dataset.total_steps == 50
 
 
-def test_the_fingerprint_depends_on_the_bytes_not_on_threads():
+def _dataset_file(tmp_path, dataset_id: str):
+    return tmp_path / "datasets" / dataset_id / "data" / "main_data.hdf5"
+
+
+def test_the_fingerprint_depends_on_the_bytes_not_on_threads(tmp_path):
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
     torch.set_num_threads(2)
     _, two_threads = read_minari_dataset("pendulum/random-v0", **PENDULUM)
     torch.set_num_threads(1)
     _, one_thread = read_minari_dataset("pendulum/random-v0", **PENDULUM)
     assert two_threads.fingerprint == one_thread.fingerprint
+    assert (one_thread.episodes, one_thread.transitions) == (2, 400)
+
+    fingerprints = {}
+    for field, index in (("rewards", 7), ("observations", 150), ("actions", 199)):  # one number of one field
+        with h5py.File(_dataset_file(tmp_path, "pendulum/random-v0"), "a") as file:
+            values = file["episode_1"][field]
+            original = values[index].copy()
+            values[index] = original + 0.5
+        _, changed = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+        assert (changed.episodes, changed.transitions) == (2, 400)  # the same counts: only the bytes tell
+        fingerprints[field] = changed.fingerprint
+        with pytest.raises(ValueError, match="rewritten"):  # a resume on the changed dataset is refused
+            check_same_dataset(one_thread.as_dict(), changed)
+        with h5py.File(_dataset_file(tmp_path, "pendulum/random-v0"), "a") as file:
+            file["episode_1"][field][index] = original
+    assert len({one_thread.fingerprint, *fingerprints.values()}) == 4
+    _, restored = read_minari_dataset("pendulum/random-v0", **PENDULUM)
+    assert restored.fingerprint == one_thread.fingerprint  # the same bytes again: the same fingerprint
+    check_same_dataset(one_thread.as_dict(), restored)
+
+
+def test_a_resume_on_a_dataset_rewritten_in_place_is_refused(tmp_path):
+    """An offline run's checkpoint names its dataset; one reward changed under the same id (same counts) stops the
+    resume with both fingerprints named; the original bytes back, the run resumes."""
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
+    offline = ["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0"]
+    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=offline)])
+    with h5py.File(_dataset_file(tmp_path, "pendulum/random-v0"), "a") as file:
+        file["episode_1"]["rewards"][7] += 0.5
+    with pytest.raises(ValueError, match="rewritten") as refused:
+        cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=offline), "--ckpt_path=last"])
+    counts = re.findall(r"(400) transitions \(fingerprint ([0-9a-f]{16})\).* holds (400) \(fingerprint ([0-9a-f]{16})\)",
+                        str(refused.value))
+    assert len(counts) == 1 and counts[0][1] != counts[0][3]  # the same counts, two fingerprints
+    with h5py.File(_dataset_file(tmp_path, "pendulum/random-v0"), "a") as file:
+        file["episode_1"]["rewards"][7] -= 0.5
+    assert cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=offline), "--ckpt_path=last"]).model.iteration == 2
 
 
 def test_the_seed_makes_every_written_episode_reproducible():
+    """Episode k starts at gymnasium's ``reset(seed=seed + k)`` and its actions are the action space's draws from
+    ``seed``: the same seed writes the same episodes, another seed others."""
+    import gymnasium as gym
+
     first = _random_dataset("cartpole/a-v0", "CartPole-v1", episodes=3, seed=4)
     second = _random_dataset("cartpole/b-v0", "CartPole-v1", episodes=3, seed=4)
-    for one, other in zip(first.iterate_episodes(), second.iterate_episodes()):
-        np.testing.assert_array_equal(one.observations, other.observations)
+    other = _random_dataset("cartpole/c-v0", "CartPole-v1", episodes=3, seed=5)
+    fields = ("observations", "actions", "rewards", "terminations", "truncations")
+    for one, same in zip(first.iterate_episodes(), second.iterate_episodes(), strict=True):
+        for field in fields:
+            np.testing.assert_array_equal(getattr(one, field), getattr(same, field), err_msg=field)
+
+    for seed, dataset in ((4, first), (5, other)):  # by hand
+        env = gym.make("CartPole-v1")
+        env.action_space.seed(seed)
+        episodes = list(dataset.iterate_episodes())
+        assert len(episodes) == 3
+        for k, episode in enumerate(episodes):
+            np.testing.assert_array_equal(episode.observations[0], env.reset(seed=seed + k)[0])
+            np.testing.assert_array_equal(episode.actions, [env.action_space.sample() for _ in episode.actions])
+            assert episode.terminations[-1] and not episode.terminations[:-1].any()  # random CartPole falls
+
+    for one, different in zip(first.iterate_episodes(), other.iterate_episodes(), strict=True):
+        assert not np.array_equal(one.observations[0], different.observations[0])
 
 
 def test_age_out_keeps_the_newest_transitions_of_a_dataset_larger_than_the_buffer(tmp_path):
