@@ -9,7 +9,9 @@ and what a checkpoint must hold of them:
 - :class:`CollectedBesideDataset`: online, with a dataset kept in its own buffer for the whole run;
   minibatches draw from both;
 - :class:`CollectedAfterDataset`: online, with a dataset that fills the FIFO buffer first and ages out as
-  collected transitions push it out.
+  collected transitions push it out;
+- :class:`GivenBuffers`: TorchRL replay buffers that a pipeline of your own fills (no config: for code that
+  drives :class:`~awr_modules.iteration.AWRIteration` itself).
 
 Datasets are read with Minari's own reader (:mod:`awr_modules.offline_data`).
 """
@@ -355,3 +357,31 @@ class CollectedAfterDataset(_ReadsDataset, Collected):
     def _rows(self, rows: TensorDictBase) -> TensorDictBase:
         """Collected rows with only the fields the dataset's have, so that both share one storage layout."""
         return rows.select(*self._buffer.storage.get(0).keys(True, True), strict=False)
+
+
+class GivenBuffers(DataSource):
+    """Transitions already stored in TorchRL replay buffers that the caller fills (and checkpoints) itself.
+
+    Args:
+        buffers: FIFO buffers of transitions with ``"next"`` reward, done and terminated; paths are separate
+            across buffers. A loss that samples by weight needs exactly one prioritized buffer.
+
+    Example::
+
+        iteration = AWRIteration(loss, GivenBuffers(buffer), TDLambda(), Fixed(), Phase(200), Phase(1000), Eager())
+        iteration.bind(actor_optimizer, critic_optimizer, PlainSteps())
+        iteration.run()
+    """
+
+    def __init__(self, *buffers: ReplayBuffer) -> None:
+        super().__init__()
+        self._given = list(buffers)
+
+    def check(self, *, samples_by_weight: bool, refresh_every: int) -> None:
+        if samples_by_weight and len(self._given) != 1:
+            raise ValueError(f"GivenBuffers: a loss that samples by weight reads one prioritized buffer, got "
+                             f"{len(self._given)}.")
+
+    @property
+    def buffers(self) -> list[ReplayBuffer]:
+        return [buffer for buffer in self._given if len(buffer)]
