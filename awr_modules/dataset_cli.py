@@ -8,7 +8,9 @@
 
 Datasets go to ``--root`` (default ``MINARI_DATASETS_PATH``, else ``~/.minari/datasets``); an existing
 id is replaced only with ``--overwrite``. The config names the task (its recipe); a checkpoint must
-come from a run of that config.
+come from a run of that config: the ``config.yaml`` a run saves beside its metrics is such a config.
+A refused input (an existing id, a checkpoint of another task, ...) prints its message without a
+traceback; ``--traceback`` shows it (see :mod:`awr_modules.cli`).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 
 import gymnasium as gym
 
+from awr_modules.configured import load_trained_module, module_from_config, run_reporting_refusals
 from awr_modules.dataset_writer import (
     checkpoint_policy,
     random_policy,
     write_history_dataset,
     write_policy_dataset,
 )
-from awr_modules.offline_data import DatasetError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,15 +54,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> None:
-    try:
-        _write(_parser().parse_args(args))
-    except DatasetError as error:  # a refusal is a message, not a traceback
-        raise SystemExit(f"awr dataset: {error}") from error
+    """``awr dataset ARGS`` (default ``sys.argv[1:]``); a refused input exits with its message (``SystemExit``)."""
+    run_reporting_refusals("awr dataset", run, args)
+
+
+def run(args: list[str]) -> None:
+    """Parse ``args`` and write the dataset they describe; errors propagate (``awr`` reports them)."""
+    _write(_parser().parse_args(args))
 
 
 def _write(options: argparse.Namespace) -> None:
-    from awr_modules.cli import load_trained_module, module_from_config
-
     module = (load_trained_module(options.config, options.checkpoint) if options.source == "policy"
               else module_from_config(options.config))
     recipe = module.recipe

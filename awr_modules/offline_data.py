@@ -14,8 +14,9 @@ content, that test fails and this reader can hand over). Minari's own reader is 
 one episode at a time, written straight into the rows (a memmap folder with ``memmap_dir``).
 
 Every fault a dataset can have is refused here, with a message naming it, before any training
-step: an unknown id, another env or other spaces than the recipe's, a missing field, no
-transitions, a non-finite value.
+step: an unknown id, a data file that is truncated or unreadable (h5py's ``OSError``, e.g. "truncated
+file: eof = ..."), another env or other spaces than the recipe's, a missing field, no transitions,
+a non-finite value.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def local_dataset_ids(root: str | os.PathLike | None = None) -> list[str]:
 
 
 def open_minari_dataset(dataset_id: str, root: str | os.PathLike | None = None) -> Any:
-    """``minari.MinariDataset`` of a local dataset; an unknown id is refused with the ids that exist."""
+    """``minari.MinariDataset`` of a local dataset; an unknown id is refused with the ids that exist, an
+    unreadable one with its files (:func:`readable_dataset`)."""
     import minari
 
     with minari_datasets_path(root) as folder:
@@ -95,7 +97,29 @@ def open_minari_dataset(dataset_id: str, root: str | os.PathLike | None = None) 
                 f"offline data: no Minari dataset {dataset_id!r} under {folder} (MINARI_DATASETS_PATH); "
                 f"datasets there: {known[:10] or 'none'}. Write one with `awr dataset ...` or set dataset_root."
             )
-        return minari.load_dataset(dataset_id)
+        with readable_dataset(dataset_id, folder):
+            return minari.load_dataset(dataset_id)
+
+
+def dataset_files(dataset_id: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The files of a local dataset's ``data`` folder (its HDF5 file and ``metadata.json``)."""
+    folder = datasets_root(root) / dataset_id / "data"
+    return sorted(path for path in folder.iterdir() if path.is_file()) if folder.is_dir() else []
+
+
+@contextmanager
+def readable_dataset(dataset_id: str, root: str | os.PathLike | None = None) -> Iterator[None]:
+    """Refuse, naming the dataset and its files, a read that fails in the storage (h5py raises a bare ``OSError``
+    such as "truncated file: eof = ..." for a file cut short by a copy or a full disk)."""
+    try:
+        yield
+    except OSError as error:
+        files = dataset_files(dataset_id, root)
+        data = [str(path) for path in files if path.suffix != ".json"] or [str(datasets_root(root) / dataset_id)]
+        raise DatasetError(
+            f"offline data: dataset {dataset_id!r} cannot be read from {', '.join(data)}: {error}. The file is "
+            f"truncated or damaged; write the dataset again (`awr dataset ... --overwrite`) or copy it again."
+        ) from error
 
 
 def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tuple[int, ...],
@@ -124,8 +148,9 @@ def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tupl
         The rows (actions as stored unless ``policy_actions``) and the dataset's identity.
     """
     dataset = open_minari_dataset(dataset_id, root)
-    _check_env(dataset, dataset_id, env_id, observation_shape, action_shape)
-    lengths = _episode_lengths(dataset)
+    with readable_dataset(dataset_id, root):  # reads the metadata and every episode's length from the storage
+        _check_env(dataset, dataset_id, env_id, observation_shape, action_shape)
+        lengths = _episode_lengths(dataset)
     total = int(sum(lengths))
     if total == 0:
         raise DatasetError(f"offline data: dataset {dataset_id!r} holds no transitions; there is nothing to train on.")
@@ -137,7 +162,8 @@ def read_minari_dataset(dataset_id: str, *, env_id: str, observation_shape: tupl
     episodes = dataset.iterate_episodes()
     for number, length in enumerate(lengths):
         try:
-            episode = next(episodes)
+            with readable_dataset(dataset_id, root):
+                episode = next(episodes)
         except KeyError as error:  # Minari's reader names the field its storage lacks
             raise DatasetError(f"offline data: episode {number} of dataset {dataset_id!r} lacks a field ({error}); "
                                f"AWR needs {list(EPISODE_FIELDS)}.") from error

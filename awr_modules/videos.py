@@ -11,8 +11,11 @@ deterministic action (:meth:`~awr_recipes.gym_recipe.GymRecipe.deterministic_pol
 takes) in the gymnasium env with ``render_mode="rgb_array"``, writes it as a GIF to ``dirpath``
 (default ``<log dir>/videos``), and hands it to every logger whose experiment has ``add_video``
 (TensorBoard; encoding needs ``moviepy``, the ``video`` extra). Rendering is headless: classic control
-draws with pygame; MuJoCo needs an OpenGL backend, ``MUJOCO_GL=egl`` (system package ``libegl1``) or
-``MUJOCO_GL=osmesa`` (``libosmesa6``). An episode is played in the training process, so a long one
+and Box2D draw with pygame into an off-screen surface, under SDL's ``dummy`` video and audio drivers
+(:func:`headless_sdl`; otherwise SDL probes Wayland and X11 at every ``pygame.display.init()``, once per
+GIF, and prints ``error: XDG_RUNTIME_DIR is invalid or not set`` where there is no desktop session);
+MuJoCo needs an OpenGL backend, ``MUJOCO_GL=egl`` (system package ``libegl1``) or ``MUJOCO_GL=osmesa``
+(``libosmesa6``). An episode is played in the training process, so a long one
 (HalfCheetah: 1,000 steps, about 10 s) costs that much per filmed evaluation.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import gymnasium as gym
@@ -28,11 +33,35 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from awr_modules.environment import environment_variable
+
+SDL_HEADLESS = {"SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"}
+
+
+@contextmanager
+def headless_sdl() -> Iterator[None]:
+    """SDL's ``dummy`` video and audio drivers for the block, where the user has not chosen drivers.
+
+    ``rgb_array`` rendering draws into a ``pygame.Surface`` and needs no window or sound, but
+    ``pygame.display.init()`` (which gymnasium's classic-control ``render`` calls) still probes the
+    desktop drivers; the dummy ones need nothing. Variables already set are kept; all are restored after.
+    """
+    with ExitStack() as stack:
+        for name, value in SDL_HEADLESS.items():
+            stack.enter_context(environment_variable(name, os.environ.get(name, value)))
+        yield
+
 
 def record_episode(recipe, actor: torch.nn.Module, *, seed: int = 0, max_steps: int | None = None,
                    every_n_frames: int = 1, downsample: int = 1) -> np.ndarray:
-    """Frames ``[T, H, W, 3]`` (uint8) of one deterministic episode of ``actor`` in ``recipe``'s env."""
+    """Frames ``[T, H, W, 3]`` (uint8) of one deterministic episode of ``actor`` in ``recipe``'s env (headless)."""
     policy = recipe.deterministic_policy(copy.deepcopy(actor).cpu()).eval()
+    with headless_sdl():
+        return _play(policy, recipe, seed, max_steps, every_n_frames)[:, ::downsample, ::downsample]
+
+
+def _play(policy: torch.nn.Module, recipe, seed: int, max_steps: int | None, every_n_frames: int) -> np.ndarray:
+    """Step the gymnasium env with ``policy`` from ``reset(seed)``, rendering every ``every_n_frames``-th frame."""
     env = gym.make(recipe.env_id, render_mode="rgb_array", **getattr(recipe, "env_kwargs", {}))
     observation, _ = env.reset(seed=seed)
     frames, step, done = [env.render()], 0, False
@@ -44,7 +73,7 @@ def record_episode(recipe, actor: torch.nn.Module, *, seed: int = 0, max_steps: 
         if step % every_n_frames == 0:
             frames.append(env.render())
     env.close()
-    return np.stack(frames)[:, ::downsample, ::downsample]
+    return np.stack(frames)
 
 
 class EvaluationVideos(pl.Callback):
