@@ -145,7 +145,8 @@ def check_finite_losses(iteration: int, *outputs: TensorDictBase | None) -> None
         for key in ("loss_value", "loss_actor"):
             value = out.get(key, None)
             if value is not None and not torch.isfinite(value).all():
+                optimizer = "critic_optimizer" if key == "loss_value" else "actor_optimizer"
                 raise FloatingPointError(
-                    f"AWRModule: {key} became {value.item()} in iteration {iteration}; the networks "
-                    f"diverged. Lower {'critic_lr' if key == 'loss_value' else 'actor_lr'} or check the rewards."
+                    f"AWRModule: {key} became {value.item()} in iteration {iteration}; the networks diverged. "
+                    f"Lower the learning rate in model.{optimizer}.init_args.lr, or check the rewards."
                 )

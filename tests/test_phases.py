@@ -1,11 +1,11 @@
-"""AWRModule's value and policy phases: how minibatches are drawn and checked.
+"""The value and policy phases: how minibatches are drawn and checked, and how their steps are taken.
 
 - a phase's minibatches, drawn all at once, sample the buffer uniformly (value phase,
   ``weighting="loss"``) or proportionally to the priorities (``weighting="sampling"``),
   exactly as ``buffer.sample`` per step would, and carry only the keys the loss reads;
 - the loss's input checks run once over the stored data of a phase;
-- a non-finite loss at the end of a phase stops training with the step size to lower;
-- ``compile=True`` trains the same parameters as eager.
+- a non-finite loss at the end of a phase stops training with the optimizer to look at;
+- the compiled and fused executions train the same parameters as eager.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ import torch
 from lightning_helpers import tiny_args
 from tensordict import TensorDict
 
-from awr_modules import AWRModule, make_replay_buffer
+from awr_modules import AWRLoss, AWRModule, make_replay_buffer
 from awr_modules.cli import cli_main
-from awr_modules.module import _Runtime
 from awr_modules.phases import check_finite_losses, phase_inputs
 from awr_recipes.classic_control import ClassicControl
 
 SIZE = 8
 
 
-def _module_with_buffer(prioritized: bool) -> tuple[AWRModule, torch.Tensor]:
-    """A Pendulum module whose buffer holds SIZE transitions; observation[:, 0] is the row number."""
-    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), weighting="sampling" if prioritized else "loss")
+def _loss_with_buffer(prioritized: bool) -> tuple[AWRLoss, object, torch.Tensor]:
+    """A Pendulum loss and a buffer of SIZE transitions; observation[:, 0] is the row number."""
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8])
+    loss = AWRLoss(*recipe.make_networks(recipe.make_env(0)), weighting="sampling" if prioritized else "loss")
     buffer = make_replay_buffer(SIZE, prioritized=prioritized, priority="weight")
     rows = torch.arange(SIZE, dtype=torch.float32)
     buffer.extend(TensorDict({
@@ -40,13 +40,12 @@ def _module_with_buffer(prioritized: bool) -> tuple[AWRModule, torch.Tensor]:
     priority = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 1.5, 8.0])
     if prioritized:
         buffer.update_priority(torch.arange(SIZE), priority)
-    module.runtime = _Runtime(eval_env=None, buffer=buffer)
-    return module, priority
+    return loss, buffer, priority
 
 
-def _minibatches(module: AWRModule, steps: int, batch_size: int, prioritized: bool) -> list[TensorDict]:
+def _minibatches(loss: AWRLoss, buffer, steps: int, batch_size: int, prioritized: bool) -> list[TensorDict]:
     """The minibatches a phase would train on: its stored view gathered at its drawn indices."""
-    stored, indices = phase_inputs(module.runtime.buffer, module.loss_module, steps, batch_size, prioritized=prioritized)
+    stored, indices = phase_inputs(buffer, loss, steps, batch_size, prioritized=prioritized)
     return [stored[index] for index in indices]
 
 
@@ -57,9 +56,9 @@ def _frequencies(batches) -> torch.Tensor:
 
 @pytest.mark.parametrize("prioritized", [False, True])
 def test_phase_minibatches_sample_like_the_buffer(prioritized):
-    module, priority = _module_with_buffer(prioritized)
+    loss, buffer, priority = _loss_with_buffer(prioritized)
     torch.manual_seed(0)
-    batches = _minibatches(module, 100, 200, prioritized)
+    batches = _minibatches(loss, buffer, 100, 200, prioritized)
     assert len(batches) == 100
     assert all(batch.batch_size == torch.Size([200]) for batch in batches)
     assert set(batches[0].keys()) == {"observation", "action", "action_log_prob", "advantage", "value_target"}
@@ -69,40 +68,42 @@ def test_phase_minibatches_sample_like_the_buffer(prioritized):
 
 
 def test_value_phase_samples_uniformly_even_when_the_actor_samples_by_weight():
-    module, _ = _module_with_buffer(prioritized=True)
+    loss, buffer, _ = _loss_with_buffer(prioritized=True)
     torch.manual_seed(0)
-    frequency = _frequencies(_minibatches(module, 100, 200, False))
+    frequency = _frequencies(_minibatches(loss, buffer, 100, 200, False))
     assert (frequency - 1 / SIZE).abs().max() < 0.01
 
 
 def test_phase_checks_the_stored_data_once_before_its_first_step():
-    module, _ = _module_with_buffer(prioritized=False)
-    module.runtime.buffer.storage.get(slice(0, SIZE))["advantage"][3] = float("nan")
+    loss, buffer, _ = _loss_with_buffer(prioritized=False)
+    buffer.storage.get(slice(0, SIZE))["advantage"][3] = float("nan")
     with pytest.raises(ValueError, match="advantage.*non-finite"):
-        phase_inputs(module.runtime.buffer, module.loss_module, 10, 4, prioritized=False)
+        phase_inputs(buffer, loss, 10, 4, prioritized=False)
 
 
-@pytest.mark.parametrize(("key", "step_size"), [("loss_actor", "actor_lr"), ("loss_value", "critic_lr")])
-def test_non_finite_phase_loss_names_the_step_size(key, step_size):
-    module, _ = _module_with_buffer(prioritized=False)
-    with pytest.raises(FloatingPointError, match=f"{key}.*{step_size}"):
-        check_finite_losses(module.iteration, None, TensorDict({key: torch.tensor(float("nan"))}, []))
-    check_finite_losses(module.iteration, TensorDict({key: torch.tensor(1.0)}, []))  # finite: no error
+@pytest.mark.parametrize(("key", "optimizer"), [("loss_actor", "actor_optimizer"), ("loss_value", "critic_optimizer")])
+def test_non_finite_phase_loss_names_the_optimizer(key, optimizer):
+    with pytest.raises(FloatingPointError, match=f"{key}.*{optimizer}"):
+        check_finite_losses(3, None, TensorDict({key: torch.tensor(float("nan"))}, []))
+    check_finite_losses(3, TensorDict({key: torch.tensor(1.0)}, []))  # finite: no error
 
 
 def test_compiled_losses_train_the_same_parameters_as_eager(tmp_path):
     trained = {}
-    for compiled in (False, True):
-        out = tmp_path / f"compile_{compiled}"
-        cli = cli_main(["fit", *tiny_args(out, epochs=1, extra=[f"--model.compile={compiled}"]), "--seed_everything=0"])
-        trained[compiled] = [p.detach().clone() for p in cli.model.parameters()]
-    for eager, compiled in zip(trained[False], trained[True], strict=True):
+    for execution in ("Eager", "Compiled"):
+        out = tmp_path / execution
+        extra = [f"--model.execution=awr_modules.execution.{execution}"]
+        cli = cli_main(["fit", *tiny_args(out, epochs=1, extra=extra), "--seed_everything=0"])
+        trained[execution] = [p.detach().clone() for p in cli.model.parameters()]
+    for eager, compiled in zip(trained["Eager"], trained["Compiled"], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_fused_steps_train_the_same_parameters_and_count_global_steps(tmp_path, monkeypatch):
-    """``compile`` with ``fused_steps=2``: of each phase's 3 steps, 2 run as one fused graph and 1 alone;
-    the parameters and ``global_step`` equal those of one step per graph call."""
+    """``Compiled(fused_steps=2)``: of each phase's 3 steps, 2 run as one fused graph and 1 alone; the parameters
+    and ``global_step`` equal those of one step per graph call; the shared compiles each phase's graphs once
+    while the buffer grows (the fused and the single-step graph of each phase: four graphs), none again for a
+    new length or for tensordict's pytree registration."""
     from awr_modules.fused_steps import FusedSGDSteps
 
     calls = []
@@ -111,31 +112,24 @@ def test_fused_steps_train_the_same_parameters_and_count_global_steps(tmp_path, 
     trained = {}
     for fused_steps in (1, 2):
         out = tmp_path / f"fused_{fused_steps}"
-        cli = cli_main(["fit", *tiny_args(out, epochs=2, extra=["--model.compile=true",
-                                                               f"--model.fused_steps={fused_steps}"]),
+        if fused_steps == 2:
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+        cli = cli_main(["fit", *tiny_args(out, epochs=3, extra=["--model.execution=awr_modules.execution.Compiled",
+                                                               f"--model.execution.init_args.fused_steps={fused_steps}"]),
                         "--seed_everything=0"])
-        assert cli.trainer.global_step == 2 * (3 + 3)
+        assert cli.trainer.global_step == 3 * (3 + 3)
         trained[fused_steps] = [p.detach().clone() for p in cli.model.parameters()]
-    assert len(calls) == 2 * 2  # two phases per iteration, fused only with fused_steps=2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4  # three buffer lengths, compiled once
+    assert len(calls) == 3 * 2  # two phases per iteration, fused only with fused_steps=2
     for one_by_one, fused in zip(trained[1], trained[2], strict=True):
         torch.testing.assert_close(fused, one_by_one, rtol=1e-4, atol=1e-5)
-
-
-def test_a_compiled_fit_compiles_each_phase_graph_once_while_the_buffer_grows(tmp_path):
-    """Three iterations, three buffer lengths: the fused and the single-step graph of each phase compile
-    once (four graphs), none again for a new length or for tensordict's pytree registration."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=["--model.compile=true", "--model.fused_steps=2"]),
-                    "--seed_everything=0"])
-    assert len(cli.trainer.callback_metrics) and cli.trainer.current_epoch == 3
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
 
 
 def test_direct_steps_train_like_lightnings_per_step_calls_and_count_global_steps(tmp_path, monkeypatch):
     """Full precision on one device and no step hook: the phases call backward and the optimizer's step
     themselves. A callback with a step hook brings Lightning's calls back; both train the same parameters."""
-    steps_per_iteration = 3 + 3  # tiny_args: critic_steps + actor_steps
+    steps_per_iteration = 3 + 3  # tiny_args: value_phase.steps + policy_phase.steps
     lightning_backward = AWRModule.manual_backward
     with monkeypatch.context() as patch:
         patch.setattr(AWRModule, "manual_backward", lambda *args: pytest.fail("Lightning's backward ran"))
@@ -164,7 +158,7 @@ def test_direct_steps_need_full_precision_one_device_and_no_step_hooks():
         def on_after_backward(self, trainer, module) -> None:
             pass
 
-    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]))
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]))  # the parts' defaults
     single = SingleDeviceStrategy(device=torch.device("cpu"))
 
     def trainer(precision, strategy, callbacks=()):
@@ -179,9 +173,9 @@ def test_direct_steps_need_full_precision_one_device_and_no_step_hooks():
 def test_fit_reuses_stored_values_only_while_critic_and_normaliser_are_unchanged(tmp_path, monkeypatch):
     """An iteration's first refresh runs the critic on the new rows only once the observation statistics are
     frozen (the critic moves in the value phase alone); its targets equal a full refresh, in a wrapped ring."""
-    import awr_modules.module as module_file
+    import awr_modules.targets as targets_file
 
-    full_refresh, reused = module_file.refresh_value_targets_over, []
+    full_refresh, reused = targets_file.refresh_value_targets_over, []
 
     def checked(buffers, estimator, *, stale_values=None, **kwargs):
         expected = None
@@ -196,7 +190,7 @@ def test_fit_reuses_stored_values_only_while_critic_and_normaliser_are_unchanged
                 torch.testing.assert_close(buffer.storage.get(index)[key], full.storage.get(index)[key],
                                            atol=1e-5, rtol=1e-5)
 
-    monkeypatch.setattr(module_file, "refresh_value_targets_over", checked)
+    monkeypatch.setattr(targets_file, "refresh_value_targets_over", checked)
     # 128 frames per iteration, statistics frozen at 256 env steps (after the 2nd collection), a ring of 300
-    cli_main(["fit", *tiny_args(tmp_path, epochs=5, extra=["--model.buffer_size=300"])])
+    cli_main(["fit", *tiny_args(tmp_path, epochs=5, extra=["--model.data.init_args.buffer_size=300"])])
     assert reused == [False, False, False, False, True, False, True, False, True, False]
