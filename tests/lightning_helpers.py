@@ -61,7 +61,7 @@ class RecordPriorities(pl.Callback):
         self.records: dict[str, dict] = {}
 
     def _record(self, stage: str, module: pl.LightningModule) -> None:
-        buffer = module.runtime.buffer
+        buffer = module.awr.data.fifo
         index = torch.arange(len(buffer))
         self.records[stage] = {
             "buffer": buffer,

@@ -26,6 +26,8 @@ from torchrl.data import TensorDictPrioritizedReplayBuffer
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
+from awr_modules.phases import Phase
+from awr_modules.temperature import Fixed, TunedToESS
 from awr_recipes.classic_control import ClassicControl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,18 +108,19 @@ def _stored(checkpoint: dict) -> tuple[int, dict, torch.Tensor]:
 
 def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
     env = subprocess_env(REPO)
-    args = tiny_args(tmp_path, epochs=1000)
+    frozen = ["--model.recipe.init_args.normalizer_samples=128"]  # statistics frozen after the first iteration
+    args = tiny_args(tmp_path, epochs=1000, extra=frozen)
     process = subprocess.Popen([sys.executable, "-m", "awr_modules.cli", "fit", *args], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = checkpoint_dir(tmp_path) / "last.ckpt"
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            if last.exists() and load_checkpoint(last)["awr"]["iteration"] >= 3:
+            if last.exists() and load_checkpoint(last)["awr"]["iteration"] >= 1:
                 break
             time.sleep(0.5)
         else:
-            pytest.fail("the training subprocess wrote no checkpoint of 3 iterations within 180 s")
+            pytest.fail("the training subprocess wrote no checkpoint of an iteration within 180 s")
     except Exception:
         process.kill()
         raise
@@ -129,13 +132,13 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
     length, normalizer, observations = _stored(killed)
     assert length == iterations * FRAMES
 
-    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=iterations + 1), "--ckpt_path=last"])
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=iterations + 1, extra=frozen), "--ckpt_path=last"])
     assert cli.model.iteration == iterations + 1
     assert cli.model.env_steps == (iterations + 1) * FRAMES
     resumed_length, resumed_normalizer, resumed_observations = _stored(load_checkpoint(last))
     assert resumed_length == length + FRAMES
     torch.testing.assert_close(resumed_observations[:length], observations)  # the buffer came back intact
-    for key, value in normalizer.items():  # frozen after 256 samples: statistics unchanged by resuming
+    for key, value in normalizer.items():  # frozen after 128 samples: statistics unchanged by resuming
         torch.testing.assert_close(resumed_normalizer[key], value)
 
 
@@ -144,9 +147,9 @@ def test_kill_and_resume_continues_from_the_last_checkpoint(tmp_path):
     [
         ("--model.recipe.init_args.env_id=NoSuchEnv-v0", "NoSuchEnv-v0"),
         ("--model.recipe.init_args.env_id=LunarLander-v3", "family"),
-        ("--model.critic_lr=-1", "critic_lr"),
-        ("--model.temperature=0", "temperature"),
-        ("--model.frames_per_iteration=0", "frames_per_iteration"),
+        ("--model.critic_optimizer.init_args.lr=-1", "learning rate"),
+        ("--model.temperature.init_args.beta=0", "beta must be > 0"),
+        ("--model.data.init_args.frames_per_iteration=0", "frames_per_iteration"),
         ("--model.recipe.init_args.action_std=0", "action_std"),
     ],
 )
@@ -217,7 +220,7 @@ def test_every_config_builds_its_module_with_the_reference_networks(config):
     cli = cli_main(["-c", str(config)], run=False)
     hidden = [m.out_features for m in cli.model.critic.modules() if isinstance(m, torch.nn.Linear)][:-1]
     assert hidden == [128, 64]  # the reference's MLP
-    assert cli.model.hparams.max_env_steps is not None or cli.model.hparams.collection == "none"  # offline: epochs
+    assert cli.model.max_env_steps is not None or not cli.model.awr.data.collects  # offline: epochs
 
 
 # AWR.md's reference table: actor step size and fixed action std per MuJoCo task.
@@ -228,20 +231,26 @@ REFERENCE_MUJOCO = {"halfcheetah": (5e-5, 0.4), "hopper": (1e-4, 0.4), "walker2d
 @pytest.mark.parametrize("task", sorted(REFERENCE_MUJOCO))
 def test_mujoco_configs_hold_the_reference_settings(task):
     cli = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml")], run=False)
-    hparams, recipe = cli.model.hparams, cli.model.recipe
-    assert (hparams.actor_lr, recipe.action_std) == REFERENCE_MUJOCO[task]
-    assert (recipe.policy, recipe.normalizer_samples, hparams.optimizer, hparams.momentum) == (
-        "fixed_std", 300_000, "sgd", 0.9)
-    assert (hparams.critic_lr, hparams.critic_steps, hparams.actor_steps, hparams.frames_per_iteration) == (
-        0.01, 200, 1000, 2048)
-    assert (hparams.buffer_size, hparams.max_weight, hparams.td_lambda, hparams.temperature) == (50_000, 20, 0.95, 1)
+    module, recipe = cli.model, cli.model.recipe
+    awr = module.awr
+    actor_optimizer, critic_optimizer = module.configure_optimizers()[0]
+    assert (actor_optimizer.defaults["lr"], recipe.action_std) == REFERENCE_MUJOCO[task]
+    assert (type(actor_optimizer), type(critic_optimizer)) == (torch.optim.SGD, torch.optim.SGD)
+    assert (recipe.policy, recipe.normalizer_samples, actor_optimizer.defaults["momentum"],
+            critic_optimizer.defaults["momentum"]) == ("fixed_std", 300_000, 0.9, 0.9)
+    assert (critic_optimizer.defaults["lr"], awr.value_phase, awr.policy_phase, awr.data.frames_per_iteration) == (
+        0.01, Phase(200, 256), Phase(1000, 256), 2048)
+    assert (awr.data.buffer_size, float(module.loss_module.max_weight), awr.targets.lmbda, awr.targets.gamma) == (
+        50_000, 20, 0.95, 0.99)
+    assert awr.targets.value_scale == pytest.approx(100.0) and awr.targets.normalize_advantage
     # beta: the reference's fixed 1.0, or (where it won side by side) tuned to a weight ESS of 0.35
     tuned = {"halfcheetah"}
-    assert (hparams.temperature_tuning, hparams.temperature_target) == (
-        ("ess", 0.35) if task in tuned else ("fixed", None))
+    temperature = awr.temperature
+    assert (type(temperature), getattr(temperature, "target", None), temperature.beta) == (
+        (TunedToESS, 0.35, 1.0) if task in tuned else (Fixed, None, 1.0))
     reference = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml"),
                           "-c", str(REPO / "configs" / "reference" / "fixed_temperature.yaml")], run=False)
-    assert (reference.model.hparams.temperature_tuning, float(reference.model.loss_module.temperature)) == ("fixed", 1.0)
+    assert (type(reference.model.awr.temperature), float(reference.model.loss_module.temperature)) == (Fixed, 1.0)
 
 
 def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():
@@ -266,22 +275,16 @@ def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path)
     assert logged == {2 * FRAMES}  # the second run trained only the second iteration: it resumed
     assert resumed.trainer.checkpoint_callback.dirpath == str(checkpoint_dir(tmp_path))
 
-def _without_eval_episodes(args: list[str]) -> list[str]:
-    return [arg for arg in args if not arg.startswith("--model.eval_episodes")]
-
-
 def test_test_and_predict_subcommands_run_deterministic_episodes(tmp_path):
     """Three episodes side by side in a batched eval env: ``test`` logs their mean, ``predict`` returns them.
 
-    ``test`` and ``predict`` are not told ``eval_episodes`` (the config says 10): the 3 come from the
-    checkpoint's hyperparameters, which LightningCLI applies over the config.
+    The parts come from the config (the checkpoint holds weights and the run's state, not the parts).
     """
-    _fit(tmp_path, epochs=1, extra=["--model.eval_episodes=3"])
-    args = [*_without_eval_episodes(tiny_args(tmp_path)), f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}"]
-    config_default = cli_main(_without_eval_episodes(tiny_args(tmp_path)), run=False).model.hparams.eval_episodes
-    assert config_default == 10
+    three = ["--model.evaluator.init_args.episodes=3"]
+    _fit(tmp_path, epochs=1)
+    args = [*tiny_args(tmp_path, extra=three), f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}"]
     tested = cli_main(["test", *args])
-    assert tested.model.hparams.eval_episodes == 3
+    assert tested.model.evaluator.episodes == 3
     assert float(tested.trainer.callback_metrics["test/episode_length"]) == 200
     predicted = cli_main(["predict", *args])
     episodes = predicted.trainer.predict_loop.predictions
@@ -303,7 +306,7 @@ def _recorder(cli) -> RecordPriorities:
 def test_sampling_weighting_trains_from_a_prioritized_buffer_and_resumes(tmp_path):
     """``weighting=sampling``: the buffer samples with priority ``w = min(exp(A / beta), w_max)`` of the stored
     (normalised) advantages (alpha 1, plus TorchRL's eps), and the priorities survive a resume."""
-    sampling = ["--model.weighting=sampling", "--trainer.callbacks+=lightning_helpers.RecordPriorities"]
+    sampling = ["--model.loss.init_args.weighting=sampling", "--trainer.callbacks+=lightning_helpers.RecordPriorities"]
     cli = _fit(tmp_path, epochs=1, extra=sampling)
     assert cli.model.loss_module.weighting == "sampling"
     end = _recorder(cli).records["end"]
@@ -334,7 +337,7 @@ def test_num_threads_sets_torch_threads_and_refuses_zero(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
-    with pytest.raises(ValueError, match="--num_threads must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_threads must be >= 1.*got 0"):
         cli_main(tiny_args(tmp_path, extra=["--num_threads=0"]), run=False)
 
 
@@ -374,8 +377,10 @@ def test_learned_std_policy_trains_its_std_output(tmp_path, monkeypatch):
 
 def test_adam_optimizer_by_config(tmp_path, monkeypatch):
     initial = _record_parameters(monkeypatch)
-    cli = _fit(tmp_path, epochs=1, extra=["--model.optimizer=adam", "--model.actor_lr=0.003",
-                                          "--model.critic_lr=0.02"])
+    cli = _fit(tmp_path, epochs=1, extra=["--model.actor_optimizer=torch.optim.Adam",
+                                          "--model.actor_optimizer.init_args.lr=0.003",
+                                          "--model.critic_optimizer=torch.optim.Adam",
+                                          "--model.critic_optimizer.init_args.lr=0.02"])
     actor_optimizer, critic_optimizer = (wrapped.optimizer for wrapped in cli.model.optimizers())
     for optimizer, network, lr in ((actor_optimizer, cli.model.actor, 0.003),
                                    (critic_optimizer, cli.model.critic, 0.02)):
@@ -416,7 +421,7 @@ def test_recipe_envs_state_their_device():
 def test_seed_everything_is_the_runs_one_seed(tmp_path):
     """The CLI links ``seed_everything`` to the module's seed; setting the module's seed apart is refused."""
     cli = cli_main(["-c", str(CONFIG), "--seed_everything=5"], run=False)
-    assert cli.model.hparams.seed == 5 and cli.model._rank_seed() == 5
+    assert cli.model.seed == 5 and cli.model._rank_seed() == 5
     with pytest.raises(SystemExit):
         cli_main(["-c", str(CONFIG), "--model.seed=3"], run=False)
 
