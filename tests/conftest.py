@@ -9,6 +9,7 @@ computations of ``log pi(a|s)``.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -20,18 +21,51 @@ from torchrl.modules import MLP, IndependentNormal, OneHotCategorical, Probabili
 
 from awr_recipes.gym_recipe import FixedStd
 
-# Tests of optional extras run where the extra is installed (CI installs all of them); elsewhere, e.g. on the GPU
-# machine with carried wheels, their files are left out and the report header says which.
-OPTIONAL_EXTRAS = {"test_offline_data.py": ("minari", "h5py"), "test_trackers.py": ("mlflow", "wandb"),
+# Tests of optional extras run where the extra is installed; elsewhere, e.g. on the GPU machine with carried wheels,
+# their files are left out (and a test that needs an extra of its own calls pytest.importorskip) and the report
+# header says which. CI must run every test: with AWR_REQUIRE_EXTRAS=1 (.ci/run sets it) a missing extra is an
+# error before any test runs, and a test skipped by pytest.importorskip fails.
+REQUIRE_EXTRAS = os.environ.get("AWR_REQUIRE_EXTRAS") == "1"
+OPTIONAL_EXTRAS = {"test_offline_data.py": ("minari", "h5py"), "test_trackers.py": ("mlflow", "wandb", "tensorboardX"),
                    "test_videos.py": ("moviepy",)}
-collect_ignore = [name for name, modules in OPTIONAL_EXTRAS.items()
-                  if any(importlib.util.find_spec(module) is None for module in modules)]
+MISSING_EXTRAS = {name: [module for module in modules if importlib.util.find_spec(module) is None]
+                  for name, modules in OPTIONAL_EXTRAS.items()}
+collect_ignore = [name for name, missing in MISSING_EXTRAS.items() if missing]
+IMPORTORSKIP_REASON = "could not import"  # how pytest.importorskip words its skip
+
+
+def pytest_configure(config) -> None:
+    if REQUIRE_EXTRAS and collect_ignore:
+        missing = "; ".join(f"{name} needs {', '.join(MISSING_EXTRAS[name])}" for name in collect_ignore)
+        raise pytest.UsageError(f"AWR_REQUIRE_EXTRAS=1: every test must run, but optional extras are not installed "
+                                f"({missing}). Install them: pip install -e '.[test]'.")
 
 
 def pytest_report_header(config) -> str | None:
     if collect_ignore:
         return f"left out, their optional extra is not installed: {', '.join(collect_ignore)}"
     return None
+
+
+def _fail_a_skip_for_a_missing_extra(report) -> None:
+    """Under AWR_REQUIRE_EXTRAS=1, a module or test skipped by ``pytest.importorskip`` is reported as failed."""
+    if REQUIRE_EXTRAS and report.skipped and IMPORTORSKIP_REASON in str(report.longrepr):
+        report.outcome = "failed"
+        report.longrepr = f"AWR_REQUIRE_EXTRAS=1: skipped for a missing extra: {report.longrepr}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_a_skip_for_a_missing_extra(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_a_skip_for_a_missing_extra(report)
+    return report
 
 
 OBS_DIM = 3
