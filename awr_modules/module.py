@@ -124,6 +124,7 @@ class AWRModule(pl.LightningModule):
         self.awr = AWRIteration(self.loss_module, data, targets, temperature if temperature is not None else Fixed(),
                                 value_phase, policy_phase, execution if execution is not None else Eager())
         self._starts_from_init = False
+        self.last_iteration: IterationResult | None = None  # what the last training step left (callbacks read it)
 
     @property
     def env_steps(self) -> int:
@@ -215,7 +216,7 @@ class AWRModule(pl.LightningModule):
     # ------------------------------------------------------- one iteration
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One AWR iteration (:class:`~awr_modules.iteration.AWRIteration`), then its log."""
-        result = self.awr.run()
+        self.last_iteration = result = self.awr.run()
         self._log_iteration(result)
         self._log_evaluations(self.evaluator.finished())
         if self.max_env_steps is not None and self.env_steps >= self.max_env_steps:

@@ -42,7 +42,7 @@ class ReplayHistory(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        collected = pl_module.runtime.collected
+        collected = pl_module.last_iteration.batch  # the AWR iteration's collected batch, None offline
         if collected is None:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)

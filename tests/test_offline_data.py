@@ -16,7 +16,7 @@ from lightning_helpers import checkpoint_dir, load_checkpoint, tiny_args
 from minari.data_collector import EpisodeBuffer
 from torchrl.objectives.value import TDLambdaEstimator
 
-from awr_modules import AWRModule, make_replay_buffer, refresh_value_targets
+from awr_modules import make_replay_buffer, refresh_value_targets
 from awr_modules.cli import cli_main
 from awr_modules.dataset_cli import main as dataset_main
 from awr_modules.dataset_writer import checkpoint_policy, random_policy, write_history_dataset, write_policy_dataset
@@ -155,7 +155,7 @@ def test_writing_never_replaces_a_dataset_without_overwrite(capsys):
 
 def test_offline_fit_takes_no_env_step_and_its_checkpoint_names_the_dataset(tmp_path):
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=3)
-    offline = ["--model.collection=none", "--model.dataset=pendulum/random-v0", "--model.refresh_every=2"]
+    offline = ["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0", "--model.targets.init_args.refresh_every=2"]
     cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=offline)])
     assert cli.model.env_steps == 0 and cli.trainer.global_step == 3 * (3 + 3)
     state = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
@@ -181,14 +181,15 @@ def test_a_checkpoint_is_refused_when_its_dataset_was_rewritten():
 def test_offline_to_online_starts_from_the_offline_networks(tmp_path, transitions):
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)
     offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
-    offline = cli_main(["fit", *tiny_args(offline_dir, epochs=2, extra=[
-        "--model.collection=none", "--model.dataset=pendulum/random-v0"])])
+    offline = cli_main(["fit", *tiny_args(offline_dir, epochs=2, extra=["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0"])])
     weights = {k: v.clone() for k, v in offline.model.actor.state_dict().items()}
 
+    data = "CollectedBesideDataset" if transitions == "keep" else "CollectedAfterDataset"
     online = cli_main(["fit", *tiny_args(online_dir, epochs=2, extra=[
-        "--model.dataset=pendulum/random-v0", f"--model.dataset_transitions={transitions}",
+        f"--model.data=awr_modules.data.{data}", "--model.data.init_args.dataset_id=pendulum/random-v0",
+        "--model.data.init_args.frames_per_iteration=128",
         f"--model.init_from={checkpoint_dir(offline_dir) / 'last.ckpt'}",
-        "--model.actor_steps=0", "--model.critic_steps=0"])])  # no update: the actor must be the offline one
+        "--model.policy_phase.steps=0", "--model.value_phase.steps=0"])])  # no update: the actor must be the offline one
     for key, value in online.model.actor.state_dict().items():
         torch.testing.assert_close(value, weights[key])
     assert online.model.env_steps == 2 * 128
@@ -325,7 +326,8 @@ def test_the_seed_makes_every_written_episode_reproducible():
 def test_age_out_keeps_the_newest_transitions_of_a_dataset_larger_than_the_buffer(tmp_path):
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)  # 400 transitions: ids -1, -2
     cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=[
-        "--model.dataset=pendulum/random-v0", "--model.dataset_transitions=age_out", "--model.buffer_size=300"])])
+        "--model.data=awr_modules.data.CollectedAfterDataset", "--model.data.init_args.dataset_id=pendulum/random-v0",
+        "--model.data.init_args.frames_per_iteration=128", "--model.data.init_args.buffer_size=300"])])
     stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]
     traj_ids = stored["_storage"]["_storage"]["collector.traj_ids"]
     # the dataset's newest 300 rows (100 of episode 0, all 200 of episode 1), then 128 collected ones over the oldest
@@ -335,8 +337,7 @@ def test_age_out_keeps_the_newest_transitions_of_a_dataset_larger_than_the_buffe
 def test_a_resumed_offline_to_online_run_needs_no_init_checkpoint(tmp_path):
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=1)
     offline_dir, online_dir = tmp_path / "offline", tmp_path / "online"
-    cli_main(["fit", *tiny_args(offline_dir, epochs=1, extra=[
-        "--model.collection=none", "--model.dataset=pendulum/random-v0"])])
+    cli_main(["fit", *tiny_args(offline_dir, epochs=1, extra=["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0"])])
     start = tmp_path / "start.ckpt"
     start.write_bytes((checkpoint_dir(offline_dir) / "last.ckpt").read_bytes())
     online = tiny_args(online_dir, epochs=2, extra=[f"--model.init_from={start}"])
@@ -374,7 +375,7 @@ class RecordDatasetTargets(pl.Callback):
     """The dataset buffer's stored targets at the end of fit, and whether its storage is memory-mapped."""
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        buffer = module.runtime.dataset
+        (buffer,) = module.awr.data.buffers  # offline: the dataset's rows are the one buffer
         self.memmap = buffer.storage._storage.is_memmap()
         self.targets = buffer.storage.get(torch.arange(len(buffer))).select(
             "state_value", "value_target", "advantage").clone()
@@ -389,9 +390,9 @@ def test_a_memory_mapped_dataset_refreshed_in_chunks_trains_as_one_in_memory(tmp
     """The same offline run with the dataset in memory-mapped files, refreshed 150 rows at a time: its storage is the
     files, its targets are those of the in-memory run, and it trains and resumes."""
     _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=3)  # 600 transitions
-    offline = ["--model.collection=none", "--model.dataset=pendulum/random-v0", "--model.critic_steps=0",
-               "--model.actor_steps=0", f"--trainer.callbacks+={__name__}.RecordDatasetTargets"]
-    memmap = [f"--model.dataset_memmap_dir={tmp_path / 'rows'}", "--model.refresh_chunk_size=150"]
+    offline = ["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0", "--model.value_phase.steps=0",
+               "--model.policy_phase.steps=0", f"--trainer.callbacks+={__name__}.RecordDatasetTargets"]
+    memmap = [f"--model.data.init_args.memmap_dir={tmp_path / 'rows'}", "--model.targets.init_args.chunk_size=150"]
     in_memory = _recorded(cli_main(["fit", *tiny_args(tmp_path / "memory", epochs=1, extra=offline)]))
     on_disk = _recorded(cli_main(["fit", *tiny_args(tmp_path / "disk", epochs=1, extra=[*offline, *memmap])]))
     assert on_disk.memmap and not in_memory.memmap and (tmp_path / "rows" / "rank0").is_dir()
@@ -400,15 +401,44 @@ def test_a_memory_mapped_dataset_refreshed_in_chunks_trains_as_one_in_memory(tmp
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
     assert got["advantage"].std() > 0.5  # standardised over the dataset, not zero columns
 
-    trains = ["--model.collection=none", "--model.dataset=pendulum/random-v0", *memmap]
+    trains = ["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0", *memmap]
     cli_main(["fit", *tiny_args(tmp_path / "train", epochs=2, extra=trains)])
     resumed = cli_main(["fit", *tiny_args(tmp_path / "train", epochs=3, extra=trains), "--ckpt_path=last"])
     assert resumed.model.iteration == 3
 
 
-def test_a_memory_mapped_dataset_is_not_kept_beside_the_fifo_buffer():
-    with pytest.raises(ValueError, match="copied into memory"):
-        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), dataset="pendulum/random-v0",
-                  dataset_memmap_dir="rows")
-    with pytest.raises(ValueError, match="set model.dataset too"):
-        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), dataset_memmap_dir="rows")
+def test_a_memory_mapped_dataset_cannot_be_written_beside_the_fifo_buffer(tmp_path, capsys):
+    """A kept dataset would be copied into memory for every phase: the part that keeps it has no memmap_dir, so the
+    combination is refused by the config parser, naming the field."""
+    with pytest.raises(SystemExit):
+        cli_main([*tiny_args(tmp_path, extra=["--model.data=awr_modules.data.CollectedBesideDataset",
+                                              "--model.data.init_args.dataset_id=pendulum/random-v0",
+                                              "--model.data.init_args.memmap_dir=rows"]), "--trainer.logger=false"],
+                 run=False)
+    assert "memmap_dir" in capsys.readouterr().err
+
+
+def test_online_phases_with_a_kept_dataset_draw_from_the_dataset_and_the_fifo_buffer(tmp_path, monkeypatch):
+    """CollectedBesideDataset: every phase's minibatches are drawn uniformly from the dataset's 400 rows and the
+    collected ones together, so both are sampled (each with about its share of the draws)."""
+    import awr_modules.iteration as iteration_file
+
+    _random_dataset("pendulum/random-v0", "Pendulum-v1", episodes=2)  # 400 rows, trajectory ids < 0
+    draws, phase_inputs = [], iteration_file.phase_inputs
+
+    def recorded(buffers, loss, steps, batch_size, **kwargs):
+        inputs = phase_inputs(buffers, loss, steps, batch_size, **kwargs)
+        draws.append(([len(buffer) for buffer in buffers], inputs[1].reshape(-1).clone()))
+        return inputs
+
+    monkeypatch.setattr(iteration_file, "phase_inputs", recorded)
+    cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=[
+        "--model.data=awr_modules.data.CollectedBesideDataset", "--model.data.init_args.dataset_id=pendulum/random-v0",
+        "--model.data.init_args.frames_per_iteration=128", "--model.value_phase={steps: 20, batch_size: 32}",
+        "--model.policy_phase={steps: 20, batch_size: 32}"])])
+    assert [lengths for lengths, _ in draws] == [[400, 128], [400, 128], [400, 256], [400, 256]]
+    for lengths, index in draws:
+        from_dataset = (index < lengths[0]).double().mean()  # the dataset's rows come first
+        share = lengths[0] / sum(lengths)
+        assert (index >= 0).all() and (index < sum(lengths)).all()
+        assert abs(float(from_dataset) - share) < 0.1  # 640 draws: the share's standard error is under 0.02
