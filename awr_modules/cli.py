@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import warnings
 
 from lightning.pytorch import Trainer
 
@@ -84,7 +85,9 @@ def _dispatch(args: list[str]) -> None:
     if command in OWN_SUBCOMMANDS:
         OWN_SUBCOMMANDS[command](rest)
     elif command in AWRCLI.subcommands() or command.startswith("-"):  # Lightning's, or its top-level options
-        cli_main(args, exit_on_error=False)
+        with warnings.catch_warnings():  # the arguments are sys.argv's, passed on without --traceback on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli_main(args, exit_on_error=False)
     else:
         _parser().error(f"unknown subcommand {command!r}; choose from {[*AWRCLI.subcommands(), *OWN_SUBCOMMANDS]}.")
 

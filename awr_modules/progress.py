@@ -6,8 +6,9 @@ One Lightning epoch is one AWR iteration of a single batch, so Lightning's own b
 (``0.00it/s``, ``v_num``, ``env_steps: 6144.000``). This one shows the env steps collected toward the
 budget (``max_env_steps``, when the module has one), env steps per second of wall-clock time since
 this fit started (evaluations included, so it tells when the budget will be reached), the last
-evaluation's mean return, and the module's other progress-bar metrics; whole numbers print as
-integers. ``awr fit`` uses it unless ``--trainer.enable_progress_bar=false`` or the config names a
+evaluation's mean return (``eval/return`` as the module logs it in process; an evaluation worker's
+results go to the loggers at their snapshot's step and reach the bar only if the module also logs them
+through Lightning), and the module's other progress-bar metrics; whole numbers print as integers. ``awr fit`` uses it unless ``--trainer.enable_progress_bar=false`` or the config names a
 progress bar callback of its own.
 """
 
