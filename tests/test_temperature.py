@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import csv
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from lightning_helpers import RecordPriorities, tiny_args
 
-from awr_modules import AWRModule
+from awr_modules import AWRLoss, AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.temperature import (
+    TunedToESS,
+    TunedToKL,
     effective_sample_size,
     kl_from_behaviour,
     measure_weights,
@@ -118,7 +121,8 @@ def _metric_rows(save_dir: Path, key: str) -> list[float]:
 @pytest.mark.parametrize("measure, target", [("ess", 0.5), ("kl", 0.3)])
 def test_fit_tunes_the_temperature_to_the_target_every_iteration(tmp_path, measure: str, target: float) -> None:
     """Each iteration the buffer's weights meet the target at the logged temperature, which the loss then uses."""
-    tuning = [f"--model.temperature_tuning={measure}", f"--model.temperature_target={target}"]
+    part = {"ess": "TunedToESS", "kl": "TunedToKL"}[measure]
+    tuning = [f"--model.temperature=awr_modules.temperature.{part}", f"--model.temperature.init_args.target={target}"]
     cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=tuning)])
     temperatures = _metric_rows(tmp_path, "train/temperature")
     measured = _metric_rows(tmp_path, f"train/buffer_weight_{measure}")
@@ -129,13 +133,14 @@ def test_fit_tunes_the_temperature_to_the_target_every_iteration(tmp_path, measu
 
 
 def test_fixed_temperature_logs_the_buffer_weights_and_keeps_beta(tmp_path) -> None:
-    cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=["--model.temperature=0.7"])])
+    cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=["--model.temperature.init_args.beta=0.7"])])
     assert _metric_rows(tmp_path, "train/temperature") == pytest.approx([0.7, 0.7])
     assert all(0 < ess < 1 for ess in _metric_rows(tmp_path, "train/buffer_weight_ess"))
 
 
 def test_sampling_priorities_use_the_tuned_temperature(tmp_path) -> None:
-    extra = ["--model.weighting=sampling", "--model.temperature_tuning=ess", "--model.temperature_target=0.4",
+    extra = ["--model.loss.init_args.weighting=sampling", "--model.temperature=awr_modules.temperature.TunedToESS",
+             "--model.temperature.init_args.target=0.4",
              "--trainer.callbacks+=lightning_helpers.RecordPriorities"]
     cli = cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=extra)])
     (recorder,) = [callback for callback in cli.trainer.callbacks if isinstance(callback, RecordPriorities)]
@@ -145,12 +150,12 @@ def test_sampling_priorities_use_the_tuned_temperature(tmp_path) -> None:
                                rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"temperature_tuning": "ess"}, "needs temperature_target in \\(0, 1\\)"),
-    ({"temperature_tuning": "kl", "temperature_target": -1.0}, "needs temperature_target > 0"),
-    ({"temperature_tuning": "ess", "temperature_target": 0.5, "weighting": "uniform"}, "no temperature to tune"),
-    ({"temperature_tuning": "entropy", "temperature_target": 0.5}, "must be 'fixed', 'ess' or 'kl'"),
+@pytest.mark.parametrize("build, message", [
+    (lambda: TunedToESS(1.5), "ESS in \\(0, 1\\)"),
+    (lambda: TunedToKL(-1.0), "KL > 0"),
+    (lambda: AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), temperature=TunedToESS(0.5),
+                       loss=partial(AWRLoss, weighting="uniform")), "weighting='uniform'"),
 ])
-def test_bad_temperature_tuning_is_refused(settings: dict, message: str) -> None:
+def test_bad_temperature_tuning_is_refused(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), **settings)
+        build()
