@@ -76,6 +76,12 @@ class AWRCLI(LightningCLI):
             "fastest setting on small CPUs (several times faster than the default when processes share cores).",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config's parts with ``--ckpt_path``: Lightning's CLI would apply a checkpoint's saved
+        hyperparameters over the config, but ``AWRModule`` saves none (its parts are the config, which a run saves
+        beside its logs), and the flat hyperparameters a 0.1.0 checkpoint holds name no field of this version's
+        config. The checkpoint itself is checked when it loads (:func:`~awr_modules.run_state.checked_run_state`)."""
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand"), self.config) if "subcommand" in self.config \
             else self.config

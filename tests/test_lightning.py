@@ -446,3 +446,25 @@ def test_a_scheduler_that_needs_a_monitored_metric_is_refused(tmp_path):
     with pytest.raises(TypeError, match="ReduceLROnPlateau"):
         cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=[
             "--model.actor_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau"])])
+
+
+def test_a_checkpoint_of_version_0_1_0_loads_its_networks_and_is_refused_for_resume(tmp_path):
+    """0.1.0 wrote no format version and flat hyperparameters: its networks load for ``validate`` and
+    ``init_from``; resuming its run is refused with a message naming the version that wrote it."""
+    _fit(tmp_path, epochs=1)
+    checkpoint = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")
+    assert checkpoint["awr"].pop("version") == "0.2.0"
+    checkpoint["hyper_parameters"] = {"frames_per_iteration": FRAMES, "actor_lr": 0.001, "collection": "sync"}
+    old = tmp_path / "written_by_0_1_0.ckpt"
+    torch.save(checkpoint, old)
+    validated = cli_main(["validate", *tiny_args(tmp_path / "validate"), f"--ckpt_path={old}"])
+    for key, value in checkpoint["state_dict"].items():
+        torch.testing.assert_close(validated.model.state_dict()[key], value)
+    assert "eval/return" in validated.trainer.callback_metrics
+    started = cli_main(["fit", *tiny_args(tmp_path / "new", epochs=1, extra=[
+        f"--model.init_from={old}", "--model.value_phase.steps=0", "--model.policy_phase.steps=0"])])
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("actor."):
+            torch.testing.assert_close(started.model.state_dict()[key], value)
+    with pytest.raises(ValueError, match=r"written by torchrl-awr 0.1.0.*--model.init_from"):
+        cli_main(["fit", *tiny_args(tmp_path / "resume", epochs=2), f"--ckpt_path={old}"])
