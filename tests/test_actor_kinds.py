@@ -87,11 +87,21 @@ def _loss(**kwargs) -> AWRLoss:
 
 
 def test_hand_numbers_are_not_degenerate() -> None:
-    """Spot check of the plain-Python numbers, so that the tests below compare with something worked out."""
-    # s = [1, 0]: logits [1.1, -0.2, -0.7]; a = 0
-    assert LOG_PROB[0] == pytest.approx(1.1 - math.log(math.exp(1.1) + math.exp(-0.2) + math.exp(-0.7)))
+    """The plain-Python numbers the tests below compare with, pinned to values worked out on paper and to torch's
+    own distribution, and spread so that a wrong sign, index or clip would show: four distinct log-probs of three
+    different actions, weights below, at and above 1 with one clipped, values of both signs."""
+    logits = [logit for s in STATES for logit in _logits(s)]
+    assert logits == pytest.approx([1.1, -0.2, -0.7, -0.4, 1.8, 0.8, -1.9, 3.8, 2.3, 0.85, -1.2, -0.45])
+    assert LOG_PROB == pytest.approx([-0.363135506, -0.391151556, -1.704145119, -2.387376611], rel=1e-8)
+    assert LOG_PROB == pytest.approx(torch.distributions.Categorical(  # torch's own, independent of _log_prob
+        logits=(torch.tensor(STATES, dtype=torch.float64) @ torch.tensor(W, dtype=torch.float64).T
+                + torch.tensor(B, dtype=torch.float64))).log_prob(torch.tensor(ACTIONS)).tolist(), rel=1e-12)
     assert WEIGHT == pytest.approx([math.exp(-2.0), 1.0, math.exp(2.0), 20.0])
-    assert len(set(LOG_PROB)) == 4
+    assert math.exp(4.0 / TEMPERATURE) > MAX_WEIGHT > math.exp(1.0 / TEMPERATURE)  # exactly one weight clipped
+    assert VALUE == pytest.approx([0.5, -1.0, -2.5, 0.75])
+    assert [_entropy(s) for s in STATES] == pytest.approx([0.816477710, 0.804794342, 0.492587133, 0.778547364],
+                                                          rel=1e-8)
+    assert len(set(LOG_PROB)) == 4 and set(ACTIONS) == {0, 1, 2}
 
 
 @pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])

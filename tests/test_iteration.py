@@ -144,7 +144,7 @@ def test_compiled_execution_takes_the_eager_steps():
 
 
 def test_zero_steps_take_no_step_and_the_counters_resume():
-    iteration, (actor_optimizer, _) = _parts()
+    iteration, _ = _parts()
     iteration.value_phase, iteration.policy_phase = Phase(0), Phase(0)
     before = [p.clone() for p in iteration.loss.parameters()]
     assert iteration.run().outputs == []

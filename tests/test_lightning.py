@@ -28,7 +28,6 @@ from awr_modules.cli import cli_main
 from awr_modules.normalizer import ObservationNormalizer
 from awr_modules.phases import Phase
 from awr_modules.temperature import Fixed, TunedToESS
-from awr_recipes.classic_control import ClassicControl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -401,21 +400,6 @@ def test_a_fresh_run_into_the_same_folder_overwrites_last_ckpt(tmp_path):
     assert not list(folder.glob("last-v*.ckpt"))
     state = load_checkpoint(folder / "last.ckpt")["awr"]
     assert (state["iteration"], state["env_steps"]) == (2, 2 * FRAMES)
-
-
-def test_tensorboard_logger_by_config(tmp_path):
-    _fit(tmp_path, epochs=1, extra=["--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
-                                    f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}"])
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
-
-
-def test_recipe_envs_state_their_device():
-    """A GPU policy's actions reach a CPU env only if the env says it is on the CPU (collector and rollouts cast)."""
-    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8])
-    for num_envs in (1, 2):
-        env = recipe.make_env(0, num_envs)
-        assert env.device == torch.device("cpu")
-        env.close()
 
 
 def test_seed_everything_is_the_runs_one_seed(tmp_path):
