@@ -80,7 +80,8 @@ def with_gpus_visible(collect: Callable[[], int]) -> Callable[[], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--envs", type=int, default=None, help="envs stepped side by side (default: the config's)")
+    parser.add_argument("--envs", type=int, default=None,
+                        help="envs stepped side by side (default: the config's model.data.init_args.num_envs)")
     parser.add_argument("--frames", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     hide_gpus()  # as awr fit's collection worker does when the learner is on the CPU
     np.random.seed(0)
     model = cli_main(["-c", str(args.config)], run=False).model
-    args.envs = args.envs or model.hparams.num_envs
+    args.envs = args.envs or getattr(model.awr.data, "num_envs", 1)  # an offline data source steps no envs
     collect, shutdown = torchrl_collection(model, args.envs, args.frames)
     ways = {"plain gymnasium vector loop": plain_collection(model, args.envs, args.frames),
             "awr fit's TorchRL collector": (collect, shutdown),

@@ -3,8 +3,8 @@
 Writes a uniform-random HalfCheetah-v5 Minari dataset of ``--steps`` transitions (once, under
 ``--out/datasets``), then runs ``awr fit -c configs/offline_halfcheetah.yaml`` on it for a few short
 iterations twice: as shipped (the rows read into memory and copied into the dataset's buffer) and with
-``--model.dataset_memmap_dir`` and ``--model.refresh_chunk_size`` (the rows in files that are the buffer's
-storage, targets refreshed in chunks). While each runs, the training process's ``/proc/<pid>/status`` is
+``--model.data.init_args.memmap_dir`` and ``--model.targets.init_args.chunk_size`` (the rows in files that are
+the buffer's storage, targets refreshed in chunks). While each runs, the training process's ``/proc/<pid>/status`` is
 read every 50 ms: the peak of ``RssAnon`` (memory the process allocated) and of ``RssFile`` (pages of
 mapped files, which the kernel can drop and read again: the page cache, not the process's own).
 
@@ -65,13 +65,14 @@ def main() -> None:
     if not (out / "datasets" / DATASET).exists():
         subprocess.run(awr("dataset", "random", "-c", str(ROOT / "configs" / "halfcheetah.yaml"), "--id", DATASET,
                            "--steps", str(args.steps)), env=env, check=True)
-    fit = awr("fit", "-c", str(ROOT / "configs" / "offline_halfcheetah.yaml"), f"--model.dataset={DATASET}",
-              f"--trainer.max_epochs={args.iterations}", "--trainer.check_val_every_n_epoch=1000",
-              "--model.critic_steps=20", "--model.actor_steps=20", "--model.refresh_every=1",
+    fit = awr("fit", "-c", str(ROOT / "configs" / "offline_halfcheetah.yaml"),
+              f"--model.data.init_args.dataset_id={DATASET}", f"--trainer.max_epochs={args.iterations}",
+              "--trainer.check_val_every_n_epoch=1000", "--model.value_phase.steps=20",
+              "--model.policy_phase.steps=20", "--model.targets.init_args.refresh_every=1",
               "--trainer.enable_progress_bar=false")
     ways = {"rows in memory (as shipped)": [],
-            "memory-mapped rows, refresh in chunks of 100k": [f"--model.dataset_memmap_dir={out / 'rows'}",
-                                                               "--model.refresh_chunk_size=100000"]}
+            "memory-mapped rows, refresh in chunks of 100k": [f"--model.data.init_args.memmap_dir={out / 'rows'}",
+                                                               "--model.targets.init_args.chunk_size=100000"]}
     rows = []
     for name, extra in ways.items():
         with tempfile.TemporaryDirectory() as runs:

@@ -2,19 +2,22 @@
 
     python benchmarks/end_to_end.py --config configs/halfcheetah.yaml --iterations 25 50 --rounds 2 \\
         --variant "awr fit as shipped=" \\
-        --variant "awr fit, async collection + evaluation=--model.collection=async --model.evaluation=async"
+        --variant "awr fit, sync collection + evaluation=--model.data.init_args.asynchronous=false \\
+            --model.evaluator=awr_modules.evaluators.InProcess"
 
 Each ``--variant NAME=OVERRIDES`` is ``awr fit -c CONFIG`` with those command-line overrides
 (space-separated), run for each ``--iterations`` count in a fresh process: start-up, compilation,
 evaluation every ``check_val_every_n_epoch`` iterations and the config's checkpoints included,
-as a user runs it. Beside them, ``benchmarks/plain_loop.py`` with the config's env, frames,
-envs, actor step size, action std and evaluation schedule. The runs alternate (each round starts
+as a user runs it. Beside them, ``benchmarks/plain_loop.py`` with the config's env, frames and envs
+(``model.data``), actor step size (``model.actor_optimizer``), action std (the recipe's), evaluation episodes
+(``model.evaluator``) and schedule (``trainer.check_val_every_n_epoch``). The runs alternate (each round starts
 one run later), so that drift of the machine's speed hits all alike; the median over rounds is
 reported. From two iteration counts, the seconds per further iteration (slope) and a projection to
 ``--budget`` env steps: seconds at the larger count plus the remaining iterations at that slope. From one
 count (e.g. 489 HalfCheetah iterations: 1M env steps), the whole runs compared as they are.
 
-Writes ``benchmarks/results/end_to_end_<task>.csv`` (every run) and prints a markdown table.
+Writes ``<out>/end_to_end_<task>.csv`` (every run; ``--out`` defaults to ``benchmarks/results``) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -29,23 +32,42 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from markdown_table import print_table
 
 HERE = Path(__file__).resolve().parent
 PLAIN = "plain loop (benchmarks/plain_loop.py)"
 
 
-def plain_command(config: dict, iterations: int) -> list[str]:
-    model, recipe = config["model"], config["model"]["recipe"]["init_args"]
-    return [sys.executable, str(HERE / "plain_loop.py"), "--env", recipe["env_id"], "--iterations", str(iterations),
-            "--frames", str(model["frames_per_iteration"]), "--envs", str(model["num_envs"]),
-            "--actor-lr", str(model["actor_lr"]), "--action-std", str(recipe["action_std"]),
-            "--eval-every", str(config["trainer"]["check_val_every_n_epoch"]),
-            "--eval-episodes", str(model["eval_episodes"]), "--seed", str(model.get("seed") or config.get("seed_everything") or 0)]
+def plain_settings(config: Path) -> dict[str, str | int | float]:
+    """The plain loop's settings from the module and trainer that ``config`` builds (its parts, with their
+    defaults and any ``-c`` it stacks): env, frames and envs per iteration, the actor's step size, the action std,
+    the evaluation schedule and episodes, and the seed."""
+    from awr_modules.cli import cli_main  # Lightning, for this once: the runs themselves are subprocesses
+
+    cli = cli_main(["-c", str(config), "--trainer.logger=false"], run=False)
+    module, data = cli.model, cli.model.awr.data
+    if not data.collects:
+        raise ValueError(f"{config}: model.data ({type(data).__name__}) collects no env steps; the plain loop "
+                         "collects online (use an online config).")
+    (actor_optimizer, _), _ = module.configure_optimizers()
+    return {"env": module.recipe.env_id, "frames": data.frames_per_iteration, "envs": data.num_envs,
+            "actor_lr": actor_optimizer.param_groups[0]["lr"], "action_std": module.recipe.action_std,
+            "eval_every": cli.trainer.check_val_every_n_epoch, "eval_episodes": module.evaluator.episodes,
+            "seed": module.seed or 0}
+
+
+def plain_command(settings: dict[str, str | int | float], iterations: int) -> list[str]:
+    """``benchmarks/plain_loop.py`` for ``iterations`` iterations with the config's settings
+    (:func:`plain_settings`)."""
+    return [sys.executable, str(HERE / "plain_loop.py"), "--env", str(settings["env"]), "--iterations", str(iterations),
+            "--frames", str(settings["frames"]), "--envs", str(settings["envs"]),
+            "--actor-lr", str(settings["actor_lr"]), "--action-std", str(settings["action_std"]),
+            "--eval-every", str(settings["eval_every"]), "--eval-episodes", str(settings["eval_episodes"]),
+            "--seed", str(settings["seed"])]
 
 
 def fit_command(config: Path, iterations: int, overrides: list[str], out: str) -> list[str]:
+    """``awr fit -c config`` for ``iterations`` iterations with ``overrides``, logging and checkpointing to ``out``."""
     return [sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(config), f"--trainer.max_epochs={iterations}",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
             f"--trainer.default_root_dir={out}", f"--checkpoint.dirpath={out}/checkpoints",
@@ -72,14 +94,15 @@ def main() -> None:
                         help="one count (whole runs, compared as they are) or two (a slope and a projection)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budget", type=float, default=1e6, help="env steps of the projection")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder of the CSV of every run")
     args = parser.parse_args()
-    config = yaml.safe_load(args.config.read_text())
+    settings = plain_settings(args.config)
     variants = {PLAIN: None}
     for spec in args.variant or ["awr fit as shipped="]:
         name, _, overrides = spec.partition("=")
         variants[name] = overrides.split()
     task = args.config.stem
-    out_csv = HERE / "results" / f"end_to_end_{task}.csv"
+    out_csv = args.out / f"end_to_end_{task}.csv"
     out_csv.parent.mkdir(parents=True, exist_ok=True)
 
     runs = [(name, iterations) for iterations in args.iterations for name in variants]
@@ -91,7 +114,7 @@ def main() -> None:
             shift = round_index % len(runs)
             for name, iterations in runs[shift:] + runs[:shift]:
                 with tempfile.TemporaryDirectory() as out:
-                    command = (plain_command(config, iterations) if variants[name] is None
+                    command = (plain_command(settings, iterations) if variants[name] is None
                                else fit_command(args.config, iterations, variants[name], out))
                     taken = seconds_of(command)
                 seconds[name, iterations].append(taken)
@@ -103,7 +126,7 @@ def main() -> None:
         print_whole_runs(task, args, variants, seconds)
         return
     low, high = args.iterations
-    budget_iterations = math.ceil(args.budget / config["model"]["frames_per_iteration"])
+    budget_iterations = math.ceil(args.budget / int(settings["frames"]))
     median = {run: statistics.median(values) for run, values in seconds.items()}
     plain_projection = None
     rows = []

@@ -1,17 +1,24 @@
 """Seconds per phase of `awr fit` iterations, for variants of one config run side by side.
 
-Each ``--variant NAME=OVERRIDES`` is the config with those command-line overrides (space-separated).
+Each ``--variant NAME=OVERRIDES`` is the config with those command-line overrides (space-separated), in the
+config's shape: parts by ``class_path`` and their ``init_args`` (``--model.data.init_args.asynchronous=true``,
+``--model.execution=awr_modules.execution.Eager``, ``--model.policy_phase.steps=500``, ...).
 The variants run in this process, alternating, ``--rounds`` times each; the median over iterations
 after ``--skip`` (compile and the recompile for the grown buffer happen in the first two) of each
 phase's logged wall-clock is reported, with the whole iteration (collect + refresh + value phase +
-policy phase; with ``collection: async``, collect is the wait for the worker's batch).
+policy phase; with ``model.data.init_args.asynchronous: true``, collect is the wait for the worker's batch).
 
     # direct optimizer steps against Lightning's per-step calls (a no-op step hook brings them back)
     python benchmarks/fit_variants.py --config configs/halfcheetah.yaml --iterations 8 --rounds 2 \\
         --variant "direct steps=" --variant "Lightning's per-step calls=--trainer.callbacks+=fit_variants.StepHook"
     # asynchronous collection against the reference's order
     python benchmarks/fit_variants.py --config configs/halfcheetah.yaml --iterations 8 --rounds 2 \\
-        --variant "sync=" --variant "async=--model.collection=async"
+        --variant "sync=--model.data.init_args.asynchronous=false" \\
+        --variant "async=--model.data.init_args.asynchronous=true"
+    # compiled phases against eager ones
+    python benchmarks/fit_variants.py --config configs/halfcheetah.yaml --iterations 8 --rounds 2 \\
+        --variant "eager=--model.execution=awr_modules.execution.Eager" \\
+        --variant "compiled=--model.execution=awr_modules.execution.Compiled"
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ PHASES = ("collect", "refresh", "value_phase", "policy_phase")
 class StepHook(pl.Callback):
     """A no-op ``on_before_optimizer_step``: its presence makes the module take Lightning's per-step calls."""
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
         pass
 
 
 def phase_seconds(config: Path, iterations: int, skip: int, overrides: list[str]) -> dict[str, float]:
+    """Median seconds of each phase, and of the whole iteration, over the iterations after ``skip`` of one run."""
     with tempfile.TemporaryDirectory() as tmp:
         cli_main(["fit", "-c", str(config), f"--trainer.max_epochs={iterations}", "--trainer.enable_progress_bar=false",
                   f"--trainer.check_val_every_n_epoch={iterations + 1}", f"--trainer.logger.init_args.save_dir={tmp}",

@@ -6,16 +6,18 @@
 #      tests/test_lightning.py: value targets stay float32 under bf16-mixed and 16-mixed on the GPU);
 #   3. at the same time, short Pendulum-v1 runs on the GPU, one process chain per mode: fit 2 iterations,
 #      `awr validate` on the checkpoint, a resumed third iteration (`--ckpt_path last`, the buffer restored
-#      onto the GPU); modes: 32-true, bf16-mixed, 16-mixed, each also with --model.cudagraphs true, and
-#      32-true with --model.compile true, alone and with cudagraphs;
+#      onto the GPU); modes: 32-true, bf16-mixed, 16-mixed, each also with the execution part
+#      awr_modules.execution.CudaGraphs (compile: false), and 32-true with awr_modules.execution.Compiled and
+#      with CudaGraphs (compile: true); the plain modes run eagerly (awr_modules.execution.Eager);
 #   4. then benchmarks/iteration_time.py --accelerator gpu on LunarLander (ITERATIONS iterations, the median
 #      of the last TIMED; the test suite may still run beside it on other cores), skipped with TIMING=0.
 #
 #   bash benchmarks/gpu_smoke.sh [REPORT_DIR]   # defaults to $OUT (device tool) or runs/gpu_smoke
 #
 # Reports (versions, test summary, one log per mode, the timing table) go to REPORT_DIR; checkpoints and
-# metrics stay under runs/gpu_smoke/work. ACCELERATOR=cpu runs steps 2-3 on a machine without a GPU;
-# RUN_TESTS=0 skips step 2, WHEELS=0 ignores .whl/.
+# metrics stay under runs/gpu_smoke/work. ACCELERATOR=cpu runs steps 2-3 on a machine without a GPU (there
+# CudaGraphs warns and runs eagerly, and Lightning refuses 16-mixed); MODES="32-true 32-true_compile" runs only
+# the modes named; RUN_TESTS=0 skips step 2, WHEELS=0 ignores .whl/.
 #
 # Elsewhere (a cluster with a fixed torch): install torchrl/tensordict built for that torch, then
 # `pip install --no-deps -e .` and run this script without .whl/.
@@ -50,25 +52,30 @@ if [ "${RUN_TESTS:-1}" = 1 ]; then
 fi
 
 small=(--trainer.max_epochs=2 --trainer.check_val_every_n_epoch=1 --trainer.enable_progress_bar=false
-       --model.critic_steps=50 --model.actor_steps=200 --model.eval_episodes=2)
+       --model.value_phase.steps=50 --model.policy_phase.steps=200 --model.evaluator.init_args.episodes=2)
 one_mode() {  # NAME PRECISION EXTRA...: fit 2 iterations, validate, resume to 3; exit status 0 if all ran
   local run="$1" precision="$2"; shift 2
   local dir="$work/$run" log="$work/$run.log"
   local common=(-c configs/pendulum.yaml --trainer.accelerator="$accelerator" --trainer.devices=1
                 --trainer.precision="$precision" --trainer.logger.init_args.save_dir="$dir")
   python3 -m awr_modules.cli fit "${common[@]}" "${small[@]}" "$@" --checkpoint.dirpath="$dir/checkpoints" > "$log" 2>&1 \
-    && python3 -m awr_modules.cli validate "${common[@]}" --model.eval_episodes=2 \
+    && python3 -m awr_modules.cli validate "${common[@]}" --model.evaluator.init_args.episodes=2 \
          --ckpt_path="$dir/checkpoints/last.ckpt" >> "$log" 2>&1 \
     && python3 -m awr_modules.cli fit "${common[@]}" "${small[@]}" "$@" --trainer.max_epochs=3 \
          --checkpoint.dirpath="$dir/checkpoints" --ckpt_path=last >> "$log" 2>&1
 }
+execution=--model.execution=awr_modules.execution
+eager=$execution.Eager
+graphs="$execution.CudaGraphs:--model.execution.init_args.compile=false"
+compiled_graphs="$execution.CudaGraphs:--model.execution.init_args.compile=true"
 declare -A pids
 runs=()
-for mode in "32-true:32-true" "bf16-mixed:bf16-mixed" "16-mixed:16-mixed" \
-            "32-true_cudagraphs:32-true:--model.cudagraphs=true" "bf16-mixed_cudagraphs:bf16-mixed:--model.cudagraphs=true" \
-            "16-mixed_cudagraphs:16-mixed:--model.cudagraphs=true" "32-true_compile:32-true:--model.compile=true" \
-            "32-true_compile_cudagraphs:32-true:--model.compile=true:--model.cudagraphs=true"; do
+for mode in "32-true:32-true:$eager" "bf16-mixed:bf16-mixed:$eager" "16-mixed:16-mixed:$eager" \
+            "32-true_cudagraphs:32-true:$graphs" "bf16-mixed_cudagraphs:bf16-mixed:$graphs" \
+            "16-mixed_cudagraphs:16-mixed:$graphs" "32-true_compile:32-true:$execution.Compiled" \
+            "32-true_compile_cudagraphs:32-true:$compiled_graphs"; do
   IFS=: read -r -a parts <<< "$mode"
+  if [ -n "${MODES:-}" ] && [[ " $MODES " != *" ${parts[0]} "* ]]; then continue; fi
   OMP_NUM_THREADS=1 one_mode "${parts[@]}" &
   pids[${parts[0]}]=$!
   runs+=("${parts[0]}")

@@ -1,18 +1,21 @@
-"""Wall-clock of one AWR iteration per phase, eager and ``--model.compile true``, beside plain PyTorch.
+"""Wall-clock of one AWR iteration per phase, eager and compiled (``model.execution``), beside plain PyTorch.
 
     python benchmarks/iteration_time.py --config configs/lunarlander.yaml
 
-For each mode, one ``awr fit`` process (one torch thread) trains ``--iterations`` iterations of
-the config without evaluation, and the median over the last ``--timed`` of them is taken from the
-``time/*`` columns the module logs: by default iterations 25-29, when the 50k buffer is full (the
-target refresh scales with the buffer; compilation happens in the first iteration). Beside it, in this process with one
-thread, a hand-written PyTorch loop runs the same number of value and policy steps on the
-same network sizes, batch, optimizer and AWR math (uniform minibatches from 50k stored
-transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian log-likelihood), with
-no TensorDict, TorchRL or Lightning. ``--accelerator gpu`` times the runs on one GPU, adds the
-``--model.cudagraphs true`` rows, and runs the plain loop on CUDA, eagerly and with each whole
-step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager and compiled rows of
-another checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``).
+For each mode (an execution part: ``awr_modules.execution.Eager``, ``Compiled`` with its default fused steps,
+and on a GPU ``CudaGraphs``, compiled or not), one ``awr fit`` process (one torch thread) trains
+``--iterations`` iterations of the config without evaluation, and the median over the last ``--timed`` of
+them is taken from the ``time/*`` columns the module logs: by default iterations 25-29, when the 50k buffer
+is full (the target refresh scales with the buffer; compilation happens in the first iteration). Beside it,
+in this process with one thread, a hand-written PyTorch loop runs the same number of value and policy steps
+on the same network sizes, batch sizes, optimizers (class and settings), value scale and AWR math (uniform
+minibatches from 50k stored transitions, ``w = min(exp(A), 20)``, categorical or fixed-std Gaussian
+log-likelihood), with no TensorDict, TorchRL or Lightning. ``--accelerator gpu`` times the runs on one GPU, adds
+the CUDA-graph rows (``--model.execution=awr_modules.execution.CudaGraphs``), and runs the plain loop on CUDA,
+eagerly and with each whole step captured as one CUDA graph. ``--baseline-checkout DIR`` adds the eager and
+compiled rows of another checkout of this repository (e.g. an older commit, ``git worktree add DIR COMMIT``);
+a checkout from before the config's parts (no ``awr_modules/execution.py``) gets the flat flags of its time,
+``--model.compile=false`` and ``--model.compile=true``.
 Every row is measured ``--rounds`` times, the rows alternating within each round, so that drift
 of the machine's speed during the run hits all rows alike; the CSV holds the median over rounds
 (and the policy phase's range). Writes ``benchmarks/results/iteration_time_<task>[_gpu].csv``
@@ -31,10 +34,13 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from awr_modules.module import AWRModule
 
 PHASES = ("collect", "refresh", "value_phase", "policy_phase")
 BUFFER = 50_000
@@ -63,7 +69,14 @@ def _mlp(inputs: int, outputs: int) -> torch.nn.Sequential:
                                torch.nn.ReLU(), torch.nn.Linear(64, outputs))
 
 
-def env_sizes(model) -> tuple[int, int, bool]:
+def configured_optimizers(model: AWRModule) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """The actor's and the critic's optimizers as the config builds them (``model.actor_optimizer`` and
+    ``model.critic_optimizer``): their class and ``defaults`` (step size, momentum, ...) are the plain loop's."""
+    (actor_optimizer, critic_optimizer), _ = model.configure_optimizers()
+    return actor_optimizer, critic_optimizer
+
+
+def env_sizes(model: AWRModule) -> tuple[int, int, bool]:
     """Observation size, action size (or number of actions) and whether actions are discrete, from the recipe's env."""
     env = model.recipe.make_env(0)
     spec = env.action_spec
@@ -80,9 +93,8 @@ class PlainAWR:
     Gaussian log-likelihood.
     """
 
-    def __init__(self, model, *, device: str = "cpu") -> None:
+    def __init__(self, model: AWRModule, *, device: str = "cpu") -> None:
         observation_size, action_size, self.discrete = env_sizes(model)
-        hp = model.hparams
         self.observation = torch.randn(BUFFER, observation_size, device=device)
         self.action = (torch.randint(action_size, (BUFFER,), device=device) if self.discrete
                        else torch.rand(BUFFER, action_size, device=device) * 2 - 1)
@@ -90,10 +102,11 @@ class PlainAWR:
         self.value_target = torch.randn(BUFFER, device=device)
         self.actor = _mlp(observation_size, action_size).to(device)
         self.critic = _mlp(observation_size, 1).to(device)
-        self.actor_optimizer = torch.optim.SGD(self.actor.parameters(), lr=hp.actor_lr, momentum=hp.momentum)
-        self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=hp.critic_lr, momentum=hp.momentum)
-        self.value_scale = 1.0 / (1.0 - hp.gamma)
-        self.log_max_weight = float(np.log(hp.max_weight))
+        actor_optimizer, critic_optimizer = configured_optimizers(model)
+        self.actor_optimizer = type(actor_optimizer)(self.actor.parameters(), **actor_optimizer.defaults)
+        self.critic_optimizer = type(critic_optimizer)(self.critic.parameters(), **critic_optimizer.defaults)
+        self.value_scale = model.awr.targets.value_scale
+        self.log_max_weight = float(np.log(float(model.loss_module.max_weight)))
         self.std = 0.2
 
     def value_loss(self, index: torch.Tensor) -> torch.Tensor:
@@ -144,31 +157,43 @@ def time_steps(step: Callable[[torch.Tensor], Any], steps: int, batch: int, devi
     return time.perf_counter() - start
 
 
-def plain_pytorch_seconds(model, critic_steps: int, actor_steps: int, batch: int, *, device: str = "cpu",
-                          cuda_graph: bool = False) -> dict[str, float]:
-    """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors.
+def plain_pytorch_seconds(model: AWRModule, *, device: str = "cpu", cuda_graph: bool = False) -> dict[str, float]:
+    """Seconds of the value and policy phases written as a plain PyTorch loop over stored tensors, with the
+    config's steps and batch size of each phase (``model.value_phase``, ``model.policy_phase``).
 
     With ``cuda_graph`` each whole step (gather, forward, backward, SGD step) is one captured
     CUDA graph (tensordict's ``CudaGraphModule``), replayed with fresh indices each step.
     """
     plain = PlainAWR(model, device=device)
     seconds = {}
-    for (phase, (loss_fn, optimizer)), steps in zip(plain.phases().items(), (critic_steps, actor_steps)):
+    for phase_name, phase in (("value_phase", model.awr.value_phase), ("policy_phase", model.awr.policy_phase)):
+        loss_fn, optimizer = plain.phases()[phase_name]
         step = update_step(loss_fn, optimizer)
         if cuda_graph:
             from tensordict.nn import CudaGraphModule
 
             step = CudaGraphModule(step)
-        seconds[phase] = time_steps(step, steps, batch, device)
+        seconds[phase_name] = time_steps(step, phase.steps, phase.batch_size, device)
     return seconds
 
 
+EXECUTION = "--model.execution=awr_modules.execution."
 MODES = {  # row name -> extra `awr fit` arguments (the CUDA-graph rows only with --accelerator gpu)
-    "awr fit (eager)": [],
-    "awr fit --model.cudagraphs true": ["--model.cudagraphs=true"],
-    "awr fit --model.compile true --model.cudagraphs true": ["--model.compile=true", "--model.cudagraphs=true"],
-    "awr fit --model.compile true": ["--model.compile=true"],
+    "awr fit, Eager": [f"{EXECUTION}Eager"],
+    "awr fit, CudaGraphs (compile: false)": [f"{EXECUTION}CudaGraphs", "--model.execution.init_args.compile=false"],
+    "awr fit, CudaGraphs (compile: true)": [f"{EXECUTION}CudaGraphs", "--model.execution.init_args.compile=true"],
+    "awr fit, Compiled": [f"{EXECUTION}Compiled"],
 }
+LEGACY_MODES = {"awr fit, Eager": ["--model.compile=false"], "awr fit, Compiled": ["--model.compile=true"]}
+"""The eager and compiled rows' arguments for a checkout from before the config's parts (its flat flags)."""
+
+
+def baseline_modes(checkout: Path) -> dict[str, list[str]]:
+    """The eager and compiled rows' arguments that ``checkout``'s ``awr fit`` takes: the execution part, or the
+    flat ``--model.compile`` flag of a checkout without ``awr_modules/execution.py``."""
+    if (checkout / "awr_modules" / "execution.py").exists():
+        return {name: extra for name, extra in MODES.items() if "CudaGraphs" not in name}
+    return LEGACY_MODES
 
 
 def main() -> None:
@@ -186,21 +211,20 @@ def main() -> None:
 
     from awr_modules.cli import cli_main
 
-    model = cli_main(["-c", str(args.config)], run=False).model  # the config's sizes and step sizes
-    hp = model.hparams
+    model = cli_main(["-c", str(args.config), "--trainer.logger=false"], run=False).model  # sizes, steps, optimizers
+    actor_steps = model.awr.policy_phase.steps
     gpu = args.accelerator == "gpu"
     device_args = ["--trainer.accelerator=gpu", "--trainer.devices=1"] if gpu else []
-    modes = MODES if gpu else {name: extra for name, extra in MODES.items() if "cudagraphs" not in name}
+    modes = MODES if gpu else {name: extra for name, extra in MODES.items() if "CudaGraphs" not in name}
     task = args.config.stem + ("_gpu" if gpu else "")
     machine = torch.cuda.get_device_name() if gpu else f"{os.cpu_count()} CPU cores, 1 torch thread"
     args.out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if gpu else "cpu"
     measurements: dict[str, Callable[[], dict[str, float]]] = {
-        "plain PyTorch loop": lambda: plain_pytorch_seconds(model, hp.critic_steps, hp.actor_steps,
-                                                            hp.actor_batch_size, device=device)}
+        "plain PyTorch loop": lambda: plain_pytorch_seconds(model, device=device)}
     if gpu:
         measurements["plain PyTorch loop, one CUDA graph per step"] = lambda: plain_pytorch_seconds(
-            model, hp.critic_steps, hp.actor_steps, hp.actor_batch_size, device=device, cuda_graph=True)
+            model, device=device, cuda_graph=True)
     for name, extra in modes.items():
         measurements[name] = partial(awr_fit_seconds, args.config, args.iterations, args.timed, [*device_args, *extra])
     if args.baseline_checkout is not None:
@@ -208,21 +232,20 @@ def main() -> None:
         commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
                                 capture_output=True, text=True).stdout.strip()
         config = args.config if args.config.is_absolute() else checkout / args.config  # the checkout's own config
-        for name, extra in modes.items():
-            if "cudagraphs" not in name:
-                measurements[f"{name} at {commit}"] = partial(awr_fit_seconds, config, args.iterations, args.timed,
-                                                              [*device_args, *extra], checkout)
+        for name, extra in baseline_modes(checkout).items():
+            measurements[f"{name} at {commit}"] = partial(awr_fit_seconds, config, args.iterations, args.timed,
+                                                          [*device_args, *extra], checkout)
 
     runs: dict[str, list[dict[str, float]]] = {}
     for _ in range(args.rounds):  # each round measures every row once: drift of the machine's speed hits all rows
         for name, measure in measurements.items():
             runs.setdefault(name, []).append(measure())
-            write_csv(args.out / f"iteration_time_{task}.csv", runs, hp.actor_steps, machine)
+            write_csv(args.out / f"iteration_time_{task}.csv", runs, actor_steps, machine)
     print(f"| {task} ({machine}), median of {args.rounds} round(s) | " + " | ".join(PHASES) + " | policy steps/s |")
     print("|---" * (len(PHASES) + 2) + "|")
     for mode, seconds in median_rows(runs).items():
         cells = [f"{seconds[p]:.2f} s" if p in seconds else "-" for p in PHASES]
-        print(f"| {mode} | " + " | ".join(cells) + f" | {hp.actor_steps / seconds['policy_phase']:.0f} |")
+        print(f"| {mode} | " + " | ".join(cells) + f" | {actor_steps / seconds['policy_phase']:.0f} |")
 
 
 def median_rows(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:

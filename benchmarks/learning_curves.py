@@ -3,6 +3,10 @@
     python benchmarks/learning_curves.py --config configs/pendulum.yaml --seeds 0 1 2 \
         --out benchmarks/results/pendulum --target -200 --budget 200000 --jobs 2
 
+Arguments this script does not know go to every ``awr fit`` as overrides of the config, in its shape: parts
+by ``class_path`` and their ``init_args``, e.g. ``--model.data.init_args.asynchronous=true`` or
+``--model.temperature=awr_modules.temperature.TunedToESS --model.temperature.init_args.target=0.35``.
+
 Each seed trains in its own process (``torch`` with one thread each). The runs are
 resumable: a seed whose run finished is skipped, and an interrupted seed resumes
 from its last checkpoint (``--ckpt_path last``). ``--summarize-only`` rebuilds the

@@ -6,8 +6,9 @@ Three steps, each resumable (finished pieces are skipped, an interrupted fit res
    batches recorded), then three datasets: ``<task>/medium-v0`` (episodes of that run's final policy,
    stochastic), ``<task>/medium-replay-v0`` (everything the run collected), ``<task>/expert-v0`` (episodes of
    ``--expert-checkpoint``'s policy, stochastic).
-2. Offline fits of ``--offline-config`` on each dataset, AWR (``weighting: loss``) and BC (``weighting:
-   uniform``, the same loss with weight 1), ``--seeds`` each, ``--jobs`` at a time.
+2. Offline fits of ``--offline-config`` (its ``model.data`` an ``awr_modules.data.MinariDataset``) on each
+   dataset, AWR (``model.loss.init_args.weighting: loss``) and BC (``weighting: uniform``, the same loss with
+   weight 1), ``--seeds`` each, ``--jobs`` at a time.
 3. ``summary.md`` / ``summary.csv``: per dataset its mean episode return, and the final evaluation return of
    BC and of AWR (mean +- std over seeds).
 
@@ -36,6 +37,7 @@ METHODS = {"bc": "uniform", "awr": "loss"}
 
 
 def awr(*args: str) -> list[str]:
+    """The ``awr`` command line with ``args``, in this interpreter."""
     return [sys.executable, "-m", "awr_modules.cli", *args]
 
 
@@ -74,8 +76,8 @@ def make_datasets(args: argparse.Namespace) -> None:
 
 def fit_command(args: argparse.Namespace, dataset: str, method: str, seed: int) -> list[str]:
     folder = args.out / dataset / method / f"seed{seed}"
-    command = awr("fit", "-c", str(args.offline_config), f"--model.dataset={args.task}/{dataset}-v0",
-                  f"--model.weighting={METHODS[method]}", f"--seed_everything={seed}",
+    command = awr("fit", "-c", str(args.offline_config), f"--model.data.init_args.dataset_id={args.task}/{dataset}-v0",
+                  f"--model.loss.init_args.weighting={METHODS[method]}", f"--seed_everything={seed}",
                   "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={folder}",
                   "--trainer.logger.init_args.name=run", f"--checkpoint.dirpath={folder / 'checkpoints'}")
     if (folder / "checkpoints" / "last.ckpt").exists():

@@ -22,6 +22,7 @@ from unittest import mock
 import torch
 from markdown_table import print_table
 from tensordict import TensorDict
+from torchrl.data import ReplayBuffer
 from torchrl.objectives.value import TDLambdaEstimator
 
 from awr_modules import make_replay_buffer, refresh_value_targets
@@ -33,9 +34,11 @@ EPISODE = 1000
 ENVS, FRAMES = 8, 2048
 
 
-def filled_buffer(size: int) -> torch.Tensor:
-    """``size`` transitions laid out as a collector writes them: 8 envs' steps per batch, chained states."""
+def filled_buffer(size: int) -> tuple[ReplayBuffer, torch.Tensor]:
+    """``size`` transitions laid out as a collector writes them (8 envs' steps per batch, chained states), and
+    the storage indices of the newest batch (what ``extend`` returns)."""
     buffer = make_replay_buffer(size, prioritized=False)
+    newest = torch.empty(0, dtype=torch.long)
     steps_per_env = FRAMES // ENVS
     for batch in range(size // FRAMES):
         states = torch.randn(ENVS, steps_per_env + 1, OBSERVATION)
@@ -49,8 +52,8 @@ def filled_buffer(size: int) -> torch.Tensor:
                      "done": done, "terminated": torch.zeros_like(done)},
             "state_value": torch.zeros(ENVS, steps_per_env, 1), "value_target": torch.zeros(ENVS, steps_per_env, 1),
             "advantage": torch.zeros(ENVS, steps_per_env, 1)}, [ENVS, steps_per_env])
-        buffer.extend(data.reshape(-1))
-    return buffer
+        newest = buffer.extend(data.reshape(-1))
+    return buffer, newest
 
 
 def main() -> None:
@@ -64,13 +67,11 @@ def main() -> None:
     _, critic = recipe.make_networks(env, value_scale=100.0)
     env.close()
     estimator = TDLambdaEstimator(gamma=0.99, lmbda=0.95, value_network=critic)
-    buffer = filled_buffer(args.size)
+    buffer, newest_batch = filled_buffer(args.size)
 
     def two_passes() -> None:
         with mock.patch.object(value_targets_module, "_takes_next_value", return_value=False):
             refresh_value_targets(buffer, estimator)
-
-    newest_batch = (buffer._writer._cursor - FRAMES + torch.arange(FRAMES)) % len(buffer)
 
     def newest_batch_only() -> None:  # an iteration's first refresh: the critic unchanged since the last one
         refresh_value_targets(buffer, estimator, stale_values=newest_batch)
