@@ -40,11 +40,11 @@ ObservationStatistics.update = _recording_update
 
 
 def rank_state(module: pl.LightningModule) -> dict:
-    buffer = module.runtime.buffer
+    buffer = module.awr.data.fifo
     return {
         "parameters": [p.detach().clone() for p in module.parameters()],
         "observations": buffer[: len(buffer)]["observation"].clone(),
-        "normalizer": module.runtime.statistics.state_dict(),
+        "normalizer": module.awr.statistics.state_dict(),
         "local_statistics": dict(LOCAL_STATISTICS),
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),

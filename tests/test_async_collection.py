@@ -1,4 +1,5 @@
-"""``collection: async``: a worker process collects the next batch while the phases run.
+"""``model.data: awr_modules.data.Collected`` with ``asynchronous: true``: a worker process collects the next batch
+while the phases run.
 
 Pinned: the first batch was collected by the initial policy (its stored log-probs are that policy's),
 each later one with a snapshot the learner published after an iteration, a worker that dies stops training with a
@@ -27,7 +28,7 @@ from awr_modules.cli import cli_main
 from awr_modules.cpu_worker import CpuWorkerEnv, trains_on_cpu_only
 from awr_recipes.classic_control import ClassicControl
 
-ASYNC = ["--model.collection=async"]
+ASYNC = ["--model.data.init_args.asynchronous=true"]
 
 
 class RecordPolicies(pl.Callback):
@@ -41,14 +42,14 @@ class RecordPolicies(pl.Callback):
         self.policies.append(copy.deepcopy(module.actor))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        buffer = module.runtime.buffer
+        buffer = module.awr.data.fifo
         self.batches.append(buffer.storage.get(torch.arange(len(buffer) - FRAMES, len(buffer))).clone())
 
 
 class KillWorkerAfterFirstIteration(pl.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if module.iteration == 1:
-            for process in module.runtime.collector.procs:
+            for process in module.awr.data._collector.procs:
                 process.kill()
                 process.join()
 
@@ -59,7 +60,7 @@ class FailAfterFirstIteration(pl.Callback):
     processes: ClassVar[list] = []
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        FailAfterFirstIteration.processes = list(module.runtime.collector.procs)
+        FailAfterFirstIteration.processes = list(module.awr.data._collector.procs)
         raise FloatingPointError("a failure in training, not in collection")
 
 
@@ -91,15 +92,19 @@ def test_async_batches_are_collected_with_published_snapshots_of_the_policy(tmp_
 
 
 def test_a_dead_collection_worker_stops_training_and_the_run_resumes(tmp_path):
+    """Two iterations are enough: the worker dies after the first, the second fails, and the resumed run
+    collects the second batch on top of the first."""
     killer = [f"--trainer.callbacks+={__name__}.KillWorkerAfterFirstIteration"]
-    with pytest.raises(RuntimeError, match=r"collection worker process failed in iteration 2.*--ckpt_path last"):
-        cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[*ASYNC, *killer])])
+    with pytest.raises(RuntimeError, match=r"Collected: the collection worker process failed in iteration 2"
+                                           r".*--ckpt_path last"):
+        cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=[*ASYNC, *killer])])
     saved = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
     assert (saved["iteration"], saved["env_steps"]) == (1, FRAMES)  # the last checkpoint is intact
-    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=ASYNC), "--ckpt_path=last"])
-    assert (resumed.model.iteration, resumed.model.env_steps) == (3, 3 * FRAMES)
+    assert saved["ranks"][0]["buffer"]["_storage"]["_len"] == FRAMES
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=ASYNC), "--ckpt_path=last"])
+    assert (resumed.model.iteration, resumed.model.env_steps) == (2, 2 * FRAMES)
     stored = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["ranks"][0]["buffer"]["_storage"]
-    assert stored["_len"] == 3 * FRAMES  # no stored transition lost across the failure and the resume
+    assert stored["_len"] == 2 * FRAMES  # no stored transition lost across the failure and the resume
 
 
 def test_a_failed_run_stops_its_collection_worker(tmp_path):
@@ -115,12 +120,18 @@ def test_a_failed_run_stops_its_collection_worker(tmp_path):
     assert not alive
 
 
-def test_collection_must_be_sync_async_or_none(capsys):
-    with pytest.raises(ValueError, match="collection must be 'sync', 'async' or 'none'"):
-        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), collection="threads")
-    with pytest.raises(SystemExit):  # the CLI refuses it before building anything, naming the field
-        cli_main(["fit", *tiny_args(Path("unused"), extra=["--model.collection=threads"])])
-    assert "model.collection" in capsys.readouterr().err
+@pytest.mark.parametrize(("extra", "fields"), [
+    (["--model.data.init_args.asynchronous=threads"], ("model.data", "asynchronous")),
+    (["--model.data=threads"], ("model.data",)),
+    (["--model.data=awr_modules.evaluators.InWorker"], ("model.data",)),  # a class, but no data source
+])
+def test_collection_must_be_a_data_source_sync_or_async(capsys, extra, fields):
+    """The CLI refuses a collection that is neither ``asynchronous`` true nor false, and a data source that is not
+    one, before building anything, naming the field."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *tiny_args(Path("unused"), extra=extra)])
+    err = capsys.readouterr().err
+    assert all(field in err for field in fields), err
 
 
 def test_a_run_keeps_the_processes_torch_threads(tmp_path):
@@ -149,7 +160,7 @@ def test_a_cpu_run_hides_gpus_from_its_training_process_while_the_cli_runs(tmp_p
     on_fit_start = AWRModule.on_fit_start
     monkeypatch.setattr(AWRModule, "on_fit_start", lambda module: (
         seen_in_fit.append(os.environ.get("CUDA_VISIBLE_DEVICES")), on_fit_start(module))[-1])
-    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=["--model.collection=sync"])])
+    cli_main(["fit", *tiny_args(tmp_path, epochs=1, extra=["--model.data.init_args.asynchronous=false"])])
     assert seen_in_fit == [""] and os.environ["CUDA_VISIBLE_DEVICES"] == "0"
 
 

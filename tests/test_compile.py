@@ -59,7 +59,8 @@ def test_forward_has_no_graph_break(kind: str, functional: bool) -> None:
 
 
 def test_minibatch_losses_gather_and_loss_in_one_graph_compiled_once_as_the_buffer_grows() -> None:
-    """What ``AWRModule`` compiles: ``loss(stored[index])`` per phase, equal to eager, one graph each.
+    """What ``awr_modules.execution.Compiled`` compiles: ``loss(stored[index])`` per phase, equal to eager, one
+    graph each.
 
     The stored data grows by one collection per iteration until the buffer is full; prepared by
     ``for_compiled_phases``, its first length already compiles a dynamic size, and no later length

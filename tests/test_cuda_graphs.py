@@ -1,4 +1,4 @@
-"""``cudagraphs=True``: each phase's gradient computation replayed as a CUDA graph.
+"""``model.execution: awr_modules.execution.CudaGraphs``: each phase's gradient computation replayed as a CUDA graph.
 
 On any machine:
 - a phase's graph is reused while the stored data, the parameters and the gradients keep
@@ -9,11 +9,14 @@ On any machine:
   (with the cache on, a graph would keep reading stale low-precision weight copies);
 - ``CapturedGradients`` hands ``CudaGraphModule`` its warm-up (3 with ``compile``, else 2), the
   stored data's device and a detached step (checked with a stand-in that replays eagerly);
-- the module's graphed path, with ``CudaGraphModule`` replaced by that eager stand-in, trains
+- the graphed path of ``CudaGraphs``, with ``CudaGraphModule`` replaced by that eager stand-in, trains
   exactly the parameters of the eager path and recaptures only when the layout moved (this
-  checks the module's side of the graphs, not CUDA graph capture itself);
-- ``cudagraphs`` under DDP fails before training with a clear message; on a CPU it warns,
+  checks the execution's side of the graphs, not CUDA graph capture itself);
+- ``CudaGraphs`` under DDP fails before training with a clear message; on a CPU it warns,
   builds no ``CapturedGradients`` and so runs the eager path.
+
+The eager fits these compare against are run once per module (:func:`eager_fit`), shared by the tests that
+compare the same configuration.
 
 On a CUDA device (skipped elsewhere; ``benchmarks/gpu_smoke.sh`` runs them on the lent GPU):
 - two iterations with graphs train the same parameters as eager (fp32, bf16-mixed, 16-mixed;
@@ -25,7 +28,6 @@ On a CUDA device (skipped elsewhere; ``benchmarks/gpu_smoke.sh`` runs them on th
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,9 +37,12 @@ from tensordict import TensorDict
 from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.cuda_graphs import CapturedGradients, _capturable, move_distribution_kwargs
+from awr_modules.execution import CudaGraphs, PlainSteps
 from awr_recipes.classic_control import ClassicControl
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAPHS = ["--model.execution=awr_modules.execution.CudaGraphs", "--model.execution.init_args.compile=false"]
+"""CUDA graphs of the eager loss (the old ``cudagraphs=true`` with ``compile=false``): warm-up 2."""
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -84,18 +89,37 @@ def test_captured_function_detaches_and_turns_the_autocast_cache_off():
     assert not out["loss"].requires_grad
 
 
+def _optimizers(module: AWRModule) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    return (torch.optim.SGD(module.actor.parameters(), lr=0.1), torch.optim.SGD(module.critic.parameters(), lr=0.1))
+
+
 def test_cudagraphs_under_ddp_fails_with_a_clear_message():
-    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), cudagraphs=True)
-    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    with pytest.raises(ValueError, match="cudagraphs is for a single device.*DDP"):
-        module._captured_gradients()
+    """The module's iteration binds its execution at the start of training with the trainer's world size."""
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), execution=CudaGraphs())
+    with pytest.raises(ValueError, match="CUDA graphs are for a single device.*DDP"):
+        module.awr.bind(*_optimizers(module), PlainSteps(), device="cpu", world_size=2)
 
 
 def _fit(tmp_path, name: str, extra: list[str], epochs: int = 2) -> list[torch.Tensor]:
     args = tiny_args(tmp_path / name, epochs=epochs,
-                     extra=["--model.critic_steps=8", "--model.actor_steps=8", *extra])
+                     extra=["--model.value_phase.steps=8", "--model.policy_phase.steps=8", *extra])
     cli = cli_main(["fit", *args, "--seed_everything=0"])
     return [p.detach().float().cpu().clone() for p in cli.model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def eager_fit(tmp_path_factory):
+    """``eager_fit(extra, epochs)``: the parameters after an eager fit of that configuration, fitted once per
+    module and shared by every test that compares with it (a fit is seeded by ``--seed_everything=0``)."""
+    fitted: dict[tuple, list[torch.Tensor]] = {}
+
+    def fit(extra: list[str], epochs: int = 2) -> list[torch.Tensor]:
+        key = (tuple(extra), epochs)
+        if key not in fitted:
+            fitted[key] = _fit(tmp_path_factory.mktemp("eager"), "eager", extra, epochs=epochs)
+        return [p.clone() for p in fitted[key]]
+
+    return fit
 
 
 def _spy_on_graphs(monkeypatch) -> list:
@@ -112,20 +136,42 @@ def _spy_on_graphs(monkeypatch) -> list:
     return graphs
 
 
-def test_cudagraphs_on_a_cpu_warns_and_builds_no_graph(tmp_path, monkeypatch):
-    """On a CPU ``cudagraphs=true`` is refused with a warning: no ``CapturedGradients`` is built or called,
-    so the phases run the eager path and train the same parameters as without the flag."""
+def _replace_captured_gradients(monkeypatch, make) -> list:
+    """Have every ``CudaGraphs.bind`` (on a CPU: its warning silenced) end with ``make()`` as its graph cache, as
+    on a CUDA device; returns the caches given, one per bind."""
+    bound = []
+    original = CudaGraphs.bind
+
+    def bind(self, *args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="CudaGraphs: CUDA graphs need a CUDA device")
+            original(self, *args, **kwargs)
+        self._captured = make()
+        bound.append(self._captured)
+
+    monkeypatch.setattr(CudaGraphs, "bind", bind)
+    return bound
+
+
+def test_cudagraphs_on_a_cpu_warns_and_builds_no_graph(tmp_path, monkeypatch, eager_fit):
+    """On a CPU ``CudaGraphs`` is refused with a warning: no ``CapturedGradients`` is built or called,
+    so the phases run the eager path and train the same parameters as ``Eager``."""
     accelerator = ["--trainer.accelerator=cpu"]
-    eager = _fit(tmp_path, "eager", accelerator)
+    eager = eager_fit(accelerator)
     graphs = _spy_on_graphs(monkeypatch)
     built = []
-    original = AWRModule._captured_gradients
-    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: built.append(original(module)) or built[-1])
+    original = CudaGraphs.bind
+
+    def bind(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self._captured)
+
+    monkeypatch.setattr(CudaGraphs, "bind", bind)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graphed = _fit(tmp_path, "graphed", [*accelerator, "--model.cudagraphs=true"])
-    assert any("cudagraphs needs a CUDA device" in str(w.message) for w in caught)
-    assert built == [None]  # asked once, at setup; nothing to capture with
+        graphed = _fit(tmp_path, "graphed", [*accelerator, *GRAPHS])
+    assert any("CUDA graphs need a CUDA device" in str(w.message) for w in caught)
+    assert built == [None]  # bound once, at the start of training; nothing to capture with
     assert graphs == []
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
@@ -133,12 +179,14 @@ def test_cudagraphs_on_a_cpu_warns_and_builds_no_graph(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(("compile", "warmup"), [(False, 2), (True, 3)])
 def test_a_single_cuda_device_gets_captured_gradients_with_the_warmup_compile_needs(compile, warmup):
-    """The choice made at setup, with the trainer faked: no CUDA device is touched to build the cache."""
-    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), cudagraphs=True, compile=compile)
-    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
-    captured = module._captured_gradients()
+    """The choice made when the module's iteration binds its execution to a CUDA device: no CUDA device is
+    touched to build the cache."""
+    module = AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), execution=CudaGraphs(compile=compile))
+    module.awr.bind(*_optimizers(module), PlainSteps(), device=torch.device("cuda", 0), world_size=1)
+    captured = module.awr.execution._captured
     assert isinstance(captured, CapturedGradients)
     assert captured.warmup == warmup
+    assert module.awr.execution.compiles is compile
 
 
 class _EagerGraphs:
@@ -187,18 +235,20 @@ def test_capture_receives_a_detached_step_and_preallocated_gradients(monkeypatch
 
 @pytest.mark.parametrize(("extra", "epochs", "captures"), [
     ([], 2, 4),  # the buffer grows every iteration: each phase recaptures every iteration
-    ([f"--model.buffer_size={FRAMES}", "--trainer.check_val_every_n_epoch=100"], 3, 2),  # full, no evaluation
+    ([f"--model.data.init_args.buffer_size={FRAMES}", "--trainer.check_val_every_n_epoch=100"], 3, 2),  # full, no eval
 ], ids=["growing_buffer", "full_buffer"])
-def test_the_graphed_path_with_eager_replay_trains_like_eager(tmp_path, monkeypatch, extra, epochs, captures):
-    """The module's graphed path (gradients zeroed in place, optimizer step outside the graph, one cache of
-    graphs per phase) on a CPU, with ``CudaGraphModule`` replaced by eager replay: it trains exactly the
+def test_the_graphed_path_with_eager_replay_trains_like_eager(tmp_path, monkeypatch, eager_fit, extra, epochs,
+                                                              captures):
+    """The graphed path of ``CudaGraphs`` (gradients zeroed in place, optimizer step outside the graph, one cache
+    of graphs per phase) on a CPU, with ``CudaGraphModule`` replaced by eager replay: it trains exactly the
     parameters of the eager path, and builds a new graph only when what a graph reads moved."""
     cpu = ["--trainer.accelerator=cpu", *extra]
-    eager = _fit(tmp_path, "eager", cpu, epochs=epochs)
+    eager = eager_fit(cpu, epochs=epochs)
     graphs = _EagerGraphs()
     monkeypatch.setattr("awr_modules.cuda_graphs.CudaGraphModule", graphs)
-    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: CapturedGradients(warmup=2))
-    graphed = _fit(tmp_path, "graphed", [*cpu, "--model.cudagraphs=true"], epochs=epochs)
+    bound = _replace_captured_gradients(monkeypatch, lambda: CapturedGradients(warmup=2))
+    graphed = _fit(tmp_path, "graphed", [*cpu, *GRAPHS], epochs=epochs)
+    assert len(bound) == 1
     assert len(graphs.built) == captures
     assert sum(graph["calls"] for graph in graphs.built) == 2 * 8 * epochs  # 8 steps per phase, 2 phases
     for a, b in zip(eager, graphed, strict=True):
@@ -216,7 +266,7 @@ def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision,
            f"--model.recipe.init_args.policy={policy}"]
     eager = _fit(tmp_path, "eager", gpu)
     assert not graphs
-    graphed = _fit(tmp_path, "graphed", [*gpu, "--model.cudagraphs=true"])
+    graphed = _fit(tmp_path, "graphed", [*gpu, *GRAPHS])
     assert graphs and all(hasattr(graph, "graph") for graph in graphs)  # each phase was captured
     for a, b in zip(eager, graphed, strict=True):
         assert torch.isfinite(b).all()
@@ -227,10 +277,10 @@ def test_cuda_graphs_train_like_eager_on_a_gpu(tmp_path, monkeypatch, precision,
 def test_a_full_buffer_replays_one_graph_per_phase_like_eager(tmp_path, monkeypatch):
     """The path of a long run: buffer full, no evaluation between iterations, graphs reused across iterations."""
     graphs = _spy_on_graphs(monkeypatch)
-    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--model.buffer_size={FRAMES}",
+    gpu = ["--trainer.accelerator=gpu", "--trainer.devices=1", f"--model.data.init_args.buffer_size={FRAMES}",
            "--trainer.check_val_every_n_epoch=100"]
     eager = _fit(tmp_path, "eager", gpu, epochs=3)
-    graphed = _fit(tmp_path, "graphed", [*gpu, "--model.cudagraphs=true"], epochs=3)
+    graphed = _fit(tmp_path, "graphed", [*gpu, *GRAPHS], epochs=3)
     assert len(graphs) == 6 and len({id(graph) for graph in graphs}) == 2  # 3 iterations x 2 phases, 2 graphs
     for a, b in zip(eager, graphed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -258,8 +308,8 @@ def test_graphed_steps_keep_their_gradient_tensors(tmp_path, monkeypatch):
     """The call that captures a graph computes its gradients eagerly; they must stay in the tensors the
     graph writes (zeroed in place, never reset to None), or that step's optimizer update reads garbage."""
     recorder = _GradientIdentities()
-    monkeypatch.setattr(AWRModule, "_captured_gradients", lambda module: recorder)
-    _fit(tmp_path, "persist", ["--trainer.accelerator=cpu", "--model.cudagraphs=true"])
+    _replace_captured_gradients(monkeypatch, lambda: recorder)
+    _fit(tmp_path, "persist", ["--trainer.accelerator=cpu", *GRAPHS])
     assert [phase for phase, _ in recorder.runs] == ["value", "policy"] * 2
     for phase, identities in recorder.runs:
         assert len(identities) == 8

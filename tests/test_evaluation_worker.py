@@ -1,4 +1,5 @@
-"""``evaluation: async``: a worker process evaluates snapshots of the policy while training goes on.
+"""``model.evaluator: awr_modules.evaluators.InWorker``: a worker process evaluates snapshots of the policy while
+training goes on.
 
 Pinned: a snapshot's result equals evaluating that snapshot in the process (same episodes, same
 returns), weights changed after ``submit`` do not reach it, results come back in order tagged with
@@ -12,18 +13,18 @@ import csv
 import os
 import signal
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning_helpers import FRAMES, checkpoint_dir, load_checkpoint, tiny_args
 
-from awr_modules import AWRModule
 from awr_modules.cli import cli_main
 from awr_modules.evaluation_worker import EvaluationWorker
 from awr_recipes.classic_control import ClassicControl
 
-ASYNC_EVAL = ["--model.evaluation=async"]
+ASYNC_EVAL = ["--model.evaluator=awr_modules.evaluators.InWorker"]
 
 
 def _kill_worker(worker: EvaluationWorker) -> None:
@@ -87,19 +88,27 @@ def test_fit_logs_each_snapshot_at_its_env_steps(tmp_path):
 class KillEvaluationWorkerAfterFirstIteration(pl.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if module.iteration == 1:
-            _kill_worker(module.runtime.evaluator)
+            _kill_worker(module.evaluator._worker)
 
 
 def test_a_dead_evaluation_worker_stops_training_and_the_run_resumes(tmp_path):
+    """The worker dies after the first iteration; the second iteration's evaluation (or, should the pool notice the
+    death late, the end of training's wait) finds it dead. The resumed run then trains one more iteration with a new
+    worker."""
     killer = [f"--trainer.callbacks+={__name__}.KillEvaluationWorkerAfterFirstIteration"]
-    with pytest.raises(RuntimeError, match=r"evaluation worker process (failed|died).*--ckpt_path last"):
-        cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=[*ASYNC_EVAL, *killer])])
+    with pytest.raises(RuntimeError, match=r"InWorker: the evaluation worker process (failed|died).*--ckpt_path last"):
+        cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=[*ASYNC_EVAL, *killer])])
     saved = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]
-    assert saved["iteration"] >= 1  # a checkpoint written before the failure is intact
-    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=ASYNC_EVAL), "--ckpt_path=last"])
-    assert (resumed.model.iteration, resumed.model.env_steps) == (3, 3 * FRAMES)
+    assert saved["iteration"] in (1, 2) and saved["env_steps"] == saved["iteration"] * FRAMES  # written before it
+    epochs = saved["iteration"] + 1
+    resumed = cli_main(["fit", *tiny_args(tmp_path, epochs=epochs, extra=ASYNC_EVAL), "--ckpt_path=last"])
+    assert (resumed.model.iteration, resumed.model.env_steps) == (epochs, epochs * FRAMES)
+    assert [float(row["env_steps"]) for row in _eval_rows(tmp_path)][-1] == epochs * FRAMES  # the new worker's
 
 
-def test_evaluation_must_be_sync_or_async():
-    with pytest.raises(ValueError, match="evaluation must be 'sync' or 'async'"):
-        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), evaluation="threads")
+@pytest.mark.parametrize("evaluator", ["threads", "awr_modules.data.Collected"])  # no class; a class, no evaluator
+def test_the_evaluator_must_be_in_process_or_in_a_worker(capsys, evaluator):
+    """The CLI refuses an evaluator that is neither part, before building anything, naming the field."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *tiny_args(Path("unused"), extra=[f"--model.evaluator={evaluator}"])])
+    assert "model.evaluator" in capsys.readouterr().err
