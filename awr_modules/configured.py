@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -80,7 +81,12 @@ class AWRCLI(LightningCLI):
         """Keep the config's parts with ``--ckpt_path``: Lightning's CLI would apply a checkpoint's saved
         hyperparameters over the config, but ``AWRModule`` saves none (its parts are the config, which a run saves
         beside its logs), and the flat hyperparameters a 0.1.0 checkpoint holds name no field of this version's
-        config. The checkpoint itself is checked when it loads (:func:`~awr_modules.run_state.checked_run_state`)."""
+        config. The file is read here all the same, so that an unreadable one fails before anything is built; its
+        contents are checked when it loads (:func:`~awr_modules.run_state.checked_run_state`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            torch.load(ckpt_path, weights_only=True, map_location="cpu")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.config.get("subcommand"), self.config) if "subcommand" in self.config \

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tensordict import TensorDictBase
@@ -170,9 +171,20 @@ class AWRIteration:
                 "train/buffer_weight_ess": effective_sample_size(advantage, beta, max_weight),
                 "train/buffer_weight_kl": kl_from_behaviour(advantage, beta, max_weight)}
 
-    def state_dict(self) -> dict[str, int]:
-        """The run's counters (the parts keep their own state)."""
-        return {"env_steps": self.env_steps, "iteration": self.iteration}
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to go on exactly: the counters, the observation statistics, and this process's
+        buffer and RNG states (``rank``) and the dataset's identity (the parts' weights are the loss's)."""
+        data = self.data.state_dict()
+        return {"env_steps": self.env_steps, "iteration": self.iteration,
+                "normalizers": [self.statistics.state_dict()] if self.statistics is not None else [],
+                "rank": data["rank"], "dataset": data["dataset"]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s counters and statistics, and, where it holds one, a ``rank`` state."""
         self.env_steps, self.iteration = int(state["env_steps"]), int(state["iteration"])
+        if self.statistics is not None and state.get("normalizers"):
+            self.statistics.load_state_dict(state["normalizers"][0], self.env_steps)
+        if state.get("rank") is not None:
+            loss = self.loss
+            self.data.load_state_dict(state["rank"], state.get("dataset"),
+                                      loss.sampling_priority if loss.samples_by_weight else None)

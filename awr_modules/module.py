@@ -10,9 +10,7 @@ precision, DDP, checkpoints and logging stay Lightning's.
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -21,7 +19,6 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase
 from torch.utils.data import DataLoader
 
 from awr_modules.cuda_graphs import move_distribution_kwargs
@@ -33,21 +30,12 @@ from awr_modules.evaluators import InProcess
 from awr_modules.execution import Eager, Execution
 from awr_modules.iteration import AWRIteration, IterationResult
 from awr_modules.lightning_steps import LightningSteps
-from awr_modules.loss import AWRLoss
+from awr_modules.loss_factory import LossFactory, build_loss
 from awr_modules.phases import Phase
 from awr_modules.recipe import Recipe
 from awr_modules.run_state import CHECKPOINT_KEY, FORMAT_VERSION, checked_run_state, env_signature, own_rank_state
 from awr_modules.targets import TDLambda, ValueTargets
 from awr_modules.temperature import Fixed, Temperature
-
-LossFactory = Callable[[TensorDictModuleBase, TensorDictModuleBase], AWRLoss]
-"""Builds the loss on the recipe's actor and critic: in YAML a ``class_path`` (``awr_modules.AWRLoss``) with the
-loss's own settings as ``init_args``."""
-
-_SET_BY_THE_MODULE = {"temperature": "model.temperature", "value_scale": "model.targets.init_args.value_scale",
-                      "normalize_advantage": "model.targets.init_args.normalize_advantage",
-                      "check_inputs": None, "functional": None, "reduction": None}
-"""AWRLoss arguments that other parts own (their home in the config), or that the phases fix."""
 
 
 def _reference_sgd(lr: float) -> OptimizerCallable:
@@ -119,7 +107,7 @@ class AWRModule(pl.LightningModule):
         self.actor, self.critic = recipe.make_networks(spec_env, targets.value_scale)
         self.env_signature = env_signature(spec_env)
         spec_env.close()
-        self.loss_module = _build_loss(loss, self.actor, self.critic, targets.value_scale)
+        self.loss_module = build_loss(loss, self.actor, self.critic, targets.value_scale)
         self.evaluator = evaluator if evaluator is not None else InProcess()
         self.awr = AWRIteration(self.loss_module, data, targets, temperature if temperature is not None else Fixed(),
                                 value_phase, policy_phase, execution if execution is not None else Eager())
@@ -281,29 +269,20 @@ class AWRModule(pl.LightningModule):
 
     # ---------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store what Lightning does not (:mod:`awr_modules.run_state`): the format's version, counters, observation
-        statistics, the env signature, every rank's replay buffer and RNG states (gathered: Lightning writes rank
-        0's), and the dataset's identity."""
-        statistics, data = self.awr.statistics, self.awr.data.state_dict()
-        checkpoint[CHECKPOINT_KEY] = {
-            "version": FORMAT_VERSION, "env_id": self.recipe.env_id, "signature": self.env_signature,
-            **self.awr.state_dict(),
-            "normalizers": [statistics.state_dict()] if statistics is not None else [],
-            "ranks": gather_rank_states(data["rank"], self.trainer.world_size), "dataset": data["dataset"]}
+        """Store what Lightning does not (:mod:`awr_modules.run_state`): the format's version, the task, and the
+        iteration's state, with every rank's buffer and RNG states gathered (Lightning writes rank 0's)."""
+        state = self.awr.state_dict()
+        ranks = gather_rank_states(state.pop("rank"), self.trainer.world_size)
+        checkpoint[CHECKPOINT_KEY] = {"version": FORMAT_VERSION, "env_id": self.recipe.env_id,
+                                      "signature": self.env_signature, **state, "ranks": ranks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another task, shape or format before any weight is loaded, then restore the run."""
         state = checked_run_state(checkpoint, self.recipe.env_id, self.env_signature, self.state_dict(),
                                   resume=self.trainer.state.fn == "fit")
         self._starts_from_init = False  # a resumed run continues from its own checkpoint
-        self.awr.load_state_dict(state)
-        statistics = self.awr.statistics
-        if statistics is not None and state["normalizers"]:
-            statistics.load_state_dict(state["normalizers"][0], self.env_steps)
-        own = own_rank_state(state["ranks"], self.trainer.world_size, self.global_rank)
-        loss = self.loss_module
-        self.awr.data.load_state_dict(own, state.get("dataset"), loss.sampling_priority if loss.samples_by_weight
-                                      else None)
+        rank = own_rank_state(state["ranks"], self.trainer.world_size, self.global_rank)
+        self.awr.load_state_dict({**state, "rank": rank})
 
     # ------------------------------------------------------------ teardown
     def teardown(self, stage: str) -> None:
@@ -313,22 +292,6 @@ class AWRModule(pl.LightningModule):
         """Shut the collection and evaluation workers down, where there are any."""
         self.evaluator.stop()
         self.awr.data.stop(after_failure=after_failure)
-
-
-def _build_loss(factory: LossFactory | None, actor: TensorDictModuleBase, critic: TensorDictModuleBase,
-                value_scale: float) -> AWRLoss:
-    """The loss on ``actor`` and ``critic``, its networks called as they are (no parameter swap per minibatch)
-    and its inputs checked once per phase instead of once per step. Settings that other parts own are refused
-    in the loss's ``init_args``, naming their home."""
-    if factory is None:
-        factory = partial(AWRLoss, action_bound_penalty=None)  # the reference's penalty for the recipe's actor
-    defaults = inspect.signature(AWRLoss).parameters
-    for name, home in _SET_BY_THE_MODULE.items():
-        given = getattr(factory, "keywords", {}).get(name, defaults[name].default)
-        if given != defaults[name].default:
-            where = f"set it in {home}" if home else "the module fixes it"
-            raise ValueError(f"model.loss.init_args.{name}={given!r}: {where}, and leave it out of model.loss.")
-    return factory(actor, critic, value_scale=value_scale, check_inputs=False, functional=False)
 
 
 class _StopWorkersOnException(pl.Callback):
