@@ -167,6 +167,8 @@ class Collected(DataSource):
                              ("buffer_size", buffer_size)):
             if value < 1:
                 raise ValueError(f"{name}: {field} must be >= 1, got {value}.")
+        if not isinstance(asynchronous, bool):
+            raise TypeError(f"{name}: asynchronous must be true or false, got {asynchronous!r}.")
         if frames_per_iteration % num_envs:
             raise ValueError(f"{name}: frames_per_iteration ({frames_per_iteration}) must be a multiple of num_envs "
                              f"({num_envs}): each env contributes the same number of steps.")

@@ -95,6 +95,14 @@ class AWRModule(pl.LightningModule):
         super().__init__()
         data = data if data is not None else Collected()
         targets = targets if targets is not None else TDLambda()
+        temperature = temperature if temperature is not None else Fixed()
+        evaluator = evaluator if evaluator is not None else InProcess()
+        execution = execution if execution is not None else Eager()
+        for field, part, kind in (("data", data, DataSource), ("targets", targets, ValueTargets),
+                                  ("temperature", temperature, Temperature), ("evaluator", evaluator, InProcess),
+                                  ("execution", execution, Execution)):
+            if not isinstance(part, kind):
+                raise TypeError(f"AWRModule: model.{field} must be a {kind.__name__} part, got {part!r}.")
         if not data.collects and max_env_steps is not None:
             rank_zero_warn(f"AWRModule: max_env_steps counts collected env steps and model.data "
                            f"({type(data).__name__}) collects none; bound the run with trainer.max_epochs.")
@@ -108,9 +116,8 @@ class AWRModule(pl.LightningModule):
         self.env_signature = env_signature(spec_env)
         spec_env.close()
         self.loss_module = build_loss(loss, self.actor, self.critic, targets.value_scale)
-        self.evaluator = evaluator if evaluator is not None else InProcess()
-        self.awr = AWRIteration(self.loss_module, data, targets, temperature if temperature is not None else Fixed(),
-                                value_phase, policy_phase, execution if execution is not None else Eager())
+        self.evaluator = evaluator
+        self.awr = AWRIteration(self.loss_module, data, targets, temperature, value_phase, policy_phase, execution)
         self._starts_from_init = False
         self.last_iteration: IterationResult | None = None  # what the last training step left (callbacks read it)
 

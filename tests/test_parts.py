@@ -46,6 +46,16 @@ def test_each_part_refuses_its_bad_arguments(build, message):
         build()
 
 
+def test_the_module_refuses_a_part_of_the_wrong_kind():
+    from awr_modules import AWRModule
+    from awr_recipes.classic_control import ClassicControl
+
+    with pytest.raises(TypeError, match="model.data must be a DataSource part, got 'threads'"):
+        AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), data="threads")
+    with pytest.raises(TypeError, match="asynchronous must be true or false"):
+        Collected(asynchronous="threads")
+
+
 def test_value_scale_defaults_to_the_reference_and_targets_attach_their_estimator():
     assert TDLambda(gamma=0.99).value_scale == pytest.approx(100.0)
     assert TDLambda(gamma=0.9, value_scale=3.0).value_scale == 3.0
