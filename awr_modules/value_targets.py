@@ -66,7 +66,9 @@ def chronological_indices(buffer: ReplayBuffer) -> torch.Tensor:
     oldest transition sits at the write cursor.
     """
     size = len(buffer)
-    cursor = int(buffer._writer._cursor) % max(size, 1)  # TorchRL keeps the ring's cursor on its writer
+    # the ring's write position, as the writer's own state holds it (restored with a checkpoint's buffer on every
+    # torchrl this project supports, where the total write count is not restored on 0.12)
+    cursor = int(buffer.writer.state_dict()["_cursor"]) % max(size, 1)
     return (cursor + torch.arange(size)) % max(size, 1)
 
 
