@@ -452,3 +452,22 @@ def test_a_checkpoint_of_version_0_1_0_loads_its_networks_and_is_refused_for_res
             torch.testing.assert_close(started.model.state_dict()[key], value)
     with pytest.raises(ValueError, match=r"written by torchrl-awr 0.1.0.*--model.init_from"):
         cli_main(["fit", *tiny_args(tmp_path / "resume", epochs=2), f"--ckpt_path={old}"])
+
+
+def test_episodes_that_end_in_an_iteration_log_their_return_and_length(tmp_path):
+    """CartPole's untrained policy ends episodes within an iteration: ``train/return`` and ``train/episode_length``
+    are the means over the episodes that ended in the collected batch (CartPole pays 1 per step: equal)."""
+    cartpole = str(REPO / "configs" / "cartpole.yaml")
+    args = [cartpole if arg == str(CONFIG) else arg for arg in tiny_args(tmp_path, epochs=1)]
+    cli = cli_main(["fit", *args, "--model.data.init_args.frames_per_iteration=256"])
+    batch = cli.model.last_iteration.batch
+    done = batch["next", "done"]
+    assert done.sum() >= 8  # 8 envs of 32 steps each: every env ended an episode
+    expected_return = batch["next", "episode_reward"][done].float().mean()
+    expected_length = batch["next", "step_count"][done].float().mean()
+    with (checkpoint_dir(tmp_path).parent / "version_0" / "metrics.csv").open() as f:
+        logged = [row for row in csv.DictReader(f) if row.get("train/return")]
+    assert len(logged) == 1
+    assert float(logged[0]["train/return"]) == pytest.approx(float(expected_return), rel=1e-6)
+    assert float(logged[0]["train/episode_length"]) == pytest.approx(float(expected_length), rel=1e-6)
+    assert float(logged[0]["train/return"]) == pytest.approx(float(logged[0]["train/episode_length"]), rel=1e-6)
