@@ -471,3 +471,12 @@ def test_episodes_that_end_in_an_iteration_log_their_return_and_length(tmp_path)
     assert float(logged[0]["train/return"]) == pytest.approx(float(expected_return), rel=1e-6)
     assert float(logged[0]["train/episode_length"]) == pytest.approx(float(expected_length), rel=1e-6)
     assert float(logged[0]["train/return"]) == pytest.approx(float(logged[0]["train/episode_length"]), rel=1e-6)
+
+
+def test_an_init_from_checkpoint_of_another_task_is_refused_before_any_step(tmp_path):
+    _fit(tmp_path, epochs=1)
+    other = ["--model.recipe.init_args.env_id=MountainCarContinuous-v0",
+             f"--model.init_from={checkpoint_dir(tmp_path) / 'last.ckpt'}"]
+    with pytest.raises(ValueError, match="checkpoint is for env 'Pendulum-v1'.*MountainCarContinuous-v0"):
+        cli_main(["fit", *tiny_args(tmp_path / "other", epochs=1, extra=other)])
+    assert not list((tmp_path / "other").rglob("*.ckpt"))
