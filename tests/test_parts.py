@@ -131,3 +131,11 @@ def test_a_config_of_parts_builds_the_module_it_names(tmp_path):
     actor_optimizer, critic_optimizer = module.configure_optimizers()[0]
     assert type(actor_optimizer) is torch.optim.Adam and actor_optimizer.defaults["lr"] == 0.003
     assert type(critic_optimizer) is torch.optim.SGD and critic_optimizer.defaults["momentum"] == 0.9
+
+
+def test_offline_data_without_a_dataset_cannot_be_written(tmp_path, capsys):
+    """Training offline needs a dataset: MinariDataset's dataset_id has no default, and the parser names it."""
+    with pytest.raises(SystemExit):
+        cli_main([*tiny_args(tmp_path, extra=["--model.data=awr_modules.data.MinariDataset"]),
+                  "--trainer.logger=false"], run=False)
+    assert "dataset_id" in capsys.readouterr().err
