@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
@@ -42,6 +43,17 @@ def _reference_sgd(lr: float) -> OptimizerCallable:
     return partial(torch.optim.SGD, lr=lr, momentum=0.9)
 
 
+_PART_CLASSES = {"data": Collected, "targets": TDLambda, "temperature": Fixed, "evaluator": InProcess,
+                 "execution": Eager}
+_DEFAULT_PARTS = {name: lazy_instance(part) for name, part in _PART_CLASSES.items()}
+"""The parts' defaults, as LightningCLI shows them (``--print_config``) and builds them (a fresh one per run)."""
+
+
+def _own(part: Any, name: str) -> Any:
+    """``part``, or a fresh default where a Python caller left the shared default in place (parts hold state)."""
+    return _PART_CLASSES[name]() if part is _DEFAULT_PARTS[name] else part
+
+
 class AWRModule(pl.LightningModule):
     """Advantage-Weighted Regression (Peng et al., 2019), one AWR iteration per Lightning epoch.
 
@@ -50,6 +62,7 @@ class AWRModule(pl.LightningModule):
 
     Keyword Args:
         data: where transitions come from (default: online collection, :class:`~awr_modules.data.Collected`).
+            Each part's default is a fresh instance per module.
         targets: the value targets and their refresh (default: TD(lambda), :class:`~awr_modules.targets.TDLambda`).
         temperature: ``beta`` of ``exp(A / beta)`` (default: fixed at 1, :class:`~awr_modules.temperature.Fixed`).
         loss: builds the :class:`~awr_modules.AWRLoss` on the recipe's networks, with the loss's own settings
@@ -76,9 +89,9 @@ class AWRModule(pl.LightningModule):
         self,
         recipe: Recipe,
         *,
-        data: DataSource | None = None,
-        targets: ValueTargets | None = None,
-        temperature: Temperature | None = None,
+        data: DataSource = _DEFAULT_PARTS["data"],
+        targets: ValueTargets = _DEFAULT_PARTS["targets"],
+        temperature: Temperature = _DEFAULT_PARTS["temperature"],
         loss: LossFactory | None = None,
         value_phase: Phase = Phase(200, 256),  # noqa: B008 - frozen
         policy_phase: Phase = Phase(1000, 256),  # noqa: B008 - frozen
@@ -86,18 +99,16 @@ class AWRModule(pl.LightningModule):
         critic_optimizer: OptimizerCallable | None = None,
         actor_scheduler: LRSchedulerCallable | None = None,
         critic_scheduler: LRSchedulerCallable | None = None,
-        evaluator: InProcess | None = None,
-        execution: Execution | None = None,
+        evaluator: InProcess = _DEFAULT_PARTS["evaluator"],
+        execution: Execution = _DEFAULT_PARTS["execution"],
         max_env_steps: int | None = None,
         seed: int | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        data = data if data is not None else Collected()
-        targets = targets if targets is not None else TDLambda()
-        temperature = temperature if temperature is not None else Fixed()
-        evaluator = evaluator if evaluator is not None else InProcess()
-        execution = execution if execution is not None else Eager()
+        data, targets, temperature, evaluator, execution = (
+            _own(part, name) for part, name in ((data, "data"), (targets, "targets"), (temperature, "temperature"),
+                                                (evaluator, "evaluator"), (execution, "execution")))
         for field, part, kind in (("data", data, DataSource), ("targets", targets, ValueTargets),
                                   ("temperature", temperature, Temperature), ("evaluator", evaluator, InProcess),
                                   ("execution", execution, Execution)):

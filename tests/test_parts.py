@@ -54,6 +54,11 @@ def test_the_module_refuses_a_part_of_the_wrong_kind():
         AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8]), data="threads")
     with pytest.raises(TypeError, match="asynchronous must be true or false"):
         Collected(asynchronous="threads")
+    first, second = (AWRModule(ClassicControl("Pendulum-v1", hidden_sizes=[8])) for _ in range(2))
+    for a, b in ((first.awr.data, second.awr.data), (first.awr.targets, second.awr.targets),
+                 (first.evaluator, second.evaluator), (first.awr.execution, second.awr.execution)):
+        assert type(a) is type(b) and a is not b  # parts hold state: each module its own default
+    assert type(first.awr.data) is Collected and type(first.awr.execution) is Eager
 
 
 def test_value_scale_defaults_to_the_reference_and_targets_attach_their_estimator():
