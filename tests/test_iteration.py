@@ -19,7 +19,7 @@ from tensordict import TensorDict
 
 from awr_modules import AWRLoss, make_replay_buffer
 from awr_modules.data import GivenBuffers
-from awr_modules.execution import Compiled, Eager, PlainSteps
+from awr_modules.execution import Eager, PlainSteps
 from awr_modules.iteration import AWRIteration
 from awr_modules.phases import Phase, phase_inputs
 from awr_modules.targets import TDLambda
@@ -128,19 +128,6 @@ def test_the_second_refresh_of_an_unchanged_critic_runs_it_on_the_newest_next_st
     rows.clear()
     iteration.targets.refresh_targets(iteration.data.buffers, iteration.loss, [None])
     assert sum(rows) == ROWS + 1
-
-
-def test_compiled_execution_takes_the_eager_steps():
-    eager, _ = _parts()
-    compiled, _ = _parts()
-    compiled.execution = Compiled(fused_steps=2)
-    compiled.bind(*compiled._optimizers.values(), PlainSteps())
-    assert compiled.execution.fuses
-    for iteration in (eager, compiled):
-        torch.manual_seed(5)
-        iteration.run()
-    for a, b in zip(eager.loss.parameters(), compiled.loss.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_zero_steps_take_no_step_and_the_counters_resume():
