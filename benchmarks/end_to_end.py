@@ -16,8 +16,14 @@ reported. From two iteration counts, the seconds per further iteration (slope) a
 ``--budget`` env steps: seconds at the larger count plus the remaining iterations at that slope. From one
 count (e.g. 489 HalfCheetah iterations: 1M env steps), the whole runs compared as they are.
 
-Writes ``<out>/end_to_end_<task>.csv`` (every run; ``--out`` defaults to ``benchmarks/results``) and prints a
-markdown table.
+``--variant-checkout NAME=DIR`` runs the variant NAME from another checkout of this repository (e.g. the
+last commit before a change, ``git worktree add DIR COMMIT``): ``awr fit`` with DIR first on ``PYTHONPATH``
+(its ``awr_modules``, and its ``recipes/`` as ``awr_recipes``, which the installed package would otherwise map
+to this checkout's), in DIR, with DIR's own copy of ``--config``; the variant's overrides are in that
+checkout's config shape. ``--no-plain`` leaves the plain loop out (the ratios are then to the first variant).
+
+Writes ``<out>/end_to_end_<task>[_<tag>].csv`` (every run, with the commit each ran; ``--out`` defaults to
+``benchmarks/results``) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -74,11 +81,27 @@ def fit_command(config: Path, iterations: int, overrides: list[str], out: str) -
             "--model.max_env_steps=null", *overrides]
 
 
-def seconds_of(command: list[str]) -> float:
+def commit_of(checkout: Path) -> str:
+    """The short commit of ``checkout`` (with ``+changes`` when its tracked files differ from it)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], check=True, capture_output=True,
+                              text=True).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
+
+
+def checkout_env(checkout: Path, shim: Path) -> dict[str, str]:
+    """The environment of an ``awr fit`` of ``checkout``: the checkout, then ``shim`` (its ``awr_recipes``, a link
+    to the checkout's ``recipes/``) first on ``PYTHONPATH``, ahead of the installed package's mapping."""
+    (shim / "awr_recipes").symlink_to(checkout / "recipes", target_is_directory=True)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), str(shim),
+                                                                      os.environ.get("PYTHONPATH")]))}
+
+
+def seconds_of(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     """Wall-clock of ``command`` from its start to its exit; its output goes to a log that is shown on failure."""
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
-        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
+        finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False, env=env, cwd=cwd)
         seconds = time.perf_counter() - start
         if finished.returncode:
             log.seek(0)
@@ -90,35 +113,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDES (space-separated)")
+    parser.add_argument("--variant-checkout", action="append", default=[],
+                        help="NAME=DIR: the variant NAME runs `awr fit` of the checkout DIR")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the plain loop")
+    parser.add_argument("--tag", default="", help="suffix of the CSV's name: end_to_end_<task>_<tag>.csv")
     parser.add_argument("--iterations", type=int, nargs="+", default=[25, 50],
                         help="one count (whole runs, compared as they are) or two (a slope and a projection)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budget", type=float, default=1e6, help="env steps of the projection")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder of the CSV of every run")
     args = parser.parse_args()
-    settings = plain_settings(args.config)
-    variants = {PLAIN: None}
+    # the plain loop's settings, also the frames per iteration of a projection
+    settings = None if args.no_plain and len(args.iterations) == 1 else plain_settings(args.config)
+    variants = {} if args.no_plain else {PLAIN: None}
     for spec in args.variant or ["awr fit as shipped="]:
         name, _, overrides = spec.partition("=")
         variants[name] = overrides.split()
+    here = Path.cwd()
+    checkouts = {name: here for name in variants}
+    for spec in args.variant_checkout:
+        name, _, directory = spec.partition("=")
+        if name not in variants or variants[name] is None:
+            raise SystemExit(f"--variant-checkout {spec!r}: no --variant named {name!r}")
+        checkouts[name] = Path(directory).resolve()
+    commits = {name: commit_of(checkout) for name, checkout in checkouts.items()}
     task = args.config.stem
-    out_csv = args.out / f"end_to_end_{task}.csv"
+    out_csv = args.out / f"end_to_end_{task}{'_' + args.tag if args.tag else ''}.csv"
     out_csv.parent.mkdir(parents=True, exist_ok=True)
 
     runs = [(name, iterations) for iterations in args.iterations for name in variants]
     seconds: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     with out_csv.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["round", "variant", "iterations", "seconds"])
+        writer.writerow(["round", "variant", "commit", "iterations", "seconds"])
         for round_index in range(args.rounds):
             shift = round_index % len(runs)
             for name, iterations in runs[shift:] + runs[:shift]:
-                with tempfile.TemporaryDirectory() as out:
-                    command = (plain_command(settings, iterations) if variants[name] is None
-                               else fit_command(args.config, iterations, variants[name], out))
-                    taken = seconds_of(command)
+                with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as shim:
+                    env = cwd = None
+                    if variants[name] is None:
+                        command = plain_command(settings, iterations)
+                    elif checkouts[name] == here:
+                        command = fit_command(args.config, iterations, variants[name], out)
+                    else:  # the checkout's own config, modules and recipes
+                        cwd = checkouts[name]
+                        config = args.config if args.config.is_absolute() else cwd / args.config
+                        command = fit_command(config, iterations, variants[name], out)
+                        env = checkout_env(cwd, Path(shim))
+                    taken = seconds_of(command, env=env, cwd=cwd)
                 seconds[name, iterations].append(taken)
-                writer.writerow([round_index, name, iterations, f"{taken:.2f}"])
+                writer.writerow([round_index, name, commits[name], iterations, f"{taken:.2f}"])
                 f.flush()
                 print(f"round {round_index}: {name}, {iterations} iterations: {taken:.1f} s", flush=True)
 
@@ -139,17 +183,19 @@ def main() -> None:
     print(f"\n{task}: median of {args.rounds} rounds, wall-clock from process start; projection to "
           f"{args.budget:,.0f} env steps ({budget_iterations} iterations)\n")
     print_table(["run", f"{low} iterations (s)", f"{high} iterations (s)", "s per further iteration",
-                 "projected minutes", "of the plain loop"], rows)
+                 "projected minutes", "of the plain loop" if PLAIN in variants else f"of {next(iter(variants))}"], rows)
 
 
 def print_whole_runs(task: str, args: argparse.Namespace, variants: dict, seconds: dict) -> None:
     """One iteration count: each variant's median wall-clock and its ratio to the plain loop's, no projection."""
     (iterations,) = args.iterations
     median = {name: statistics.median(seconds[name, iterations]) for name in variants}
-    rows = [[name, f"{median[name]:.1f}", f"{median[name] / 60:.2f}", f"{median[name] / median[PLAIN]:.2f}x"]
-            for name in variants]
+    reference = next(iter(variants))  # the plain loop, or with --no-plain the first variant
+    rows = [[name, " / ".join(f"{s:.1f}" for s in seconds[name, iterations]), f"{median[name]:.1f}",
+             f"{median[name] / 60:.2f}", f"{median[name] / median[reference]:.2f}x"] for name in variants]
     print(f"\n{task}: {iterations} iterations, median of {args.rounds} rounds, wall-clock from process start\n")
-    print_table(["run", "seconds", "minutes", "of the plain loop"], rows)
+    print_table(["run", "seconds, by round", "median seconds", "minutes",
+                 "of the plain loop" if reference == PLAIN else f"of {reference}"], rows)
 
 
 if __name__ == "__main__":
