@@ -79,6 +79,7 @@ class DataSource:
         self._buffer: ReplayBuffer | None = None  # the FIFO buffer (collected, or a dataset's rows offline)
         self._dataset: ReplayBuffer | None = None  # a dataset's rows kept beside the FIFO buffer
         self.identity: DatasetIdentity | None = None
+        self._context: DataContext | None = None  # set by setup()
 
     # ------------------------------------------------------------ checks
     def check(self, *, samples_by_weight: bool, refresh_every: int) -> None:
@@ -108,7 +109,7 @@ class DataSource:
 
     def store(self, batch: TensorDictBase) -> list[torch.Tensor | None]:
         """Step 2: ``batch``'s transitions into the FIFO buffer; per buffer of :attr:`buffers`, the storage indices
-        written (``None`` where unknown)."""
+        written (``None`` for a buffer nothing was written to)."""
         raise NotImplementedError(f"{type(self).__name__} stores no collected transitions.")
 
     def publish(self, actor: torch.nn.Module) -> None:

@@ -80,7 +80,8 @@ class ValueTargets:
     def refresh_targets(self, buffers: list[ReplayBuffer], loss: LossModule,
                         written: list[torch.Tensor | None]) -> None:
         """Step 3: ``R`` over the stored paths with the critic as it is. ``written``: per buffer, the storage
-        indices stored in this iteration (``None``: unknown, all are stale)."""
+        indices stored in this iteration (``None``: nothing was written to it). Where every other stored ``V(s)``
+        is still the current critic's, the critic runs on the written rows only."""
         stale = None
         if self._values_current:
             empty = torch.empty(0, dtype=torch.long)
