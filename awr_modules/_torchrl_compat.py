@@ -1,4 +1,4 @@
-"""What ``AWRLoss`` needs from TorchRL's ``LossModule`` that torchrl 0.12 does not have yet.
+"""What ``AWRLoss`` needs from TorchRL and tensordict beyond their public calls, in one place.
 
 torchrl 0.13 added ``LossModule._reduce_loss`` (reduction that honours TorchRL's validity masks),
 ``LossModule.register_coeff_buffer`` and ``dispatch_value_estimator``. The package supports torchrl
@@ -6,13 +6,29 @@ torchrl 0.13 added ``LossModule._reduce_loss`` (reduction that honours TorchRL's
 first two with the same behaviour, and is placed *after* ``LossModule`` in ``AWRLoss``'s bases: where
 TorchRL has the method, TorchRL's is the one that runs; :func:`build_builtin_estimator` uses
 TorchRL's estimator registry where it exists.
+
+:func:`direct_call` and :func:`direct_distribution` evaluate a plain chain of ``TensorDictModule``
+objects on tensors, skipping the wrappers' per-call bookkeeping (see :class:`DirectCall`). They read two private
+attributes of ``TensorDictModule`` (``_kwargs``, ``_get_kwargs``); a test fails if tensordict renames them.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDictBase, TensorDictParams
+from tensordict.nn import (
+    ProbabilisticTensorDictModule,
+    ProbabilisticTensorDictSequential,
+    TensorDictModule,
+    TensorDictModuleBase,
+    TensorDictSequential,
+    skip_existing,
+)
 from tensordict.utils import NestedKey
+from torch import distributions as d
+from torch import nn
 from torchrl.objectives.utils import ValueEstimators, default_value_kwargs
 from torchrl.objectives.value import GAE, TD0Estimator, TD1Estimator, TDLambdaEstimator
 
@@ -24,7 +40,8 @@ except ImportError:  # torchrl 0.12
 AUTO_LOSS_MASK_KEYS: tuple[NestedKey, ...] = (("collector", "mask"), "shifted_valid")
 """The validity masks TorchRL writes (a padding ``SliceSampler``, the value estimators), as in torchrl 0.14."""
 
-__all__ = ["AUTO_LOSS_MASK_KEYS", "LossModuleFallbacks", "build_builtin_estimator", "check_compiled_extension",
+__all__ = ["AUTO_LOSS_MASK_KEYS", "DirectCall", "DirectDistribution", "LossModuleFallbacks", "actor_distribution",
+           "build_builtin_estimator", "check_compiled_extension", "critic_value", "direct_call", "direct_distribution",
            "validity_mask"]
 
 
@@ -37,6 +54,161 @@ def validity_mask(tensordict: TensorDictBase, keys: tuple[NestedKey, ...], shape
             found = found.reshape(shape)
             mask = found if mask is None else mask & found
     return mask
+
+
+# ------------------------------------------------------------------ direct calls of TensorDictModules
+class DirectCall:
+    """What calling a chain of plain ``TensorDictModule`` objects on a tensordict computes, on tensors alone.
+
+    A ``TensorDictModule`` reads its ``in_keys``, calls the module it wraps and writes the results under
+    its ``out_keys``; a ``TensorDictSequential`` runs its modules in turn. For the small networks of RL
+    that bookkeeping costs as much as the network itself (tensordict 0.14 even searches the import path
+    for pandas for every tensor it writes), so :class:`~awr_modules.AWRLoss` calls the wrapped modules
+    directly: the same modules, on the same tensors, in the same order. Built by :func:`direct_call`
+    only for chains whose wrappers add nothing but the bookkeeping; a call refuses (:meth:`applies`) while
+    a wrapper has a hook (a ``safe`` TorchRL module, ``select_out_keys``) or tensordict's
+    ``skip_existing`` is on, and the caller then calls the wrappers as usual.
+    """
+
+    def __init__(self, steps: list[TensorDictModule], wrappers: list[TensorDictModuleBase]) -> None:
+        self.steps = steps
+        self.wrappers = wrappers
+
+    def applies(self) -> bool:
+        """Whether a direct call computes what calling the wrappers would, now."""
+        return not skip_existing() and not any(w._forward_hooks or w._forward_pre_hooks for w in self.wrappers)
+
+    def __call__(self, tensordict: TensorDictBase) -> dict[NestedKey, torch.Tensor]:
+        """The tensors each step writes, by key; inputs are read from earlier steps' outputs or ``tensordict``."""
+        values: dict[NestedKey, torch.Tensor] = {}
+        for step in self.steps:
+            inputs = [values[key] if key in values else tensordict.get(key) for key in step.in_keys]
+            function = step.module if step.method is None else getattr(step.module, step.method)
+            if step._kwargs is None:
+                out = function(*inputs, **step.method_kwargs)
+            else:
+                out = function(**dict(zip(step._kwargs, inputs, strict=True)), **step.method_kwargs)
+            out_keys = step.out_keys
+            if isinstance(out, (dict, TensorDictBase)) and all(key in out for key in out_keys):
+                out = tuple(out[key] for key in out_keys)
+            elif not isinstance(out, tuple):
+                out = (out,)
+            if len(out) != len(out_keys):
+                raise RuntimeError(f"{type(step).__name__} returned {len(out)} tensors for out_keys {out_keys}.")
+            values.update((key, value) for key, value in zip(out_keys, out) if key != "_")
+        return values
+
+
+class DirectDistribution:
+    """``actor.get_dist(tensordict)`` with the deterministic part run as a :class:`DirectCall`.
+
+    The distribution is the last module's ``distribution_class`` built from the tensors under its
+    ``in_keys`` (named by its ``dist_keys``) and its ``distribution_kwargs``, as
+    ``ProbabilisticTensorDictModule.get_dist`` builds it.
+    """
+
+    def __init__(self, parameters: DirectCall, head: ProbabilisticTensorDictModule) -> None:
+        self.parameters = parameters
+        self.head = head
+
+    def applies(self) -> bool:
+        return self.parameters.applies()
+
+    def __call__(self, tensordict: TensorDictBase) -> d.Distribution:
+        values = self.parameters(tensordict)
+        head = self.head
+        arguments = {(name[-1] if isinstance(name, tuple) else name):
+                     values[key] if key in values else tensordict.get(key, None)
+                     for name, key in zip(head.dist_keys, head.in_keys, strict=True)}
+        extra = head.distribution_kwargs
+        extra = dict(extra.items()) if isinstance(extra, TensorDictBase) else extra
+        return head.distribution_class(**arguments, **extra)
+
+
+def _children(sequence: TensorDictSequential) -> list[nn.Module]:
+    modules = sequence.module
+    return list(modules.values()) if isinstance(modules, nn.ModuleDict) else list(modules)
+
+
+def _overrides(module: nn.Module, base: type, *names: str) -> bool:
+    return any(getattr(type(module), name) is not getattr(base, name) for name in names)
+
+
+def _plain_steps(module: nn.Module, wrappers: list[TensorDictModuleBase]) -> list[TensorDictModule] | None:
+    """The ``TensorDictModule`` objects ``module`` runs, in order, if it is a plain chain of them; else ``None``."""
+    if isinstance(module, ProbabilisticTensorDictSequential | ProbabilisticTensorDictModule):
+        return None
+    if isinstance(module, TensorDictSequential):
+        if _overrides(module, TensorDictSequential, "forward", "_run_module") or module.partial_tolerant:
+            return None
+        wrappers.append(module)
+        steps = []
+        for child in _children(module):
+            child_steps = _plain_steps(child, wrappers)
+            if child_steps is None:
+                return None
+            steps += child_steps
+        return steps
+    plain = (isinstance(module, TensorDictModule)
+             and not _overrides(module, TensorDictModule, "forward", "_call_module", "_write_to_tensordict")
+             and hasattr(module, "_kwargs") and not getattr(module, "_get_kwargs", True))
+    if not plain:
+        return None
+    wrappers.append(module)
+    return [module]
+
+
+def direct_call(module: TensorDictModuleBase) -> DirectCall | None:
+    """A :class:`DirectCall` of ``module`` (a ``TensorDictModule`` such as a ``ValueOperator``, or a sequence of
+    them), or ``None`` where the module is not such a plain chain."""
+    wrappers: list[TensorDictModuleBase] = []
+    steps = _plain_steps(module, wrappers)
+    return None if steps is None else DirectCall(steps, wrappers)
+
+
+def direct_distribution(actor: TensorDictModuleBase) -> DirectDistribution | None:
+    """A :class:`DirectDistribution` of a ``ProbabilisticTensorDictSequential`` (TorchRL's ``ProbabilisticActor``)
+    whose modules are a plain chain followed by one ``ProbabilisticTensorDictModule``; else ``None``."""
+    if (not isinstance(actor, ProbabilisticTensorDictSequential) or actor.return_composite
+            or _overrides(actor, ProbabilisticTensorDictSequential, "get_dist", "get_dist_params",
+                          "build_dist_from_params")):
+        return None
+    *deterministic, head = _children(actor)
+    if not isinstance(head, ProbabilisticTensorDictModule) or _overrides(head, ProbabilisticTensorDictModule,
+                                                                          "get_dist"):
+        return None
+    wrappers: list[TensorDictModuleBase] = [actor.det_part]
+    steps: list[TensorDictModule] = []
+    for module in deterministic:
+        module_steps = _plain_steps(module, wrappers)
+        if module_steps is None:
+            return None
+        steps += module_steps
+    return DirectDistribution(DirectCall(steps, wrappers), head)
+
+
+def _parameters_in(params: TensorDictParams | None, network: nn.Module) -> AbstractContextManager:
+    """Swap a functional loss's ``params`` into ``network`` for one call; nothing when ``params`` is ``None``."""
+    return params.to_module(network) if params is not None else nullcontext()
+
+
+def actor_distribution(actor: ProbabilisticTensorDictSequential, params: TensorDictParams | None,
+                       direct: DirectDistribution | None, tensordict: TensorDictBase) -> d.Distribution:
+    """``actor.get_dist(tensordict)`` with ``params`` swapped in, as a :class:`DirectDistribution` where it applies."""
+    with _parameters_in(params, actor):
+        if direct is not None and direct.applies():
+            return direct(tensordict)
+        return actor.get_dist(tensordict)
+
+
+def critic_value(critic: TensorDictModuleBase, params: TensorDictParams | None, direct: DirectCall | None,
+                 tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
+    """What ``critic`` writes under ``key`` for ``tensordict`` (``params`` swapped in), without writing it there."""
+    with _parameters_in(params, critic):
+        if direct is not None and direct.applies():
+            return direct(tensordict)[key]
+        return critic(tensordict.select(*critic.in_keys, strict=False)).get(key)
+
 
 _BUILTIN_ESTIMATORS = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
                        ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE}

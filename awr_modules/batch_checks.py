@@ -49,15 +49,13 @@ def check_finite(value: torch.Tensor, what: str) -> None:
         raise ValueError(f"AWRLoss: {what} has {bad} non-finite entries (nan or inf) out of {value.numel()}.")
 
 
-def per_sample(tensordict: TensorDictBase, key: NestedKey) -> torch.Tensor:
-    """Read a per-transition scalar stored as ``[*B]`` or ``[*B, 1]`` and return it as ``[*B]``."""
-    value = tensordict.get(key)
-    batch = tensordict.batch_size
-    if value.shape == batch + (1,):
+def per_sample(value: torch.Tensor, batch_size: torch.Size, key: NestedKey) -> torch.Tensor:
+    """A per-transition scalar read under ``key``, stored as ``[*B]`` or ``[*B, 1]``, as ``[*B]``."""
+    if value.shape == batch_size + (1,):
         value = value.squeeze(-1)
-    if value.shape != batch:
+    if value.shape != batch_size:
         raise ValueError(
-            f"AWRLoss: {key!r} has shape {tuple(value.shape)}; expected {tuple(batch)} or "
-            f"{tuple(batch) + (1,)} (one value per transition of the batch)."
+            f"AWRLoss: {key!r} has shape {tuple(value.shape)}; expected {tuple(batch_size)} or "
+            f"{tuple(batch_size) + (1,)} (one value per transition of the batch)."
         )
     return value

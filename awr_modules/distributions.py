@@ -62,6 +62,28 @@ def action_parameters(dist: d.Distribution) -> torch.Tensor:
     return base.loc
 
 
+def penalized(likelihood: torch.Tensor, dist: d.Distribution, batch_dims: int, bound_coeff: torch.Tensor | None,
+              l2_coeff: torch.Tensor | None) -> torch.Tensor:
+    r"""``-likelihood`` per transition plus the action penalties whose coefficient is given (``None``: off):
+
+    .. math::
+
+        -\ell + c_{bound}\,\tfrac12\lVert\mu - \mathrm{clip}(\mu, -1, 1)\rVert^2 + c_{l2}\,\tfrac12\lVert\theta\rVert^2
+
+    with ``mu`` the Gaussian mean and ``theta`` the :func:`action_parameters`. ``c * sum(0.5 x^2)`` is computed
+    as ``(0.5 c) * sum(x^2)`` and ``mu - clip(mu, -1, 1)`` as ``softshrink(mu, 1)``: the same numbers (halving
+    is exact in floating point, the terms are added in the same order) in fewer operations.
+    """
+    if bound_coeff is not None:
+        excursion = torch.nn.functional.softshrink(base_distribution(dist).loc, 1.0)
+        loss = (0.5 * bound_coeff) * per_transition(excursion.pow(2), batch_dims) - likelihood
+    else:
+        loss = -likelihood
+    if l2_coeff is not None:
+        loss = loss + (0.5 * l2_coeff) * per_transition(action_parameters(dist).pow(2), batch_dims)
+    return loss
+
+
 def action_bound_penalty_for(actor: TensorDictModuleBase, penalty: float | None) -> float:
     """The one place that decides whether ``actor`` takes the action-bound penalty (``AWRLoss`` asks it).
 

@@ -12,7 +12,6 @@ and the critic regresses the return (Eq. 9): ``min_V E[(R - V(s))^2]``.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,21 +24,27 @@ from tensordict.nn import (
     dispatch,
 )
 from tensordict.utils import NestedKey
-from torch import distributions as d
 from torchrl.modules import TanhNormal
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import ValueEstimatorBase
 
-from awr_modules._torchrl_compat import LossModuleFallbacks, build_builtin_estimator, validity_mask
+from awr_modules._torchrl_compat import (
+    LossModuleFallbacks,
+    actor_distribution,
+    build_builtin_estimator,
+    critic_value,
+    direct_call,
+    direct_distribution,
+    validity_mask,
+)
 from awr_modules.batch_checks import check_finite, check_keys_and_values, check_trajectory_inputs, per_sample
 from awr_modules.diagnostics import batch_diagnostics
 from awr_modules.distributions import (
     action_bound_penalty_for,
-    action_parameters,
-    base_distribution,
     closed_form_or_sampled_entropy,
     distribution_class,
+    penalized,
     per_transition,
 )
 from awr_modules.precision import float32_context
@@ -50,11 +55,6 @@ _REDUCTIONS = ("mean", "sum", "none")
 _ESTIMATOR_KEYS = ("advantage", "value_target", "value", "reward", "done", "terminated")
 _NETWORK_PARAMS = ("actor_network_params", "critic_network_params",
                    "target_actor_network_params", "target_critic_network_params")
-
-
-def _parameters_in(params: TensorDictParams | None, network: torch.nn.Module) -> AbstractContextManager:
-    """Swap functional ``params`` into ``network`` for one call; nothing when the loss is not functional."""
-    return params.to_module(network) if params is not None else nullcontext()
 
 
 class AWRLoss(LossModule, LossModuleFallbacks):
@@ -122,6 +122,13 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             ``critic_network_params`` and are swapped into the networks on every call, so a
             caller can pass others (``vmap`` over stacked parameters). ``False`` (as PPO's option)
             calls the networks as they are, without that per-call cost.
+        diagnostics: compute and return the :attr:`DIAGNOSTICS` (only those :attr:`out_keys` names, see
+            ``select_out_keys``). An attribute: a loop that logs every n-th step sets it for that step.
+
+    An eager loop of one's own that neither checks nor logs every step is fastest with ``functional=False,
+    check_inputs=False, diagnostics=False`` (``benchmarks/step_overhead.py``). Plain TorchRL networks are
+    called on the batch's tensors (:class:`~awr_modules._torchrl_compat.DirectCall`): their outputs
+    (``loc``, ``state_value``) are not written into the batch.
 
     A penalty or bonus whose coefficient is 0 at construction is not computed at all (as PPO's
     ``entropy_bonus``); the coefficient of a term that is on can be changed at any time.
@@ -220,6 +227,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         reduction: Literal["mean", "sum", "none"] = "mean",
         check_inputs: bool = True,
         functional: bool = True,
+        diagnostics: bool = True,
     ) -> None:
         action_bound_penalty = action_bound_penalty_for(actor_network, action_bound_penalty)
         for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale)):
@@ -243,6 +251,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
             self.actor_network, self.critic_network = actor_network, value_network
             self.actor_network_params = self.critic_network_params = None
             self.target_actor_network_params = self.target_critic_network_params = None
+        self._direct_actor = direct_distribution(self.actor_network)  # None: called through TensorDict
+        self._direct_critic = direct_call(self.critic_network)
         for name, value in (("temperature", temperature), ("max_weight", max_weight), ("value_scale", value_scale),
                             ("action_bound_penalty", action_bound_penalty), ("entropy_coeff", entropy_coeff),
                             ("action_l2_coeff", action_l2_coeff)):
@@ -257,6 +267,7 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         self._weighting = weighting
         self.reduction = reduction
         self.check_inputs = check_inputs
+        self.diagnostics = diagnostics
 
     @property
     def functional(self) -> bool:
@@ -312,10 +323,11 @@ class AWRLoss(LossModule, LossModuleFallbacks):
 
     @property
     def out_keys(self) -> list[str]:
-        """``loss_actor``, ``loss_value`` and the diagnostics, in the order ``forward(**kwargs)`` returns them."""
-        if self._out_keys is None:
-            self._out_keys = ["loss_actor", "loss_value", *self.DIAGNOSTICS]
-        return self._out_keys
+        """``loss_actor``, ``loss_value`` and the diagnostics (if :attr:`diagnostics`), in the order
+        ``forward(**kwargs)`` returns them; ``select_out_keys`` narrows them."""
+        if self._out_keys is not None:
+            return self._out_keys
+        return ["loss_actor", "loss_value", *(self.DIAGNOSTICS if self.diagnostics else ())]
 
     @out_keys.setter
     def out_keys(self, values: list[str]) -> None:
@@ -370,24 +382,25 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         prepared = self._prepare(tensordict)  # checks and targets once for both losses
         out = self._actor_loss(tensordict, *prepared)
         out.update(self._value_loss(tensordict, *prepared))
-        self._clear_weakrefs(tensordict, out, *_NETWORK_PARAMS)
-        return out
+        return self._output(tensordict, out)
 
     def actor_loss(self, tensordict: TensorDictBase) -> TensorDictBase:
         """``loss_actor = -mean(w log pi(a|s))`` (+ penalties, - entropy bonus) and the diagnostics.
 
         Runs only the actor: the policy phase of an AWR iteration calls this alone.
         """
-        out = self._actor_loss(tensordict, *self._prepare(tensordict))
-        self._clear_weakrefs(tensordict, out, *_NETWORK_PARAMS)
-        return out
+        return self._output(tensordict, self._actor_loss(tensordict, *self._prepare(tensordict)))
 
     def value_loss(self, tensordict: TensorDictBase) -> TensorDictBase:
         """``loss_value = 0.5 mean(((V(s) - R) / s_v)^2)``; writes ``|R - V(s)|`` as the priority.
 
         Runs only the critic: the value phase of an AWR iteration calls this alone.
         """
-        out = self._value_loss(tensordict, *self._prepare(tensordict))
+        return self._output(tensordict, self._value_loss(tensordict, *self._prepare(tensordict)))
+
+    def _output(self, tensordict: TensorDictBase, entries: dict[str, torch.Tensor]) -> TensorDictBase:
+        """One TensorDict of the losses and diagnostics, built once."""
+        out = TensorDict(entries, batch_size=[])
         self._clear_weakrefs(tensordict, out, *_NETWORK_PARAMS)
         return out
 
@@ -397,7 +410,8 @@ class AWRLoss(LossModule, LossModuleFallbacks):
 
         Rows a validity mask drops get advantage 0, value target 0 and importance weight 0: whatever a
         padded row holds (nan included), its loss is selected away and its gradient stays finite. Its
-        observation and action must still be finite (TorchRL pads with zeros).
+        observation and action must still be finite (TorchRL pads with zeros). Without a mask here, the
+        reductions do not look for one again.
         """
         if self.check_inputs:
             self.check_batch(tensordict)
@@ -405,79 +419,72 @@ class AWRLoss(LossModule, LossModuleFallbacks):
         priority_weight = self._maybe_get_priority_weight(tensordict)
         if priority_weight is not None:
             priority_weight = priority_weight.reshape(tensordict.batch_size).float()
-        valid = self._valid_mask(tensordict)
+        valid = validity_mask(tensordict, self._loss_mask_keys(), tensordict.batch_size)
         if valid is not None:
             advantage, value_target = (torch.where(valid, x, torch.zeros_like(x)) for x in (advantage, value_target))
             if priority_weight is not None:
                 priority_weight = torch.where(valid, priority_weight, torch.zeros_like(priority_weight))
         return advantage, value_target, priority_weight, valid
 
-    def _valid_mask(self, tensordict: TensorDictBase) -> torch.Tensor | None:
-        """The rows TorchRL's validity masks keep (``None``: all), for diagnostics and standardisation."""
-        return validity_mask(tensordict, self._loss_mask_keys(), tensordict.batch_size)
-
     def _advantage_and_target(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         keys = self.tensor_keys
-        if keys.advantage not in tensordict.keys(True) or keys.value_target not in tensordict.keys(True):
+        advantage, value_target = tensordict.get(keys.advantage, None), tensordict.get(keys.value_target, None)
+        if advantage is None or value_target is None:
             keys_needed = [("next", keys.reward), ("next", keys.done), ("next", keys.terminated)]
             check_trajectory_inputs(tensordict, keys_needed, keys.advantage, keys.value_target,
                                     check_values=self.check_inputs)
             with float32_context(tensordict.device), torch.no_grad():
                 params = self.critic_network_params.detach() if self.functional else None
                 self.value_estimator(tensordict, params=params)
-        return (per_sample(tensordict, keys.advantage).float(),
-                per_sample(tensordict, keys.value_target).float())
+            advantage, value_target = tensordict.get(keys.advantage), tensordict.get(keys.value_target)
+        batch_size = tensordict.batch_size
+        return (per_sample(advantage, batch_size, keys.advantage).float(),
+                per_sample(value_target, batch_size, keys.value_target).float())
 
     def _actor_loss(self, tensordict: TensorDictBase, advantage: torch.Tensor, value_target: torch.Tensor,
-                    priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> TensorDictBase:
+                    priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         keys = self.tensor_keys
         batch_dims = tensordict.batch_dims
         if self.normalize_advantage:
             advantage = standardize_advantage(advantage, valid)
         weight = self.weights(advantage)
 
-        with _parameters_in(self.actor_network_params, self.actor_network):
-            dist = self.actor_network.get_dist(tensordict)
+        dist = actor_distribution(self.actor_network, self.actor_network_params, self._direct_actor, tensordict)
         log_prob = per_transition(dist.log_prob(tensordict.get(keys.action)), batch_dims)
         if self.check_inputs:
             check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
-        entropy = per_transition(closed_form_or_sampled_entropy(dist), batch_dims)
+        diagnostics = [key for key in self.out_keys if key in self.DIAGNOSTICS]
+        entropy = None
+        if self._entropy_bonus or diagnostics:
+            entropy = per_transition(closed_form_or_sampled_entropy(dist), batch_dims)
 
         unweighted = self._weighting in ("sampling", "uniform")  # drawn by weight, or behaviour cloning
-        loss_actor = self._regularized(-log_prob if unweighted else -weight * log_prob, dist, entropy, batch_dims)
-        if priority_weight is not None:
-            loss_actor = loss_actor * priority_weight
-        out = TensorDict({"loss_actor": self._reduce_loss(loss_actor, tensordict)}, batch_size=[])
-        behaviour_log_prob = tensordict.get(keys.sample_log_prob, None)
-        out.update(batch_diagnostics(weight, advantage, log_prob, entropy, behaviour_log_prob, self.max_weight, valid))
-        return out
-
-    def _regularized(self, loss_actor: torch.Tensor, dist: d.Distribution, entropy: torch.Tensor,
-                     batch_dims: int) -> torch.Tensor:
-        """``loss_actor`` per transition plus the penalties that are on, minus the entropy bonus if on."""
-        if self._penalize_action_bound:
-            mean = base_distribution(dist).loc
-            excursion = mean - mean.clamp(-1.0, 1.0)
-            loss_actor = loss_actor + self.action_bound_penalty * per_transition(0.5 * excursion.pow(2), batch_dims)
-        if self._penalize_action_l2:
-            parameters = action_parameters(dist)
-            loss_actor = loss_actor + self.action_l2_coeff * per_transition(0.5 * parameters.pow(2), batch_dims)
+        loss_actor = penalized(log_prob if unweighted else weight * log_prob, dist, batch_dims,
+                               self.action_bound_penalty if self._penalize_action_bound else None,
+                               self.action_l2_coeff if self._penalize_action_l2 else None)
         if self._entropy_bonus:
             loss_actor = loss_actor - self.entropy_coeff * entropy
-        return loss_actor
+        if priority_weight is not None:
+            loss_actor = loss_actor * priority_weight
+        out = {"loss_actor": self._reduce_loss(loss_actor, tensordict if valid is not None else None)}
+        if diagnostics:
+            behaviour_log_prob = tensordict.get(keys.sample_log_prob, None)
+            summaries = batch_diagnostics(weight, advantage, log_prob, entropy, behaviour_log_prob, self.max_weight,
+                                          valid)
+            out.update((key, summaries[key]) for key in diagnostics)
+        return out
 
     def _value_loss(self, tensordict: TensorDictBase, advantage: torch.Tensor, value_target: torch.Tensor,
-                    priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> TensorDictBase:
+                    priority_weight: torch.Tensor | None, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
         keys = self.tensor_keys
-        with _parameters_in(self.critic_network_params, self.critic_network):
-            value = self.critic_network(tensordict.select(*self.critic_network.in_keys, strict=False)).get(keys.value)
+        value = critic_value(self.critic_network, self.critic_network_params, self._direct_critic, tensordict, keys.value)
         value = value.reshape(tensordict.batch_size).float()
         value_error = value - value_target
         loss_value = 0.5 * (value_error / self.value_scale).pow(2)
         tensordict.set(keys.priority, value_error.detach().abs())
         if priority_weight is not None:
             loss_value = loss_value * priority_weight
-        return TensorDict({"loss_value": self._reduce_loss(loss_value, tensordict)}, batch_size=[])
+        return {"loss_value": self._reduce_loss(loss_value, tensordict if valid is not None else None)}
 
     # --------------------------------------------------------------- checks
     def check_batch(self, tensordict: TensorDictBase) -> None:

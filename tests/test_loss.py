@@ -34,7 +34,7 @@ from conftest import (
     make_linear_critic,
 )
 from tensordict import TensorDict, TensorDictParams
-from tensordict.nn import TensorDictModule
+from tensordict.nn import TensorDictModule, TensorDictSequential, set_skip_existing
 from torch import distributions as d
 from torch import nn
 from torchrl.modules import IndependentNormal, OneHotCategorical, ProbabilisticActor
@@ -551,3 +551,129 @@ def test_each_phase_runs_only_its_network(kind: str) -> None:
     assert calls == {"actor": 0, "critic": 1} and "loss_actor" not in value_out
     torch.testing.assert_close(value_out["loss_value"], full["loss_value"])
     assert "td_error" in value_batch
+
+
+# --------------------------------------------------------------------------- direct calls, diagnostics
+def _nested_actor() -> ProbabilisticActor:
+    """A Gaussian actor whose parameter network is two ``TensorDictModule`` objects in a ``TensorDictSequential``,
+    the second reading the first's output (``hidden``) and the input's ``observation``."""
+    first = TensorDictModule(nn.Linear(3, 5), in_keys=["observation"], out_keys=["hidden"])
+    second = TensorDictModule(_HiddenHead(), in_keys=["hidden", "observation"], out_keys=["loc", "scale"])
+    return ProbabilisticActor(TensorDictSequential(first, second), in_keys=["loc", "scale"],
+                              distribution_class=IndependentNormal)
+
+
+class _HiddenHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5 + 3, ACT_DIM)
+
+    def forward(self, hidden: torch.Tensor, observation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.linear(torch.cat([hidden, observation], -1))
+        return loc, torch.full_like(loc, 0.5)
+
+
+def _outputs_and_gradients(loss: AWRLoss, batch: TensorDict) -> tuple[dict, list]:
+    torch.manual_seed(7)  # TanhNormal's entropy is a one-sample estimate
+    out = loss(batch)
+    parameters = [p for p in loss.parameters() if p.requires_grad]
+    gradients = torch.autograd.grad(out["loss_actor"] + out["loss_value"], parameters)
+    return {key: value.detach() for key, value in out.items()}, list(gradients)
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["functional", "stateful"])
+@pytest.mark.parametrize("kind", [*ACTOR_KINDS, "nested"])
+def test_direct_calls_give_what_the_tensordict_calls_give(kind: str, functional: bool) -> None:
+    """The networks called on the batch's tensors give the losses, diagnostics and gradients of the calls through
+    TensorDict, to the bit; only the actor's outputs are no longer written into the batch."""
+    actor = _nested_actor() if kind == "nested" else make_actor(kind)
+    loss = AWRLoss(actor, make_critic(), functional=functional, action_l2_coeff=0.1, entropy_coeff=0.05,
+                   **({"action_bound_penalty": 2.0} if kind in ("normal", "plain_normal", "nested") else {}))
+    assert loss._direct_actor is not None and loss._direct_critic is not None
+    batch = _batch("normal" if kind == "nested" else kind)
+    batch.set(("collector", "mask"), torch.tensor([True, False] * (N // 2)))
+    direct_batch = batch.clone()
+    direct = _outputs_and_gradients(loss, direct_batch)
+    loss._direct_actor = loss._direct_critic = None
+    wrapped_batch = batch.clone()
+    wrapped = _outputs_and_gradients(loss, wrapped_batch)
+    assert direct[0].keys() == wrapped[0].keys()
+    for key, value in wrapped[0].items():  # kl_behaviour is nan: no behaviour log-prob under the loss's key
+        torch.testing.assert_close(direct[0][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    for direct_gradient, wrapped_gradient in zip(direct[1], wrapped[1], strict=True):
+        torch.testing.assert_close(direct_gradient, wrapped_gradient, rtol=0, atol=0)
+    written = {"td_error"}
+    assert set(direct_batch.keys()) == set(batch.keys()) | written
+    assert set(actor[0].out_keys) <= set(wrapped_batch.keys())  # get_dist writes the actor's outputs
+
+
+def test_wrapper_hooks_and_skip_existing_take_the_tensordict_calls() -> None:
+    """A hook on a network's ``TensorDictModule`` runs, and ``set_skip_existing(True)`` reuses the batch's ``loc``:
+    the loss then calls the networks through TensorDict, as TorchRL's losses do."""
+    actor, critic = make_actor("normal"), make_critic()
+    loss = AWRLoss(actor, critic, functional=False)
+    calls = []
+    handles = [module.register_forward_hook(lambda module, *_: calls.append(type(module).__name__))
+               for module in (actor[0], critic)]
+    loss(_batch("normal"))
+    assert sorted(calls) == ["TensorDictModule", "ValueOperator"]
+    for handle in handles:
+        handle.remove()
+
+    batch = _batch("normal")
+    batch.set("loc", torch.zeros(N, ACT_DIM))
+    batch.set("scale", torch.ones(N, ACT_DIM))
+    with set_skip_existing(True):
+        out = loss.actor_loss(batch.clone())
+    log_prob = d.Independent(d.Normal(torch.zeros(N, ACT_DIM), 1.0), 1).log_prob(batch["action"])
+    weight = torch.exp(batch["advantage"].squeeze(-1)).clamp(max=20.0)
+    torch.testing.assert_close(out["loss_actor"], -(weight * log_prob).mean())
+
+
+class _CustomForward(TensorDictModule):
+    """A ``TensorDictModule`` whose ``forward`` is its own: the loss cannot know what it computes."""
+
+    def forward(self, tensordict: TensorDict, *args, **kwargs) -> TensorDict:
+        out = super().forward(tensordict, *args, **kwargs)
+        return out.set("loc", out["loc"] + 1.0)
+
+
+def test_a_network_of_its_own_making_is_called_through_tensordict() -> None:
+    net = nn.Sequential(nn.Linear(3, ACT_DIM), FixedStd(0.5))
+    actor = ProbabilisticActor(_CustomForward(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+                               in_keys=["loc", "scale"], distribution_class=IndependentNormal)
+    loss = AWRLoss(actor, make_critic(), weighting="uniform", reduction="none")
+    assert loss._direct_actor is None and loss._direct_critic is not None
+    batch = _batch("normal")
+    with torch.no_grad():
+        loc, scale = net(batch["observation"])
+    expected = -d.Independent(d.Normal(loc + 1.0, scale), 1).log_prob(batch["action"])
+    torch.testing.assert_close(loss(batch)["loss_actor"], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["normal", "tanh_normal", "categorical"])
+def test_diagnostics_off_computes_the_losses_only(kind: str, monkeypatch) -> None:
+    """``diagnostics=False``: the same losses, no diagnostics (nor the entropy, with the bonus off); switching the
+    attribute on brings them back for the next call."""
+    loss, batch, _, _, _ = _setup(kind)
+    torch.manual_seed(3)
+    expected = loss(batch.clone())
+    loss.diagnostics = False
+    assert loss.out_keys == ["loss_actor", "loss_value"]
+
+    def refused(*args, **kwargs):
+        raise AssertionError("computed although diagnostics are off")
+
+    monkeypatch.setattr("awr_modules.loss.batch_diagnostics", refused)
+    monkeypatch.setattr("awr_modules.loss.closed_form_or_sampled_entropy", refused)
+    for out in (loss(batch.clone()), loss.actor_loss(batch.clone())):
+        assert set(out.keys()) <= {"loss_actor", "loss_value"}
+        torch.testing.assert_close(out["loss_actor"], expected["loss_actor"])
+    torch.testing.assert_close(loss(batch.clone())["loss_value"], expected["loss_value"])
+    monkeypatch.undo()
+    loss.diagnostics = True
+    torch.manual_seed(3)
+    out = loss(batch.clone())
+    assert set(out.keys()) == set(expected.keys())
+    for key in loss.out_keys:
+        torch.testing.assert_close(out[key], expected[key], equal_nan=True, msg=key)

@@ -3,7 +3,8 @@
 For every actor kind (IndependentNormal with a fixed std, plain Normal, TanhNormal, one-hot
 categorical): keyword dispatch, renamed keys, complete and de-duplicated ``in_keys``, ``out_keys``
 naming every entry, reductions with and without TorchRL's validity mask, coefficient assignment,
-deepcopy and ``state_dict``, value-estimator dispatch, and ``torch.vmap`` over stacked parameters.
+deepcopy and ``state_dict``, value-estimator dispatch, and ``torch.vmap`` over stacked parameters;
+and what the loss's direct calls of the networks read of tensordict's ``TensorDictModule``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import ACTOR_KINDS, make_actor, make_batch, make_critic
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModule
 from torchrl.objectives.utils import ValueEstimators
 from torchrl.objectives.value import GAE, TD0Estimator, TDLambdaEstimator
 
@@ -286,3 +288,47 @@ def test_vmap_over_stacked_parameters(kind, source):
         torch.testing.assert_close(actor_losses[index], expected["loss_actor"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(value_losses[index], expected["loss_value"], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(actor_losses[0], actor_losses[2])
+
+
+def test_keyword_dispatch_without_diagnostics_returns_the_two_losses():
+    loss, batch = _loss("normal", diagnostics=False), _batch("normal")
+    expected = _loss("normal")
+    expected.load_state_dict(loss.state_dict())
+    outputs = loss(observation=batch["observation"], action=batch["action"], advantage=batch["advantage"],
+                   value_target=batch["value_target"])
+    assert loss.out_keys == ["loss_actor", "loss_value"] and len(outputs) == 2
+    reference = expected(batch.clone())
+    torch.testing.assert_close(outputs[0], reference["loss_actor"])
+    torch.testing.assert_close(outputs[1], reference["loss_value"])
+
+
+class _TwoHeads(torch.nn.Module):
+    """``scaled(a=..., b=..., factor=...)``: a module called by keyword and through a method of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def scaled(self, a: torch.Tensor, b: torch.Tensor, factor: float = 1.0) -> tuple[torch.Tensor, ...]:
+        return factor * self.linear(a), b.sum(-1, keepdim=True), a.mean(-1, keepdim=True)
+
+
+def test_direct_calls_read_what_tensordict_module_keeps_of_its_arguments():
+    """The two private attributes of ``TensorDictModule`` the direct calls read: ``_kwargs`` (the argument names of
+    a dict of ``in_keys``) and ``_get_kwargs``. A module called by keyword, through a method, with nested keys and an
+    output skipped with ``"_"``, gives through :func:`direct_call` what the module writes."""
+    from awr_modules._torchrl_compat import direct_call
+
+    module = TensorDictModule(_TwoHeads(), in_keys={"a": "observation", "b": ("nested", "x")},
+                              out_keys=["first", ("nested", "second"), "_"], method="scaled",
+                              method_kwargs={"factor": 2.0})
+    assert module._kwargs == ["a", "b"] and module.in_keys == ["observation", ("nested", "x")]
+    assert module._get_kwargs == {}
+    batch = TensorDict({"observation": torch.randn(N, 3), "nested": {"x": torch.randn(N, 4)}}, [N])
+    expected = module(batch.clone())
+    values = direct_call(module)(batch)
+    assert set(values) == {"first", ("nested", "second")}
+    for key, value in values.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    assert direct_call(TensorDictModule(_TwoHeads(), in_keys=["observation"], out_keys=["y"],
+                                        get_kwargs={"as_padded_tensor": True})) is None
