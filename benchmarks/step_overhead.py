@@ -28,7 +28,7 @@ the ``plain`` step's time of the same round; the median of those ratios over the
 - ``AWRLoss fused, 8 steps per graph``: ``awr_modules.fused_steps.FusedSGDSteps`` over that loss.
 
 ``--config`` reads the task from an ``awr fit`` config through the CLI (the recipe, the loss's
-coefficients, the policy phase's batch size and the actor's SGD settings); without it the
+coefficients, the policy phase's batch size and the actor's SGD settings: see :func:`from_config`); without it the
 HalfCheetah-v5 networks are built from the recipe directly with ``configs/halfcheetah.yaml``'s
 settings. ``--skip-compiled`` leaves out the rows that need ``torch.compile``; ``--clock cpu`` times this
 thread's CPU time instead of the wall clock (steadier on a machine shared with other processes). Rows are written to
@@ -112,26 +112,26 @@ def _first(obj: Any, *paths: str) -> Any:
 def from_config(config: Path) -> Task:
     """The task of an ``awr fit`` config, read from the ``AWRModule`` the CLI builds (nothing is trained).
 
-    Reads ``model.recipe``; the loss (``model.loss_module`` or ``model.loss``) for its coefficients; the
-    policy phase's batch size (``model.hparams.actor_batch_size`` or ``model.policy_phase.batch_size``); and
-    the actor's learning rate and momentum (``model.hparams.actor_lr`` / ``model.hparams.momentum``, or the
-    optimizer that ``model.actor_optimizer`` builds on the actor's parameters).
+    Reads ``model.recipe``; ``model.loss_module`` (an ``AWRLoss``) for the loss's coefficients; the policy
+    phase's batch size (``model.awr.policy_phase.batch_size``, or ``model.hparams.actor_batch_size`` of 0.1.0's
+    module); and the actor's learning rate and momentum from the first optimizer ``model.configure_optimizers()``
+    returns (or ``model.hparams.actor_lr`` / ``model.hparams.momentum`` of 0.1.0's module).
     """
     from awr_modules.cli import cli_main
 
     model = cli_main(["-c", str(config)], run=False).model
-    loss = _first(model, "loss_module", "loss")
-    if not isinstance(loss, AWRLoss):  # an injected callable that builds the loss on the networks
-        loss = loss(model.actor, model.critic)
+    loss = model.loss_module
     coefficients = {name: float(getattr(loss, name)) for name in
                     ("temperature", "max_weight", "value_scale", "action_bound_penalty", "entropy_coeff",
                      "action_l2_coeff")}
-    batch_size = int(_first(model, "hparams.actor_batch_size", "policy_phase.batch_size"))
+    batch_size = int(_first(model, "awr.policy_phase.batch_size", "hparams.actor_batch_size"))
     try:
         lr, momentum = float(model.hparams.actor_lr), float(model.hparams.momentum)
     except (AttributeError, KeyError):
-        optimizer = model.actor_optimizer(model.actor.parameters())
-        lr, momentum = float(optimizer.defaults["lr"]), float(optimizer.defaults.get("momentum", 0.0))
+        optimizers = model.configure_optimizers()
+        optimizers = optimizers[0] if isinstance(optimizers, tuple) else optimizers
+        group = optimizers[0].param_groups[0]
+        lr, momentum = float(group["lr"]), float(group.get("momentum", 0.0))
     return Task(config.stem, model.recipe, batch_size, lr, momentum, {**coefficients, "weighting": loss.weighting})
 
 
