@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer
 from torchrl.envs import EnvBase
@@ -110,6 +109,8 @@ def rank_state(buffer: ReplayBuffer | None) -> dict[str, Any]:
 def own_rank_state(ranks: list[dict[str, Any]], world_size: int, rank: int) -> dict[str, Any]:
     """This rank's saved state; a run with another world size reuses the saved ranks' states in turn."""
     if len(ranks) != world_size:
+        from lightning.pytorch.utilities import rank_zero_warn  # DDP only: the parts import no Lightning
+
         rank_zero_warn(
             f"AWRModule: the checkpoint holds the replay buffers of {len(ranks)} rank(s), this run has "
             f"{world_size}; rank r resumes with the buffer of saved rank r % {len(ranks)}."
