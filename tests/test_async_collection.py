@@ -29,6 +29,7 @@ from awr_modules.cpu_worker import CpuWorkerEnv, trains_on_cpu_only
 from awr_recipes.classic_control import ClassicControl
 
 ASYNC = ["--model.data.init_args.asynchronous=true"]
+ENVS = 8  # configs/pendulum.yaml's num_envs: a batch's rows are env-major [envs, T]
 
 
 class RecordPolicies(pl.Callback):
@@ -86,7 +87,16 @@ def test_async_batches_are_collected_with_published_snapshots_of_the_policy(tmp_
     policies, batches = recorder.policies, recorder.batches
     assert _acted_with(policies[0], batches[0]).all()  # the first batch: the initial policy
     for i in range(1, len(batches)):
-        assert (_acted_with(policies[i - 1], batches[i]) | _acted_with(policies[i], batches[i])).all(), i
+        # per env, in time order: rows of the snapshot published before, then rows of the one published after
+        # iteration i - 1; between them, only the steps taken while the publication overwrote the shared weights
+        # may match neither (publish_weights says so), and no row of the older snapshot follows a newer one
+        before = _acted_with(policies[i - 1], batches[i]).reshape(ENVS, -1)
+        after = _acted_with(policies[i], batches[i]).reshape(ENVS, -1)
+        # 0 old, 1 during the publication, 2 new; a row that both snapshots explain (close weights) may be either
+        earliest = torch.where(before, 0, torch.where(after, 2, 1))
+        latest = torch.where(after, 2, torch.where(before, 0, 1))
+        assert (earliest.cummax(dim=1).values <= latest).all(), (i, earliest.tolist())
+    assert after.any()  # the learner's weights did reach the worker
     for i in range(2, len(batches)):  # collected after the first publication
         assert not _acted_with(policies[0], batches[i]).any(), i
 
