@@ -53,6 +53,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from iteration_time import update_step  # the plain loop's step, shared with the per-iteration benchmark
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensordict import TensorDict, TensorDictBase
 from torch.utils.data import DataLoader
@@ -171,20 +172,6 @@ class PlainPolicyStep:
             excursion = out - out.clamp(-1.0, 1.0)
             loss = loss + self.bound_penalty * (0.5 * excursion.pow(2)).sum(-1)
         return loss.mean()
-
-
-def update_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer: Any,
-                backward: Callable[[torch.Tensor], Any] = torch.Tensor.backward) -> Step:
-    """One SGD update on the minibatch at ``index``: loss, zeroed gradients, ``backward(loss)``, optimizer step."""
-
-    def step(index: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(index)
-        optimizer.zero_grad()
-        backward(loss)
-        optimizer.step()
-        return loss.detach()
-
-    return step
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
