@@ -123,7 +123,7 @@ class AWRIteration:
         clock.lap("value_phase")
         weights = {}
         if refresh:
-            targets.refresh_advantages(buffers, self.loss, None, self._critic_moves_with_actor)  # 5. A, new critic
+            targets.refresh_advantages(buffers, self.loss, self._critic_moves_with_actor)  # 5. A, new critic
             weights = self._weigh(buffers)
         clock.lap("refresh")
         policy_out = self._phase("policy", self.policy_phase)                    # 6. policy phase

@@ -18,10 +18,7 @@ At a time-limit cut each bootstraps from ``V(s')``; after a termination it does 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer
 from torchrl.objectives import LossModule
 from torchrl.objectives.utils import ValueEstimators
@@ -91,12 +88,11 @@ class ValueTargets:
         self._values_current = False  # the value phase comes next and moves V
 
     def refresh_advantages(self, buffers: list[ReplayBuffer], loss: LossModule,
-                           priority_fn: Callable[[TensorDictBase], torch.Tensor] | None,
                            critic_moves_in_policy_phase: bool) -> None:
-        """Step 5: ``A = R - V(s)`` with the updated critic, standardised over ``buffers`` together;
-        ``priority_fn`` writes the sampling priorities of a buffer that samples by weight."""
+        """Step 5: ``A = R - V(s)`` with the updated critic, standardised over ``buffers`` together (the sampling
+        priorities of a buffer that samples by weight follow once the temperature is set)."""
         refresh_value_targets_over(buffers, loss.value_estimator, normalize_advantage=self.normalize_advantage,
-                                   priority_fn=priority_fn, chunk_size=self.chunk_size)
+                                   chunk_size=self.chunk_size)
         self._values_current = not critic_moves_in_policy_phase
 
 
