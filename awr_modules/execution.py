@@ -84,6 +84,7 @@ class Execution:
     def __init__(self) -> None:
         self._losses: dict[str, MinibatchLoss] = {}
         self._steps: OptimizerSteps | None = None
+        self._loss: AWRLoss | None = None
 
     def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
              steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
@@ -92,6 +93,7 @@ class Execution:
         actor_loss, value_loss = minibatch_losses(loss, compile=self.compiles)
         self._losses = {"policy": actor_loss, "value": value_loss}
         self._steps = steps
+        self._loss = loss
 
     def run_phase(self, phase: str, stored: TensorDictBase, indices: torch.Tensor, optimizer: Any,
                   network: nn.Module) -> TensorDictBase | None:
@@ -126,7 +128,25 @@ class Execution:
 
 
 class Eager(Execution):
-    """Each minibatch step as plain PyTorch calls: the loss, ``backward()``, the optimizer's ``step()``."""
+    """Each minibatch step as plain PyTorch calls: the loss, ``backward()``, the optimizer's ``step()``.
+
+    Only a phase's last loss output is logged (:class:`~awr_modules.iteration.IterationResult`), so the
+    loss's diagnostics (weights' ESS, entropy, ...) are computed on that step alone: the steps before it run
+    with ``AWRLoss.diagnostics`` off, the switch the loss offers loops that log every n-th step. The
+    parameters' updates are the same either way (tested); a policy step costs less (``benchmarks/README.md``).
+    """
+
+    def run_phase(self, phase: str, stored: TensorDictBase, indices: torch.Tensor, optimizer: Any,
+                  network: nn.Module) -> TensorDictBase | None:
+        loss = self._loss
+        if loss is not None and loss.diagnostics and len(indices) > 1:
+            loss.diagnostics = False
+            try:
+                self._one_by_one(phase, stored, indices[:-1], optimizer, network)
+            finally:
+                loss.diagnostics = True
+            indices = indices[-1:]
+        return self._one_by_one(phase, stored, indices, optimizer, network)
 
 
 class Compiled(Execution):

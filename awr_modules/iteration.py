@@ -54,6 +54,20 @@ class IterationResult:
     seconds: dict[str, float]
     weights: dict[str, float] = field(default_factory=dict)
 
+    def metrics(self) -> tuple[dict[str, torch.Tensor | float], dict[str, float]]:
+        """What the log shows of this iteration: the metrics to average across DDP ranks (the episodes that ended
+        in the batch, as ``train/return`` and ``train/episode_length``, and each phase's last loss output as
+        ``train/<key>``), and this process's own (the phases' ``time/<step>`` seconds and the weights')."""
+        ranks: dict[str, torch.Tensor | float] = {}
+        if self.batch is not None:
+            done = self.batch["next", "done"]
+            if done.any():
+                ranks["train/return"] = self.batch["next", "episode_reward"][done].float().mean()
+                ranks["train/episode_length"] = self.batch["next", "step_count"][done].float().mean()
+        for out in self.outputs:
+            ranks.update((f"train/{key}", value.detach().float()) for key, value in out.items())
+        return ranks, {**{f"time/{step}": seconds for step, seconds in self.seconds.items()}, **self.weights}
+
 
 class AWRIteration:
     """The AWR iteration over its parts; :meth:`run` runs one.

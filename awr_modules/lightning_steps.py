@@ -6,6 +6,7 @@ so DDP's reducer is bypassed and the gradients are averaged by hand before each 
 (:mod:`awr_modules.distributed`). Where none of Lightning's per-step calls is needed (full precision, one
 device, no step hooks: :func:`~awr_modules.distributed.direct_steps_suffice`), the steps are the plain
 ``backward()`` and the optimizer's own ``step()``, and Lightning's step counter is advanced by hand.
+:class:`StopWorkersOnException` is the callback that stops the module's workers when a run fails.
 """
 
 from __future__ import annotations
@@ -66,3 +67,11 @@ class LightningSteps:
 
     def unwrapped(self, optimizer: LightningOptimizer) -> torch.optim.Optimizer:
         return optimizer.optimizer
+
+
+class StopWorkersOnException(pl.Callback):
+    """Shuts the module's workers down when training fails: Lightning calls ``teardown`` only when it ends
+    normally, and worker processes would otherwise outlive the run."""
+
+    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
+        module.stop_workers(after_failure=True)

@@ -30,7 +30,7 @@ from awr_modules.evaluation_worker import EvaluatedSnapshot
 from awr_modules.evaluators import InProcess
 from awr_modules.execution import Eager, Execution
 from awr_modules.iteration import AWRIteration, IterationResult
-from awr_modules.lightning_steps import LightningSteps
+from awr_modules.lightning_steps import LightningSteps, StopWorkersOnException
 from awr_modules.loss_factory import LossFactory, build_loss
 from awr_modules.phases import Phase
 from awr_modules.recipe import Recipe
@@ -208,7 +208,7 @@ class AWRModule(pl.LightningModule):
         return optimizers, schedulers
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        return [_StopWorkersOnException()]
+        return [StopWorkersOnException()]
 
     def train_dataloader(self) -> DataLoader:
         """One item per rank: each Lightning epoch is one AWR iteration on every rank."""
@@ -235,21 +235,9 @@ class AWRModule(pl.LightningModule):
             scheduler.step()
 
     def _log_iteration(self, result: IterationResult) -> None:
-        self.log("env_steps", float(self.env_steps), sync_dist=True)
-        self.log("iteration", float(self.iteration), sync_dist=True)
-        data = result.batch
-        if data is not None:
-            done = data["next", "done"]
-            if done.any():
-                self.log("train/return", data["next", "episode_reward"][done].float().mean(), sync_dist=True)
-                self.log("train/episode_length", data["next", "step_count"][done].float().mean(), sync_dist=True)
-        for phase, seconds in result.seconds.items():
-            self.log(f"time/{phase}", seconds)
-        for name, value in result.weights.items():
-            self.log(name, value)
-        for out in result.outputs:
-            for key, value in out.items():
-                self.log(f"train/{key}", value.detach().float(), sync_dist=True)
+        ranks, own = result.metrics()
+        self.log_dict({"env_steps": float(self.env_steps), "iteration": float(self.iteration), **ranks}, sync_dist=True)
+        self.log_dict(own)
 
     # ---------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -310,11 +298,3 @@ class AWRModule(pl.LightningModule):
         """Shut the collection and evaluation workers down, where there are any."""
         self.evaluator.stop()
         self.awr.data.stop(after_failure=after_failure)
-
-
-class _StopWorkersOnException(pl.Callback):
-    """Shuts the module's workers down when training fails: Lightning calls ``teardown`` only when it ends
-    normally, and worker processes would otherwise outlive the run."""
-
-    def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
-        module.stop_workers(after_failure=True)

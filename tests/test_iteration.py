@@ -96,6 +96,18 @@ def test_one_run_is_the_numbered_steps_by_hand():
         effective_sample_size(stored["advantage"], 0.7, 20.0))
 
 
+def test_eager_steps_compute_the_diagnostics_on_each_phases_last_step_only():
+    """Only a phase's last output is logged: the steps before it run with the loss's diagnostics off, and the
+    parameters move exactly as with the diagnostics on every step (the previous test's by-hand steps)."""
+    iteration, _ = _parts()
+    loss, seen = iteration.loss, []
+    actor_loss = loss.actor_loss
+    loss.actor_loss = lambda td: seen.append(loss.diagnostics) or actor_loss(td)
+    result = iteration.run()
+    assert seen == [False] * 4 + [True] and loss.diagnostics
+    assert set(AWRLoss.DIAGNOSTICS) <= set(result.outputs[-1].keys())
+
+
 def test_a_tuned_temperature_is_set_after_the_refresh_and_the_priorities_follow_it():
     iteration, _ = _parts(prioritized=True, temperature=TunedToESS(0.5, beta=3.0))
     assert float(iteration.loss.temperature) == 3.0  # the first iteration's beta, before any refresh
