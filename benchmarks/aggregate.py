@@ -1,0 +1,120 @@
+"""Per-task scores over seeds: mean +- std beside the interquartile mean (IQM) with a 95% stratified-bootstrap
+interval from ``rliable`` (Agarwal et al., 2021), and whether two variants' intervals overlap.
+
+    python benchmarks/aggregate.py --budget 1000000 \
+        --runs async=benchmarks/results/halfcheetah_collection/async sync=benchmarks/results/halfcheetah_collection/sync
+
+Each ``name=directory`` is a ``benchmarks/learning_curves.py`` output (its ``curves.csv``: seed, env_steps,
+eval_return). A seed's score is its last evaluation at or below ``--budget`` env steps (the README's "final eval
+return") and, beside it, its late mean: the mean of its last ``--late`` evaluations within the budget, steadier
+than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
+left out and counted (a run still going). The IQM is the mean of the middle 50% of the seeds' scores (with 3
+seeds, their mean); its interval is ``rliable``'s stratified bootstrap (``--reps`` resamples of the seeds).
+Prints a markdown table; ``--out`` also writes it to a file.
+
+Needs the ``bench`` extra (``pip install -e ".[bench]"``: rliable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def seed_curves(directory: Path) -> dict[int, list[tuple[int, float]]]:
+    """Each seed's ``(env_steps, eval_return)`` evaluations from ``directory/curves.csv``, in order."""
+    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    with open(directory / "curves.csv") as f:
+        for row in csv.DictReader(f):
+            curves[int(row["seed"])].append((int(float(row["env_steps"])), float(row["eval_return"])))
+    return {seed: sorted(points) for seed, points in sorted(curves.items())}
+
+
+def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[dict[int, float],
+                                                                                             dict[int, float], list[int]]:
+    """Per seed, the last evaluation within ``budget`` and the mean of the last ``late`` ones; and the seeds whose
+    runs stop short of the budget (by more than their own evaluation interval), left out of both."""
+    final, late_mean, short = {}, {}, []
+    for seed, points in curves.items():
+        within = [(steps, value) for steps, value in points if steps <= budget]
+        interval = within[-1][0] - within[-2][0] if len(within) > 1 else budget
+        if not within or within[-1][0] < budget - interval:
+            short.append(seed)
+            continue
+        final[seed] = within[-1][1]
+        late_mean[seed] = float(np.mean([value for _, value in within[-late:]]))
+    return final, late_mean, short
+
+
+def iqm_interval(scores: list[float], reps: int, seed: int = 0) -> tuple[float, float, float]:
+    """The IQM of ``scores`` (one task, one score per run) and its 95% stratified-bootstrap interval (rliable)."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    np.random.seed(seed)  # rliable's bootstrap draws from numpy's global generator
+    matrix = {"run": np.asarray(scores, dtype=float).reshape(-1, 1)}  # runs x tasks
+    points, intervals = rly.get_interval_estimates(matrix, lambda x: np.array([metrics.aggregate_iqm(x)]),
+                                                   reps=reps)
+    low, high = intervals["run"][:, 0]
+    return float(points["run"][0]), float(low), float(high)
+
+
+def summary_rows(runs: dict[str, Path], budget: int, late: int, reps: int) -> list[dict[str, str]]:
+    rows = []
+    for name, directory in runs.items():
+        final, late_mean, short = seed_scores(seed_curves(directory), budget, late)
+        row = {"variant": name, "seeds": str(len(final))}
+        for label, scores in (("final", final), ("late mean", late_mean)):
+            values = list(scores.values())
+            if not values:
+                row[label] = row[f"{label} IQM [95% CI]"] = "—"
+                continue
+            iqm, low, high = iqm_interval(values, reps)
+            row[label] = f"{np.mean(values):.1f} +- {np.std(values):.1f}"
+            row[f"{label} IQM [95% CI]"] = f"{iqm:.1f} [{low:.1f}, {high:.1f}]"
+            row[f"_{label}"] = (low, high)  # for the overlap column
+        row["per seed (final)"] = " / ".join(f"{final[s]:.0f}" for s in sorted(final))
+        if short:
+            row["per seed (final)"] += f" (seeds {short} short of the budget, left out)"
+        rows.append(row)
+    return rows
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def markdown(rows: list[dict[str, str]]) -> str:
+    columns = ["variant", "seeds", "final", "final IQM [95% CI]", "late mean", "late mean IQM [95% CI]",
+               "per seed (final)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "—") for c in columns) + " |" for row in rows]
+    if len(rows) == 2 and all("_final" in row and "_late mean" in row for row in rows):
+        for label in ("final", "late mean"):
+            verdict = "overlap" if overlap(rows[0][f"_{label}"], rows[1][f"_{label}"]) else "do not overlap"
+            lines.append(f"\nThe two variants' IQM intervals of the {label} score {verdict}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="name=directory of a learning_curves.py output")
+    parser.add_argument("--budget", type=int, required=True, help="env steps the scores are read at")
+    parser.add_argument("--late", type=int, default=10, help="evaluations averaged for the late mean")
+    parser.add_argument("--reps", type=int, default=50000, help="bootstrap resamples")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    runs = dict(item.split("=", 1) for item in args.runs)
+    table = markdown(summary_rows({name: Path(path) for name, path in runs.items()}, args.budget, args.late,
+                                  args.reps))
+    print(table)
+    if args.out is not None:
+        args.out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
