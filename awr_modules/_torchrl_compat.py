@@ -14,7 +14,9 @@ attributes of ``TensorDictModule`` (``_kwargs``, ``_get_kwargs``); a test fails 
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager, nullcontext
+from inspect import signature
 
 import torch
 from tensordict import TensorDictBase, TensorDictParams
@@ -30,7 +32,7 @@ from tensordict.utils import NestedKey
 from torch import distributions as d
 from torch import nn
 from torchrl.objectives.utils import ValueEstimators, default_value_kwargs
-from torchrl.objectives.value import GAE, TD0Estimator, TD1Estimator, TDLambdaEstimator
+from torchrl.objectives.value import GAE, TD0Estimator, TD1Estimator, TDLambdaEstimator, VTrace
 
 try:  # torchrl >= 0.13
     from torchrl.objectives.utils import dispatch_value_estimator
@@ -211,7 +213,8 @@ def critic_value(critic: TensorDictModuleBase, params: TensorDictParams | None, 
 
 
 _BUILTIN_ESTIMATORS = {ValueEstimators.TD0: TD0Estimator, ValueEstimators.TD1: TD1Estimator,
-                       ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE}
+                       ValueEstimators.TDLambda: TDLambdaEstimator, ValueEstimators.GAE: GAE,
+                       ValueEstimators.VTrace: VTrace}
 
 
 def build_builtin_estimator(loss_module, value_type: ValueEstimators, supported: tuple, **hyperparams) -> None:
@@ -226,8 +229,24 @@ def build_builtin_estimator(loss_module, value_type: ValueEstimators, supported:
             f"Supported value types: {sorted(v.name for v in supported)}."
         )
     kwargs = {**default_value_kwargs(value_type), **hyperparams}
+    if value_type == ValueEstimators.VTrace and "actor_network" not in kwargs:
+        kwargs["actor_network"] = _vtrace_actor(loss_module)
     loss_module._value_estimator = _BUILTIN_ESTIMATORS[value_type](value_network=loss_module.critic_network, **kwargs)
     loss_module.value_type = value_type
+
+
+def _vtrace_actor(loss_module) -> nn.Module:
+    """The actor a V-trace estimator gets, as torchrl 0.13+'s ``VTrace.for_loss`` gives it: the loss's own, or for
+    a functional loss a copy whose parameters are the loss's ``actor_network_params`` (the same tensors)."""
+    actor = loss_module.actor_network
+    if getattr(loss_module, "functional", False):
+        actor = copy.deepcopy(actor)
+        params = loss_module.actor_network_params
+        # the tensors themselves, not copies into the copy's registrations (tensordict 0.14's default; 0.12 has no
+        # such option and writes the tensors)
+        shared = {"preserve_module_state": False} if "preserve_module_state" in signature(params.to_module).parameters else {}
+        params.to_module(actor, **shared)
+    return actor
 
 
 class LossModuleFallbacks:

@@ -90,6 +90,7 @@ class AWRIteration:
                  value_phase: Phase, policy_phase: Phase, execution: Execution,
                  statistics: ObservationStatistics | None = None) -> None:
         data.check(samples_by_weight=loss.samples_by_weight, refresh_every=targets.refresh_every)
+        targets.check(data, loss)
         if temperature.tunes and not loss.weighs_by_advantage:
             raise ValueError(f"model.temperature ({type(temperature).__name__}) tunes beta, but model.loss weighs "
                              "every sample alike (weighting='uniform'): use awr_modules.temperature.Fixed.")

@@ -160,7 +160,7 @@ class AWRLoss(AWRLossConventions, LossModule, LossModuleFallbacks):
     tensor_keys: _AcceptedKeys
     default_value_estimator = ValueEstimators.TDLambda
     SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0, ValueEstimators.TD1, ValueEstimators.TDLambda,
-                                  ValueEstimators.GAE)
+                                  ValueEstimators.GAE, ValueEstimators.VTrace)
     _schedulable_buffers = frozenset(
         {"temperature", "max_weight", "value_scale", "action_bound_penalty", "entropy_coeff", "action_l2_coeff"})
     DIAGNOSTICS = ("weight_mean", "weight_max", "weight_clip_fraction", "weight_ess", "advantage_mean",

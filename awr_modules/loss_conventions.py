@@ -17,8 +17,8 @@ from torchrl.objectives.value import ValueEstimatorBase
 
 from awr_modules._torchrl_compat import build_builtin_estimator
 
-ESTIMATOR_KEYS = ("advantage", "value_target", "value", "reward", "done", "terminated")
-"""The keys the loss hands on to its value estimator."""
+ESTIMATOR_KEYS = ("advantage", "value_target", "value", "reward", "done", "terminated", "sample_log_prob")
+"""The keys the loss hands on to its value estimator (those it declares: ``sample_log_prob`` is V-trace's)."""
 
 
 @dataclass
@@ -99,8 +99,10 @@ class AWRLossConventions:
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         """Pass the renamed keys on to the value estimator; other keys it has stay as they are."""
-        renamed = {name: getattr(self.tensor_keys, name) for name in kwargs if name in ESTIMATOR_KEYS}
-        if self._value_estimator is not None and renamed:
+        estimator = self._value_estimator
+        renamed = {name: getattr(self.tensor_keys, name) for name in kwargs
+                   if name in ESTIMATOR_KEYS and hasattr(getattr(estimator, "tensor_keys", None), name)}
+        if estimator is not None and renamed:
             self._value_estimator.set_keys(**renamed)
         self._in_keys = None
 
@@ -111,9 +113,9 @@ class AWRLossConventions:
         """Choose how ``advantage``/``value_target`` are computed when the batch lacks them.
 
         ``value_type`` is one of :attr:`SUPPORTED_VALUE_ESTIMATORS` (TD0, TD1, TDLambda -- the
-        default, with the reference's gamma 0.99 and lambda 0.95 -- or GAE), built through
-        TorchRL's estimator registry on this loss's critic; an estimator class such as
-        :class:`~awr_modules.KStepReturnEstimator`, built with ``hyperparams`` on this loss's
+        default, with the reference's gamma 0.99 and lambda 0.95 -- GAE, or VTrace, which also gets
+        this loss's actor), built through TorchRL's estimator registry on this loss's critic; an
+        estimator class such as :class:`~awr_modules.KStepReturnEstimator`, built with ``hyperparams`` on this loss's
         critic; or an estimator instance, used as it is: its keys are the user's and are
         not overwritten (the loss still reads its own ``advantage``/``value_target`` keys).
         """
@@ -127,7 +129,8 @@ class AWRLossConventions:
             LossModule.make_value_estimator(self, value_type, **{"value_network": self.critic_network, **hyperparams})
         else:
             build_builtin_estimator(self, value_type, self.SUPPORTED_VALUE_ESTIMATORS, **hyperparams)
-        self._value_estimator.set_keys(**{name: getattr(self.tensor_keys, name) for name in ESTIMATOR_KEYS})
+        self._value_estimator.set_keys(**{name: getattr(self.tensor_keys, name) for name in ESTIMATOR_KEYS
+                                          if hasattr(self._value_estimator.tensor_keys, name)})
         self._in_keys = None
         return self
 

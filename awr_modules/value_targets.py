@@ -5,7 +5,8 @@ from a buffer is not one: estimating over it silently chains unrelated
 transitions. The reference instead recomputes the return of every stored path
 with the current critic before each phase (steps 2-3 and 5 of an AWR iteration);
 :func:`refresh_value_targets` does that for a flat FIFO TorchRL buffer, in one
-vectorised pass of any TorchRL value estimator.
+vectorised pass of any TorchRL value estimator. V-trace (TorchRL's ``VTrace``) also needs the current
+policy's log-likelihood of each stored action, ``log pi(a|s)``, beside the behaviour's stored ``log mu(a|s)``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,17 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from tensordict.utils import NestedKey
 from torchrl.data import ReplayBuffer
-from torchrl.objectives.value import ValueEstimatorBase
+from torchrl.objectives.value import ValueEstimatorBase, VTrace
+from torchrl.objectives.value.functional import vtrace_advantage_estimate
 
+from awr_modules.distributions import per_transition
 from awr_modules.precision import float32_context
 
 ADVANTAGE_NORMALIZATION_EPS = 1e-5  # the reference's epsilon
 DEFAULT_TRAJ_ID_KEY = ("collector", "traj_ids")
+
+LogProb = Callable[[TensorDictBase], torch.Tensor]
+"""The current policy's ``log pi(a|s)`` of the stored actions of rows ``[N]``, shaped ``[N]``."""
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,6 +139,47 @@ def _critic_values(network: TensorDictModuleBase, states: TensorDictBase, value_
     return torch.cat([network(block.copy()).get(value_key) for block in blocks])
 
 
+def actor_log_prob(actor: TensorDictModuleBase, action_key: NestedKey | None = None) -> LogProb:
+    """``log pi(a|s)`` of the stored actions under ``actor`` (a TorchRL probabilistic actor), read under
+    ``action_key`` (``None``: the key the actor samples to)."""
+    if action_key is None:
+        action_key = (getattr(actor, "dist_sample_keys", None) or ["action"])[0]
+
+    def log_prob(rows: TensorDictBase) -> torch.Tensor:
+        return per_transition(actor.get_dist(rows).log_prob(rows.get(action_key)), rows.batch_dims)
+
+    return log_prob
+
+
+def _vtrace_targets(estimator: VTrace, data: TensorDictBase, value: torch.Tensor, next_value: torch.Tensor,
+                    log_prob: LogProb | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-trace targets ``v_s`` of the stored rows ``[N]`` (oldest first, ``("next", done)`` marking every cut) by
+    TorchRL's ``vtrace_advantage_estimate``, with the estimator's gamma and truncation levels, and the advantage of
+    each stored action, ``q_s - V(s)`` with ``q_s = r_s + gamma v_{s+1}`` (see :class:`~awr_modules.targets.VTrace`).
+
+    TorchRL's ``VTrace`` module computes ``log pi`` of an action it draws (or of the mode), not of the stored
+    action; the ratios ``pi(a_s|x_s) / mu(a_s|x_s)`` need the stored one, so ``log pi`` comes from ``log_prob``
+    (``None``: the estimator's actor, :func:`actor_log_prob`)."""
+    keys = estimator.tensor_keys
+    if keys.sample_log_prob not in data.keys(True):
+        raise KeyError(f"refresh_value_targets: V-trace needs the behaviour policy's log-probs log mu(a|s), stored "
+                       f"under {keys.sample_log_prob!r}; the stored transitions have none.")
+    log_prob = log_prob if log_prob is not None else actor_log_prob(estimator.actor_network)
+    log_pi = torch.cat([log_prob(block) for block in data.split(CRITIC_BLOCK_ROWS)]).reshape(value.shape)
+    log_mu = per_transition(data.get(keys.sample_log_prob), data.batch_dims).reshape(value.shape).to(value.dtype)
+    reward = data.get(("next", keys.reward)).to(value.dtype)
+    done, terminated = data.get(("next", keys.done)), data.get(("next", keys.terminated))
+    gamma = estimator.gamma.to(value.device)
+    # one sequence [1, N, 1], time at dimension -2; TorchRL's advantage rho_s (q_s - V(s)) is not the one AWR uses
+    _, value_target = vtrace_advantage_estimate(
+        gamma, *(x.unsqueeze(0) for x in (log_pi, log_mu, value, next_value, reward, done, terminated)),
+        rho_thresh=estimator.rho_thresh, c_thresh=estimator.c_thresh, time_dim=-2)
+    value_target = value_target.squeeze(0)
+    following = torch.where(done, next_value, torch.roll(value_target, -1, dims=0))  # v_{s+1}; V(s') at a cut
+    action_value = reward + gamma * (~terminated).to(value.dtype) * following
+    return value_target, action_value - value
+
+
 def refresh_value_targets(
     buffer: ReplayBuffer,
     estimator: ValueEstimatorBase,
@@ -143,6 +190,7 @@ def refresh_value_targets(
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
     stale_values: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    log_prob: LogProb | None = None,
 ) -> TensorDictBase | None:
     """Recompute ``value_target`` and ``advantage`` of every stored transition with the current critic.
 
@@ -183,6 +231,10 @@ def refresh_value_targets(
             longer than it is one run), so that a buffer larger than memory (a memory-mapped dataset)
             is never read at once; advantages are then standardised in a second pass over the stored
             advantages alone. ``None``: the whole buffer at once.
+        log_prob: for a V-trace estimator, the current policy's ``log pi(a|s)`` of the stored actions
+            (e.g. the loss's actor, as :class:`~awr_modules.targets.VTrace` passes it); ``None``: the
+            estimator's actor (:func:`actor_log_prob`). The stored ``log mu(a|s)`` is read under the
+            estimator's ``sample_log_prob`` key. Ignored by the other estimators.
 
     Returns:
         The stored transitions, oldest first, with the refreshed keys and ``index``
@@ -200,14 +252,16 @@ def refresh_value_targets(
         stale[stale_values.to(index.device)] = True
         stale = stale[index]
     if chunk_size is None or chunk_size >= len(buffer):
-        data = _refresh_rows(buffer, index, estimator, traj_id_key, params, stale, standardize=normalize_advantage)
+        data = _refresh_rows(buffer, index, estimator, traj_id_key, params, stale, log_prob,
+                             standardize=normalize_advantage)
         if priority_fn is not None and hasattr(buffer, "update_priority"):
             buffer.update_priority(index, priority_fn(data).reshape(-1).float())
         return data
     ends = trajectory_ends(_stored(buffer).select(("next", keys.done), *_present(buffer, traj_id_key))[index],
                            keys.done, traj_id_key)
     for rows in path_aligned_chunks(ends.reshape(ends.shape[0], -1).any(-1), chunk_size):
-        _refresh_rows(buffer, index[rows], estimator, traj_id_key, params, None if stale is None else stale[rows])
+        _refresh_rows(buffer, index[rows], estimator, traj_id_key, params, None if stale is None else stale[rows],
+                      log_prob)
     if normalize_advantage:
         standardize_stored_advantages([buffer], keys.advantage, chunk_size)
     if priority_fn is not None:
@@ -272,10 +326,12 @@ def standardize_stored_advantages(buffers: list[ReplayBuffer], key: NestedKey, c
 
 def _refresh_rows(buffer: ReplayBuffer, index: torch.Tensor, estimator: ValueEstimatorBase,
                   traj_id_key: NestedKey | None, params: TensorDictBase | None,
-                  stale: torch.Tensor | None, *, standardize: bool = False) -> TensorDictBase:
+                  stale: torch.Tensor | None, log_prob: LogProb | None = None, *,
+                  standardize: bool = False) -> TensorDictBase:
     """Refresh the rows at storage ``index`` (whole paths, oldest first) and write value, target and advantage back;
     returns them with ``index``. ``stale``: which of these rows' stored ``V(s)`` is out of date (``None``: all);
-    ``standardize``: standardise the advantages over these rows before the write."""
+    ``log_prob``: V-trace's current ``log pi(a|s)`` (see :func:`refresh_value_targets`); ``standardize``:
+    standardise the advantages over these rows before the write."""
     keys = estimator.tensor_keys
     refreshed = [keys.advantage, keys.value_target, keys.value]
     data = buffer.storage.get(index)
@@ -293,7 +349,11 @@ def _refresh_rows(buffer: ReplayBuffer, index: torch.Tensor, estimator: ValueEst
 
     sequence = data.unsqueeze(0)  # one sequence [1, N]: the estimators' time dimension is the last one
     with torch.no_grad(), float32_context(data.device):
-        if _takes_next_value(estimator):
+        if isinstance(estimator, VTrace):  # the critic as for TD(lambda); the ratios with the stored actions
+            value, next_value = _values_in_one_pass(estimator, data, params, known)
+            value_target, advantage = _vtrace_targets(estimator, data, value, next_value, log_prob)
+            data.update({keys.value: value, keys.value_target: value_target, keys.advantage: advantage})
+        elif _takes_next_value(estimator):
             value, next_value = _values_in_one_pass(estimator, data, params, known)
             value_target = estimator.value_estimate(sequence, next_value=next_value.unsqueeze(0)).squeeze(0)
             data.update({keys.value: value, keys.value_target: value_target, keys.advantage: value_target - value})
@@ -325,22 +385,23 @@ def refresh_value_targets_over(
     priority_fn: Callable[[TensorDictBase], torch.Tensor] | None = None,
     stale_values: list[torch.Tensor] | None = None,
     chunk_size: int | None = None,
+    log_prob: LogProb | None = None,
 ) -> None:
     """:func:`refresh_value_targets` over several buffers whose paths are separate (a dataset's and a FIFO
     buffer of collected transitions), with advantages standardised over all of them together.
 
     One buffer is refreshed exactly as by :func:`refresh_value_targets`. Prioritized sampling (``priority_fn``)
     needs a single buffer. ``stale_values``, if given, holds each buffer's ``stale_values``; ``chunk_size``
-    bounds the rows read at once, as there.
+    bounds the rows read at once, and ``log_prob`` is V-trace's current policy, as there.
     """
     stale_values = stale_values if stale_values is not None else [None] * len(buffers)
     if len(buffers) == 1:
         refresh_value_targets(buffers[0], estimator, normalize_advantage=normalize_advantage, priority_fn=priority_fn,
-                              stale_values=stale_values[0], chunk_size=chunk_size)
+                              stale_values=stale_values[0], chunk_size=chunk_size, log_prob=log_prob)
         return
     if priority_fn is not None:
         raise ValueError("refresh_value_targets_over: priorities are per buffer; prioritized sampling needs one buffer.")
     for buffer, stale in zip(buffers, stale_values, strict=True):
-        refresh_value_targets(buffer, estimator, stale_values=stale, chunk_size=chunk_size)
+        refresh_value_targets(buffer, estimator, stale_values=stale, chunk_size=chunk_size, log_prob=log_prob)
     if normalize_advantage:
         standardize_stored_advantages(buffers, estimator.tensor_keys.advantage, chunk_size)

@@ -18,7 +18,7 @@ from conftest import ACTOR_KINDS, make_actor, make_batch, make_critic
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torchrl.objectives.utils import ValueEstimators
-from torchrl.objectives.value import GAE, TD0Estimator, TDLambdaEstimator
+from torchrl.objectives.value import GAE, TD0Estimator, TDLambdaEstimator, VTrace
 
 from awr_modules import AWRLoss, KStepReturnEstimator
 
@@ -224,7 +224,8 @@ def test_deepcopy_and_state_dict_round_trip(kind, functional):
 
 
 @pytest.mark.parametrize(("value_type", "estimator_class"), [
-    (ValueEstimators.TD0, TD0Estimator), (ValueEstimators.TDLambda, TDLambdaEstimator), (ValueEstimators.GAE, GAE)])
+    (ValueEstimators.TD0, TD0Estimator), (ValueEstimators.TDLambda, TDLambdaEstimator), (ValueEstimators.GAE, GAE),
+    (ValueEstimators.VTrace, VTrace)])
 def test_value_estimator_dispatch(value_type, estimator_class):
     loss = _loss("normal")
     loss.make_value_estimator(value_type, gamma=0.9)
@@ -234,8 +235,11 @@ def test_value_estimator_dispatch(value_type, estimator_class):
 
 
 def test_unsupported_value_estimator_is_refused():
-    with pytest.raises(NotImplementedError, match="VTrace"):
-        _loss("normal").make_value_estimator(ValueEstimators.VTrace)
+    unsupported = [v for v in ValueEstimators if v not in AWRLoss.SUPPORTED_VALUE_ESTIMATORS]  # MAGAE (torchrl 0.14)
+    if not unsupported:
+        pytest.skip("this torchrl has no value estimator the loss does not support")
+    with pytest.raises(NotImplementedError, match=unsupported[0].name):
+        _loss("normal").make_value_estimator(unsupported[0])
 
 
 def test_a_user_estimator_keeps_its_own_keys():
