@@ -27,7 +27,7 @@ from torch import nn
 from awr_modules.cuda_graphs import CapturedGradients
 from awr_modules.fused_steps import FusedSGDSteps, fusable
 from awr_modules.loss import AWRLoss
-from awr_modules.phases import MinibatchLoss, for_compiled_phases, minibatch_losses
+from awr_modules.phases import MinibatchLoss, OwnValuePhase, for_compiled_phases, minibatch_losses
 
 LOSS_KEYS = {"policy": "loss_actor", "value": "loss_value"}
 """The loss output each phase minimises."""
@@ -85,13 +85,17 @@ class Execution:
         self._losses: dict[str, MinibatchLoss] = {}
         self._steps: OptimizerSteps | None = None
         self._loss: AWRLoss | None = None
+        self._after_step: dict[str, Any] = {}
 
     def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
-             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
+             steps: OptimizerSteps, *, device: torch.device, world_size: int,
+             own_value: OwnValuePhase | None = None) -> None:
         """Build the phases' minibatch losses for ``loss`` (``networks`` and ``optimizers`` keyed by phase name,
-        ``"policy"`` and ``"value"``)."""
-        actor_loss, value_loss = minibatch_losses(loss, compile=self.compiles)
+        ``"policy"`` and ``"value"``); ``own_value``: the targets part's own value phase (loss and per-step hook)."""
+        actor_loss, value_loss = minibatch_losses(loss, compile=self.compiles, own_value=own_value)
         self._losses = {"policy": actor_loss, "value": value_loss}
+        after_step = own_value.after_step if own_value is not None else None
+        self._after_step = {"value": after_step} if after_step is not None else {}
         self._steps = steps
         self._loss = loss
 
@@ -114,10 +118,13 @@ class Execution:
             return out
 
         step = self._wrap(phase, stored, gradients, network)
+        after_step = self._after_step.get(phase)
         out = None
         for index in indices:
             out = step(index)
             steps.step(optimizer, network)
+            if after_step is not None:
+                after_step()
         return out
 
     _grads_set_to_none = True
@@ -153,10 +160,11 @@ class Compiled(Execution):
     """The phases' minibatch gather and loss as one ``torch.compile`` graph (default inductor backend) per phase,
     compiled once on its first minibatch (seconds), for every buffer length.
 
-    Where the steps are direct (full precision, one device, no step hooks) and both optimizers are plain SGD,
-    ``fused_steps`` minibatch steps run as one compiled graph (:class:`~awr_modules.fused_steps.FusedSGDSteps`:
+    Where the steps are direct (full precision, one device, no step hooks), each phase whose optimizer is plain
+    SGD runs ``fused_steps`` minibatch steps as one compiled graph (:class:`~awr_modules.fused_steps.FusedSGDSteps`:
     gradients by ``torch.func.grad``, SGD's update in place; the same steps as ``torch.optim.SGD``, tested);
-    a phase's remaining steps run one by one. Elsewhere the backward and optimizer steps stay outside the graph,
+    a phase's remaining steps run one by one. A value phase with a per-step hook of the targets part (a Q critic's
+    soft target update) is never fused: it runs one by one, the hook after each step. Elsewhere the backward and optimizer steps stay outside the graph,
     so every precision and strategy works as without it.
 
     Args:
@@ -173,14 +181,16 @@ class Compiled(Execution):
         self._fused: dict[str, FusedSGDSteps] = {}
 
     def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
-             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
-        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size)
+             steps: OptimizerSteps, *, device: torch.device, world_size: int,
+             own_value: OwnValuePhase | None = None) -> None:
+        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size, own_value=own_value)
         raw = {phase: steps.unwrapped(optimizer) for phase, optimizer in optimizers.items()}
         self._fused = {}
-        if self.fused_steps > 1 and steps.direct and all(fusable(optimizer) for optimizer in raw.values()):
-            eager = dict(zip(("policy", "value"), minibatch_losses(loss), strict=True))  # traced into the graphs
+        if self.fused_steps > 1 and steps.direct:
+            eager = dict(zip(("policy", "value"), minibatch_losses(loss, own_value=own_value), strict=True))  # traced
             self._fused = {phase: FusedSGDSteps(eager[phase], LOSS_KEYS[phase], networks[phase], raw[phase],
-                                                self.fused_steps) for phase in ("policy", "value")}
+                                                self.fused_steps) for phase in ("policy", "value")
+                           if fusable(raw[phase]) and phase not in self._after_step}
 
     @property
     def fuses(self) -> bool:
@@ -215,11 +225,12 @@ class CudaGraphs(Execution):
         self._captured: CapturedGradients | None = None
 
     def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
-             steps: OptimizerSteps, *, device: torch.device, world_size: int) -> None:
+             steps: OptimizerSteps, *, device: torch.device, world_size: int,
+             own_value: OwnValuePhase | None = None) -> None:
         if world_size > 1:
             raise ValueError(f"CudaGraphs: CUDA graphs are for a single device; under DDP (world size {world_size}) "
                              "use model.execution: awr_modules.execution.Compiled.")
-        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size)
+        super().bind(loss, networks, optimizers, steps, device=device, world_size=world_size, own_value=own_value)
         self._captured = None
         if device.type != "cuda":
             warnings.warn(f"CudaGraphs: CUDA graphs need a CUDA device; on {device.type} the phases run eagerly.",

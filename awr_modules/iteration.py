@@ -99,6 +99,7 @@ class AWRIteration:
         self.loss, self.data, self.targets, self.temperature = loss, data, targets, temperature
         self.value_phase, self.policy_phase, self.execution = value_phase, policy_phase, execution
         self.statistics = statistics
+        self.own_value_phase = targets.value_phase()  # a Q critic's TD loss on its own networks, or None
         self.env_steps = 0  # collected by all ranks
         self.iteration = 0  # iterations completed
         self._optimizers: dict[str, object] = {}
@@ -107,7 +108,8 @@ class AWRIteration:
 
     @property
     def networks(self) -> dict[str, nn.Module]:
-        return {"policy": self.loss.actor_network, "value": self.loss.critic_network}
+        own = self.own_value_phase
+        return {"policy": self.loss.actor_network, "value": own.network if own else self.loss.critic_network}
 
     def bind(self, actor_optimizer: object, critic_optimizer: object, steps: OptimizerSteps, *,
              device: torch.device | str = "cpu", world_size: int = 1, pool: Pool | None = None) -> None:
@@ -116,7 +118,7 @@ class AWRIteration:
         self._optimizers = {"policy": actor_optimizer, "value": critic_optimizer}
         self._world_size, self._pool = world_size, pool
         self.execution.bind(self.loss, self.networks, self._optimizers, steps, device=torch.device(device),
-                            world_size=world_size)
+                            world_size=world_size, own_value=self.own_value_phase)
         actor_parameters = {id(p) for p in self.loss.actor_network.parameters()}
         self._critic_moves_with_actor = any(id(p) in actor_parameters for p in self.loss.critic_network.parameters())
 
@@ -159,7 +161,9 @@ class AWRIteration:
 
     def _phase(self, name: str, phase: Phase) -> TensorDictBase | None:
         prioritized = name == "policy" and self.loss.samples_by_weight
-        inputs = phase_inputs(self.data.buffers, self.loss, phase.steps, phase.batch_size, prioritized=prioritized)
+        own = self.own_value_phase if name == "value" else None
+        inputs = phase_inputs(self.data.buffers, self.loss, phase.steps, phase.batch_size, prioritized=prioritized,
+                              own=own)
         if inputs is None:
             return None
         stored, indices = inputs

@@ -124,6 +124,7 @@ class AWRModule(pl.LightningModule):
         self._schedulers = (actor_scheduler, critic_scheduler)
         spec_env = recipe.make_env(seed or 0)
         self.actor, self.critic = recipe.make_networks(spec_env, targets.value_scale)
+        self.targets_networks = targets.make_networks(recipe, spec_env, self.actor, self.critic)  # a Q critic's
         self.env_signature = env_signature(spec_env)
         spec_env.close()
         self.loss_module = build_loss(loss, self.actor, self.critic, targets.value_scale)
@@ -198,8 +199,10 @@ class AWRModule(pl.LightningModule):
     on_test_start = on_validation_start
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
-        """The actor's and the critic's optimizers, and the schedulers given for them (stepped once per iteration)."""
-        optimizers = [make(network.parameters()) for make, network in zip(self._optimizers, (self.actor, self.critic))]
+        """The actor's and the critic's optimizers (the critic's steps the value phase's network: a Q critic's own),
+        and the schedulers given for them (stepped once per iteration)."""
+        trained = (self.actor, self.awr.networks["value"])  # the critic, or the networks of the targets part's own
+        optimizers = [make(network.parameters()) for make, network in zip(self._optimizers, trained)]
         schedulers = [make(optimizer) for make, optimizer in zip(self._schedulers, optimizers) if make is not None]
         for scheduler in schedulers:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

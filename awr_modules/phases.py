@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torch import nn
 from torchrl.data import ReplayBuffer
 
 from awr_modules.loss import AWRLoss
@@ -53,14 +55,36 @@ MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 """A phase's loss on the minibatch ``stored[index]``, given the stored data and the indices."""
 
 
+@dataclass(frozen=True)
+class OwnValuePhase:
+    """A value phase that steps networks of the targets part's own (a Q critic's) instead of the loss's critic.
+
+    Attributes:
+        loss: the loss of one minibatch; its output holds ``loss_value``, the objective the phase minimises.
+        network: what the phase's optimizer steps.
+        keys: the stored keys ``loss`` reads (:func:`phase_inputs` keeps only these).
+        check: checks a phase's stored data once before its steps (refusing missing keys by name).
+        after_step: runs after every optimizer step (a target network's soft update); steps that need it are
+            never fused.
+    """
+
+    loss: Callable[[TensorDictBase], TensorDictBase]
+    network: nn.Module
+    keys: tuple[NestedKey, ...]
+    check: Callable[[TensorDictBase], None]
+    after_step: Callable[[], None] | None = None
+
+
 def minibatch(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
     """``stored[index]``, gathered leaf by leaf: compiled, the graph reads the stored length only as its
     tensors' (symbolic) size, where ``TensorDict.__getitem__`` checks it as a Python int the graph guards on."""
     return stored.apply(lambda tensor: tensor[index], batch_size=index.shape)
 
 
-def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[MinibatchLoss, MinibatchLoss]:
-    """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)``.
+def minibatch_losses(loss: AWRLoss, *, compile: bool = False,
+                     own_value: OwnValuePhase | None = None) -> tuple[MinibatchLoss, MinibatchLoss]:
+    """The policy and value phases' losses on ``stored[index]``: ``(actor_loss, value_loss)`` (``own_value``: the
+    value phase's own loss instead of ``loss.value_loss``).
 
     With ``compile`` each is one ``torch.compile`` graph of the gather and the loss together,
     whose inputs are the phase's stored TensorDict (the same for all its steps) and fresh
@@ -73,8 +97,10 @@ def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[Minibatch
     def actor_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
         return loss.actor_loss(minibatch(stored, index))
 
+    value_of = loss.value_loss if own_value is None else own_value.loss
+
     def value_loss(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
-        return loss.value_loss(minibatch(stored, index))
+        return value_of(minibatch(stored, index))
 
     if compile:
         return torch.compile(actor_loss), torch.compile(value_loss)
@@ -82,7 +108,7 @@ def minibatch_losses(loss: AWRLoss, *, compile: bool = False) -> tuple[Minibatch
 
 
 def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, steps: int, batch_size: int, *,
-                 prioritized: bool) -> tuple[TensorDictBase, torch.Tensor] | None:
+                 prioritized: bool, own: OwnValuePhase | None = None) -> tuple[TensorDictBase, torch.Tensor] | None:
     """The stored data a phase reads and its ``[steps, batch_size]`` minibatch indices, drawn at once.
 
     Targets and advantages do not change within a phase, so drawing all indices up
@@ -92,14 +118,15 @@ def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, step
     the storage, no copy), and the loss's input checks run once over them instead of
     once per step. Several buffers (a dataset's beside the FIFO buffer) are read as one:
     their transitions side by side (a copy of those keys), drawn uniformly; prioritized
-    sampling needs a single buffer. ``None`` when ``steps`` is 0.
+    sampling needs a single buffer. ``None`` when ``steps`` is 0. ``own``: a value phase of the targets part's
+    own, whose keys and check replace the loss's.
     """
     if steps == 0:
         return None
     buffers = [buffers] if isinstance(buffers, ReplayBuffer) else list(buffers)
     if prioritized and len(buffers) != 1:
         raise ValueError(f"phase_inputs: prioritized sampling reads one buffer, got {len(buffers)}.")
-    wanted = [*loss.in_keys_given_targets, loss.tensor_keys.sample_log_prob]
+    wanted = list(own.keys) if own is not None else [*loss.in_keys_given_targets, loss.tensor_keys.sample_log_prob]
     views = [buffer.storage.get(slice(0, len(buffer))) for buffer in buffers]  # views, no copy
     shared = [key for key in wanted if all(key in view.keys(True) for view in views)]
     views = [view.select(*shared) for view in views]
@@ -110,7 +137,7 @@ def phase_inputs(buffers: ReplayBuffer | list[ReplayBuffer], loss: AWRLoss, step
     else:
         index = torch.randint(stored.shape[0], (steps * batch_size,), device=storage.device)
     for part in stored.split(CHECK_CHUNK):  # keys and finiteness, once per phase (a memory-mapped dataset in pieces)
-        loss.check_batch(part)
+        (own.check if own is not None else loss.check_batch)(part)
     return stored, index.to(storage.device).view(steps, batch_size)
 
 

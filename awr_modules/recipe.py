@@ -49,6 +49,20 @@ class Recipe(ABC):
         does (``s_v = 1 / (1 - gamma)``), so its outputs stay O(1) and the reference's step sizes apply.
         """
 
+    def make_q_networks(self, env: EnvBase, count: int = 2, *, critic: ValueOperator | None = None,
+                        value_scale: float = 1.0, hidden_sizes: list[int] | None = None) -> list[ValueOperator]:
+        """``count`` independent Q networks for ``env``, for a Q critic (:class:`~awr_modules.q_critic.QCritic`).
+
+        Continuous actions: ``ValueOperator`` s on ``observation`` and ``action`` writing ``state_action_value``
+        ``Q(s, a)``; discrete (one-hot) actions: on ``observation`` alone writing ``action_value``, one ``Q(s, a)``
+        per action. Like the critic they read raw observations through the normaliser shared with
+        :meth:`make_networks`' networks (taken from ``critic``, so that the observation statistics keep it
+        current) and predict ``Q / s_v`` scaled back by ``value_scale``. ``hidden_sizes``: the recipe's own when
+        ``None``. The default refuses: a recipe that supports a Q critic implements it.
+        """
+        raise NotImplementedError(f"model.recipe ({type(self).__name__}) builds no Q networks (make_q_networks), "
+                                  f"which model.targets QCritic needs; use a recipe that does, or V targets.")
+
     def make_evaluator(self, seed: int, episodes: int) -> EpisodeEvaluator:
         """What an evaluation worker runs: ``episodes`` episodes of an actor's deterministic policy side by side,
         in envs seeded with ``seed``. The default steps :meth:`make_env`'s env through TorchRL

@@ -68,6 +68,18 @@ class ScaleOutput(nn.Module):
         return x * self.scale
 
 
+class StateActionValue(nn.Module):
+    """``Q(s, a) = s_v * mlp([normalise(s), a])``: a Q network's head on the raw observation and the action (in the
+    policy's units), through the normaliser shared with the actor and critic."""
+
+    def __init__(self, normalizer: ObservationNormalizer, mlp: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.normalizer, self.mlp, self.scale = normalizer, mlp, scale
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.normalizer(observation), action.to(observation.dtype)], -1)) * self.scale
+
+
 class DeterministicPolicy(nn.Module):
     """Raw observation -> the env action of a recipe actor's deterministic mode (see ``GymRecipe.deterministic_policy``)."""
 
@@ -237,6 +249,32 @@ class GymRecipe(Recipe):
         critic = ValueOperator(nn.Sequential(normalizer, critic_mlp, ScaleOutput(value_scale)),
                                in_keys=["observation"])
         return self._make_actor(env, normalizer), critic
+
+    def make_q_networks(self, env: EnvBase, count: int = 2, *, critic: ValueOperator | None = None,
+                        value_scale: float = 1.0, hidden_sizes: list[int] | None = None) -> list[ValueOperator]:
+        """``count`` Q networks of ``hidden_sizes`` (the recipe's when ``None``): an MLP on ``[normalised s, a]`` to
+        ``Q(s, a)`` (continuous actions, ``state_action_value``), or on the normalised ``s`` to one ``Q(s, a)`` per
+        action (discrete, ``action_value``); the normaliser is ``critic``'s, the one :meth:`make_networks` shares."""
+        normalizer = self._shared_normalizer(critic, "make_q_networks")
+        obs_dim, spec = env.observation_spec["observation"].shape[-1], env.action_spec
+        cells = list(hidden_sizes or self.hidden_sizes)
+        if isinstance(spec, OneHot):
+            return [ValueOperator(nn.Sequential(normalizer, MLP(in_features=obs_dim, out_features=spec.shape[-1],
+                                                                num_cells=cells, activation_class=nn.ReLU),
+                                                ScaleOutput(value_scale)),
+                                  in_keys=["observation"], out_keys=["action_value"]) for _ in range(count)]
+        return [ValueOperator(StateActionValue(normalizer, MLP(in_features=obs_dim + spec.shape[-1], out_features=1,
+                                                               num_cells=cells, activation_class=nn.ReLU),
+                                               value_scale),
+                              in_keys=["observation", "action"], out_keys=["state_action_value"]) for _ in range(count)]
+
+    def _shared_normalizer(self, critic: ValueOperator | None, caller: str) -> ObservationNormalizer:
+        """The normaliser :meth:`make_networks` put at the front of ``critic`` (and of the actor)."""
+        normalizer = critic.module[0] if critic is not None and isinstance(critic.module, nn.Sequential) else None
+        if not isinstance(normalizer, ObservationNormalizer):
+            raise TypeError(f"{type(self).__name__}.{caller}: pass the critic from make_networks (its first "
+                            f"module is the shared ObservationNormalizer), got {critic!r:.80}.")
+        return normalizer
 
     def _make_actor(self, env: EnvBase, normalizer: ObservationNormalizer) -> ProbabilisticActor:
         obs_dim = env.observation_spec["observation"].shape[-1]
