@@ -7,8 +7,8 @@ Public API:
 - :func:`refresh_value_targets` -- returns and advantages over the trajectories stored in a buffer.
 - :func:`make_replay_buffer` -- the FIFO (prioritized) TorchRL replay buffer.
 - :class:`AWRIteration` -- one AWR iteration over its parts (:mod:`awr_modules.data`, :mod:`~awr_modules.targets`,
-  :mod:`~awr_modules.temperature`, :mod:`~awr_modules.execution`, :class:`~awr_modules.phases.Phase`), without
-  Lightning (imported on first use).
+  :mod:`~awr_modules.temperature`, :mod:`~awr_modules.entropy`, :mod:`~awr_modules.execution`,
+  :class:`~awr_modules.phases.Phase`), without Lightning (imported on first use).
 - :class:`AWRModule` -- the Lightning module around it, composed of the parts a config injects (imported on first
   use, so that ``import awr_modules`` does not load Lightning).
 """

@@ -5,7 +5,7 @@
 3. refresh the value targets ``R`` over the stored paths with the critic (the targets part);
 4. value phase: minibatch steps on ``0.5 ((V(s) - R) / s_v)^2`` (the execution part);
 5. refresh the advantages ``A = R - V(s)`` with the updated critic, standardised over everything stored,
-   and set the temperature ``beta`` (the temperature part);
+   and set the temperature ``beta`` (the temperature part) and a tuned entropy coefficient (the entropy part);
 6. policy phase: minibatch steps on ``-w log pi(a|s)`` with ``w = min(exp(A / beta), w_max)``;
    then publish the policy that collects the next batch;
 7. (the caller) log, and evaluate the deterministic policy every few iterations.
@@ -25,6 +25,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from awr_modules.data import DataSource
+from awr_modules.entropy import EntropyCoefficient, FixedCoefficient, mean_policy_entropy
 from awr_modules.execution import Execution, OptimizerSteps
 from awr_modules.loss import AWRLoss
 from awr_modules.observation_statistics import ObservationStatistics
@@ -46,7 +47,7 @@ class IterationResult:
         outputs: the loss output of each phase's last minibatch step (the phases that took steps).
         seconds: wall-clock seconds per step of the iteration.
         weights: the temperature and the AWR weights' ESS and KL over everything stored (iterations that
-            refreshed the advantages).
+            refreshed the advantages); a tuned entropy coefficient and the policy's entropy it was tuned on.
     """
 
     batch: TensorDictBase | None
@@ -82,19 +83,23 @@ class AWRIteration:
         policy_phase: steps and batch size of step 6.
         execution: how the phases' steps run (:mod:`awr_modules.execution`).
         statistics: the networks' observation statistics, updated from each collected batch (or ``None``).
+        entropy: the entropy coefficient (:mod:`awr_modules.entropy`; ``None``: the loss's own); attached to ``loss``.
 
     A combination of parts that makes no sense is refused here, before any step, with both parts named.
     """
 
     def __init__(self, loss: AWRLoss, data: DataSource, targets: ValueTargets, temperature: Temperature,
                  value_phase: Phase, policy_phase: Phase, execution: Execution,
-                 statistics: ObservationStatistics | None = None) -> None:
+                 statistics: ObservationStatistics | None = None, *,
+                 entropy: EntropyCoefficient | None = None) -> None:
         data.check(samples_by_weight=loss.samples_by_weight, refresh_every=targets.refresh_every)
         targets.check(data, loss)
         if temperature.tunes and not loss.weighs_by_advantage:
             raise ValueError(f"model.temperature ({type(temperature).__name__}) tunes beta, but model.loss weighs "
                              "every sample alike (weighting='uniform'): use awr_modules.temperature.Fixed.")
         targets.attach(loss)
+        self.entropy = entropy = entropy if entropy is not None else FixedCoefficient()
+        entropy.attach(loss)
         loss.temperature.fill_(temperature.beta)
         self.loss, self.data, self.targets, self.temperature = loss, data, targets, temperature
         self.value_phase, self.policy_phase, self.execution = value_phase, policy_phase, execution
@@ -142,6 +147,7 @@ class AWRIteration:
         if refresh:
             targets.refresh_advantages(buffers, self.loss, self._critic_moves_with_actor)  # 5. A, new critic
             weights = self._weigh(buffers)
+        weights.update(self._tune_entropy(buffers))
         clock.lap("refresh")
         policy_out = self._phase("policy", self.policy_phase)                    # 6. policy phase
         clock.lap("policy_phase")
@@ -190,12 +196,26 @@ class AWRIteration:
                 "train/buffer_weight_ess": effective_sample_size(advantage, beta, max_weight),
                 "train/buffer_weight_kl": kl_from_behaviour(advantage, beta, max_weight)}
 
+    def _tune_entropy(self, buffers: list) -> dict[str, float]:
+        """A tuned entropy coefficient's step from the policy's mean entropy over everything stored (the mean across
+        ranks), set on the loss for the policy phase (in place: compiled graphs read it); both for the log."""
+        if not self.entropy.tunes or not buffers:
+            return {}
+        entropy = mean_policy_entropy(self.loss, buffers, self.targets.chunk_size)
+        if self._pool is not None:
+            entropy = self._pool(entropy)
+        coeff = self.entropy.update(float(entropy))
+        self.loss.entropy_coeff.fill_(coeff)
+        return {"train/entropy_coeff": coeff, "train/buffer_entropy": float(entropy)}
+
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to go on exactly: the counters, the observation statistics, and this process's
-        buffer and RNG states (``rank``) and the dataset's identity (the parts' weights are the loss's)."""
+        """What a checkpoint needs to go on exactly: the counters, the observation statistics, the entropy
+        coefficient's state, and this process's buffer and RNG states (``rank``) and the dataset's identity (the
+        parts' weights are the loss's)."""
         data = self.data.state_dict()
         return {"env_steps": self.env_steps, "iteration": self.iteration,
                 "normalizers": [self.statistics.state_dict()] if self.statistics is not None else [],
+                "entropy": self.entropy.state_dict(),
                 "rank": data["rank"], "dataset": data["dataset"]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,6 +223,7 @@ class AWRIteration:
         self.env_steps, self.iteration = int(state["env_steps"]), int(state["iteration"])
         if self.statistics is not None and state.get("normalizers"):
             self.statistics.load_state_dict(state["normalizers"][0], self.env_steps)
+        self.entropy.load_state_dict(state.get("entropy") or {})  # none: written before the part, its start
         if state.get("rank") is not None:
             loss = self.loss
             self.data.load_state_dict(state["rank"], state.get("dataset"),

@@ -254,6 +254,17 @@ class AWRLoss(AWRLossConventions, LossModule, LossModuleFallbacks):
         (``weighting="uniform"``), which has no temperature."""
         return self._weighting != "uniform"
 
+    @property
+    def entropy_bonus(self) -> bool:
+        """Whether the actor loss subtracts ``entropy_coeff * H(pi(.|s))``: on when built with ``entropy_coeff > 0``,
+        or turned on by a part that tunes the coefficient (:mod:`awr_modules.entropy`). A Python flag: set it before
+        the loss is compiled or captured."""
+        return self._entropy_bonus
+
+    @entropy_bonus.setter
+    def entropy_bonus(self, on: bool) -> None:
+        self._entropy_bonus = bool(on)
+
     def sampling_priority(self, tensordict: TensorDictBase) -> torch.Tensor:
         """The priorities a buffer that samples by weight needs: ``w`` of the stored advantages."""
         return self.weights(tensordict.get(self.tensor_keys.advantage))

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from awr_modules.cuda_graphs import move_distribution_kwargs
 from awr_modules.data import Collected, DataContext, DataSource
 from awr_modules.distributed import gather_rank_states, mean_across_ranks
+from awr_modules.entropy import EntropyCoefficient, FixedCoefficient
 from awr_modules.evaluation import evaluate, evaluation_metrics
 from awr_modules.evaluation_worker import EvaluatedSnapshot
 from awr_modules.evaluators import InProcess
@@ -44,7 +45,7 @@ def _reference_sgd(lr: float) -> OptimizerCallable:
 
 
 _PART_CLASSES = {"data": Collected, "targets": TDLambda, "temperature": Fixed, "evaluator": InProcess,
-                 "execution": Eager}
+                 "execution": Eager, "entropy": FixedCoefficient}
 _DEFAULT_PARTS = {name: lazy_instance(part) for name, part in _PART_CLASSES.items()}
 """The parts' defaults, as LightningCLI shows them (``--print_config``) and builds them (a fresh one per run)."""
 
@@ -65,6 +66,8 @@ class AWRModule(pl.LightningModule):
             Each part's default is a fresh instance per module.
         targets: the value targets and their refresh (default: TD(lambda), :class:`~awr_modules.targets.TDLambda`).
         temperature: ``beta`` of ``exp(A / beta)`` (default: fixed at 1, :class:`~awr_modules.temperature.Fixed`).
+        entropy: the entropy bonus's coefficient (default: the loss's own,
+            :class:`~awr_modules.entropy.FixedCoefficient`).
         loss: builds the :class:`~awr_modules.AWRLoss` on the recipe's networks, with the loss's own settings
             (``max_weight``, ``weighting``, ``action_bound_penalty``, ...); ``None``: its defaults, with the
             reference's action-bound penalty for the recipe's actor.
@@ -92,6 +95,7 @@ class AWRModule(pl.LightningModule):
         data: DataSource = _DEFAULT_PARTS["data"],
         targets: ValueTargets = _DEFAULT_PARTS["targets"],
         temperature: Temperature = _DEFAULT_PARTS["temperature"],
+        entropy: EntropyCoefficient = _DEFAULT_PARTS["entropy"],
         loss: LossFactory | None = None,
         value_phase: Phase = Phase(200, 256),  # noqa: B008 - frozen
         policy_phase: Phase = Phase(1000, 256),  # noqa: B008 - frozen
@@ -109,9 +113,10 @@ class AWRModule(pl.LightningModule):
         data, targets, temperature, evaluator, execution = (
             _own(part, name) for part, name in ((data, "data"), (targets, "targets"), (temperature, "temperature"),
                                                 (evaluator, "evaluator"), (execution, "execution")))
+        entropy = _own(entropy, "entropy")
         for field, part, kind in (("data", data, DataSource), ("targets", targets, ValueTargets),
                                   ("temperature", temperature, Temperature), ("evaluator", evaluator, InProcess),
-                                  ("execution", execution, Execution)):
+                                  ("execution", execution, Execution), ("entropy", entropy, EntropyCoefficient)):
             if not isinstance(part, kind):
                 raise TypeError(f"AWRModule: model.{field} must be a {kind.__name__} part, got {part!r}.")
         if not data.collects and max_env_steps is not None:
@@ -129,7 +134,8 @@ class AWRModule(pl.LightningModule):
         spec_env.close()
         self.loss_module = build_loss(loss, self.actor, self.critic, targets.value_scale)
         self.evaluator = evaluator
-        self.awr = AWRIteration(self.loss_module, data, targets, temperature, value_phase, policy_phase, execution)
+        self.awr = AWRIteration(self.loss_module, data, targets, temperature, value_phase, policy_phase, execution,
+                                entropy=entropy)
         self._starts_from_init = False
         self.last_iteration: IterationResult | None = None  # what the last training step left (callbacks read it)
 

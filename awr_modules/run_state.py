@@ -22,8 +22,9 @@ from torchrl.envs import EnvBase
 
 CHECKPOINT_KEY = "awr"
 """The checkpoint section ``AWRModule`` writes: ``version``, ``env_id``, ``signature``, ``env_steps``,
-``iteration``, ``normalizers`` (observation statistics), ``ranks`` (each rank's ``buffer`` and ``rng``) and
-``dataset`` (the identity of a dataset the run read)."""
+``iteration``, ``normalizers`` (observation statistics), ``entropy`` (a tuned entropy coefficient's state; absent
+from checkpoints written before it), ``ranks`` (each rank's ``buffer`` and ``rng``) and ``dataset`` (the identity of
+a dataset the run read)."""
 
 FORMAT_VERSION = "0.2.0"
 """The torchrl-awr version whose checkpoint layout this is. 0.1.0 wrote no version; its networks load (the

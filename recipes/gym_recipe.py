@@ -49,6 +49,8 @@ PolicyKind = Literal["fixed_std", "learned_std", "tanh_normal"]
 class FixedStd(nn.Module):
     """Pairs a Gaussian mean with a constant std: the reference's policy does not learn its std."""
 
+    constant_scale = True  # its entropy cannot move: awr_modules.entropy refuses to tune a bonus on it
+
     def __init__(self, std: float) -> None:
         super().__init__()
         self.std = std
