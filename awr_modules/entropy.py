@@ -18,7 +18,8 @@ whose likelihood alone keeps it wider sees ``alpha`` decay toward 0.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torchrl.data import ReplayBuffer
@@ -28,8 +29,14 @@ from awr_modules.distributions import closed_form_or_sampled_entropy, per_transi
 from awr_modules.loss import AWRLoss
 from awr_modules.precision import float32_context
 
-CoefficientOptimizer = Literal["adam", "sgd"]
-OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+CoefficientOptimizer = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+"""Builds the optimizer of ``log alpha`` from its one parameter (Lightning's ``OptimizerCallable``: in YAML a
+``class_path`` with ``init_args``, the learning rate among them)."""
+
+
+def _default_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with step size 0.05 (one step per iteration: see :class:`TunedToEntropy`)."""
+    return torch.optim.Adam(parameters, lr=0.05)
 
 CONSTANT_SCALE = "constant_scale"
 """The attribute (``True``) by which a module of an actor says that it outputs a scale no parameter moves, as the
@@ -108,8 +115,8 @@ class TunedToEntropy(EntropyCoefficient):
     ``alpha`` from its ``entropy_coeff`` buffer, which is filled in place between phases (as the temperature is):
     every graph reads the new value without being rebuilt. The buffer's states are those the policy loss averages
     over, so the measurement is the objective's own entropy term, without a minibatch's noise. One step per
-    iteration means a larger step size than SAC's per-step 3e-4: an Adam step moves ``log alpha`` by about ``lr``
-    whatever the gradient's scale, so ``lr = 0.05`` can change ``alpha`` by a factor ``e`` in 20 iterations.
+    iteration means a larger step size than SAC's per-step 3e-4: an Adam step moves ``log alpha`` by about its ``lr``
+    whatever the gradient's scale, so the default ``lr = 0.05`` can change ``alpha`` by a factor ``e`` in 20 iterations.
 
     The loss's bonus is turned on by this part (:meth:`attach`), so leave ``model.loss.init_args.entropy_coeff``
     out; the actor's entropy must be able to move (a learned std, TanhNormal or a categorical: not a fixed std).
@@ -122,26 +129,23 @@ class TunedToEntropy(EntropyCoefficient):
             heuristic for ``d`` continuous action dimensions is ``-d``; the reference's fixed std 0.4 has
             ``0.50 d``; a categorical over ``n`` actions has at most ``log n``.
         initial_coeff: ``alpha`` of the first iteration (``> 0``).
-        lr: the step size on ``log alpha`` (``> 0``), one step per iteration.
-        optimizer: ``"adam"`` (default betas) or ``"sgd"`` (plain: ``log alpha -= lr * alpha * (H - H_target)``).
+        optimizer: builds the optimizer of ``log alpha`` (one step per iteration), its step size in its own
+            ``init_args``; ``None``: Adam, ``lr=0.05``. ``torch.optim.SGD`` without momentum takes the plain step
+            ``log alpha -= lr * alpha * (H - H_target)``.
     """
 
     tunes = True
 
-    def __init__(self, target: float, initial_coeff: float = 0.01, lr: float = 0.05,
-                 optimizer: CoefficientOptimizer = "adam") -> None:
+    def __init__(self, target: float, initial_coeff: float = 0.01,
+                 optimizer: CoefficientOptimizer | None = None) -> None:
         name = type(self).__name__
         if not math.isfinite(target):
             raise ValueError(f"{name}: target must be a finite entropy in nats, got {target}.")
         if not initial_coeff > 0:
             raise ValueError(f"{name}: initial_coeff must be > 0, got {initial_coeff}.")
-        if not lr > 0:
-            raise ValueError(f"{name}: lr must be > 0, got {lr}.")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"{name}: optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}.")
-        self.target, self.initial_coeff, self.lr, self.optimizer = float(target), initial_coeff, lr, optimizer
+        self.target, self.initial_coeff = float(target), initial_coeff
         self.log_coeff = torch.nn.Parameter(torch.tensor(math.log(initial_coeff), dtype=torch.float64))
-        self._optimizer = OPTIMIZERS[optimizer]([self.log_coeff], lr=lr)
+        self._optimizer = (optimizer or _default_optimizer)([self.log_coeff])
 
     @property
     def coeff(self) -> float:

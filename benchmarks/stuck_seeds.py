@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ def main() -> None:
                         help="window edges in env steps")
     args = parser.parse_args()
     edges = [int(x) for x in args.windows]
-    windows = list(zip(edges[:-1], edges[1:], strict=False))
+    windows = list(itertools.pairwise(edges))
     header = " | ".join(f"{low // 1000}k-{high // 1000}k" for low, high in windows)
     runs = {label: window_means(read_run(Path(path)), windows)
             for label, path in (item.split("=", 1) for item in args.runs)}

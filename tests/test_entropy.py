@@ -37,7 +37,8 @@ from awr_recipes.classic_control import ClassicControl
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 40
 TUNED = ["--model.entropy=awr_modules.entropy.TunedToEntropy", "--model.entropy.init_args.target=5.0",
-         "--model.entropy.init_args.initial_coeff=0.02", "--model.entropy.init_args.lr=0.1"]
+         "--model.entropy.init_args.initial_coeff=0.02", "--model.entropy.init_args.optimizer=torch.optim.Adam",
+         "--model.entropy.init_args.optimizer.init_args.lr=0.1"]
 """A target far above a fresh policy's entropy (about 1.4 nats per action dimension): ``alpha`` must grow."""
 
 
@@ -46,7 +47,7 @@ TUNED = ["--model.entropy=awr_modules.entropy.TunedToEntropy", "--model.entropy.
 def test_one_sgd_step_on_log_alpha_moves_alpha_toward_the_target(entropy: float, grows: bool) -> None:
     """``log alpha <- log alpha - lr * alpha * (H - H_target)``: with ``H_target = 2``, ``alpha = 0.5``, ``lr = 0.1``,
     an entropy of 1 (below) gives ``log alpha + 0.05``, an entropy of 3.5 (above) ``log alpha - 0.075``."""
-    part = TunedToEntropy(target=2.0, initial_coeff=0.5, lr=0.1, optimizer="sgd")
+    part = TunedToEntropy(target=2.0, initial_coeff=0.5, optimizer=partial(torch.optim.SGD, lr=0.1))
     coeff = part.update(entropy)
     expected = math.exp(math.log(0.5) - 0.1 * 0.5 * (entropy - 2.0))
     assert coeff == pytest.approx(expected, rel=1e-12, abs=0)
@@ -58,15 +59,13 @@ def test_one_sgd_step_on_log_alpha_moves_alpha_toward_the_target(entropy: float,
 @pytest.mark.parametrize(("entropy", "sign"), [(-3.0, 1), (0.5, -1)])
 def test_adams_first_step_moves_log_alpha_by_its_step_size_toward_the_target(entropy: float, sign: int) -> None:
     """Adam's first step is ``lr * g / (|g| + eps)``: ``lr`` in the direction of the target, whatever the scale."""
-    part = TunedToEntropy(target=-1.0, initial_coeff=0.1, lr=0.05)
+    part = TunedToEntropy(target=-1.0, initial_coeff=0.1, optimizer=partial(torch.optim.Adam, lr=0.05))
     assert math.log(part.update(entropy)) == pytest.approx(math.log(0.1) + sign * 0.05, rel=1e-6)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"target": math.nan}, "TunedToEntropy: target must be a finite entropy"),
     ({"target": 0.0, "initial_coeff": 0.0}, "TunedToEntropy: initial_coeff must be > 0"),
-    ({"target": 0.0, "lr": -1.0}, "TunedToEntropy: lr must be > 0"),
-    ({"target": 0.0, "optimizer": "rmsprop"}, "TunedToEntropy: optimizer must be one of"),
 ])
 def test_bad_arguments_are_refused_naming_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -190,7 +189,8 @@ def _iteration(kind: str, entropy, execution=None) -> tuple[AWRIteration, tuple[
 def test_an_iteration_steps_alpha_on_the_policys_entropy_before_its_policy_phase(kind: str) -> None:
     """The coefficient the policy phase uses is one SGD step from ``initial_coeff`` on the entropy of the policy
     that phase starts from (the value phase leaves the actor as it is), over every stored state."""
-    iteration, _ = _iteration(kind, TunedToEntropy(target=0.5, initial_coeff=0.2, lr=0.3, optimizer="sgd"))
+    part = TunedToEntropy(target=0.5, initial_coeff=0.2, optimizer=partial(torch.optim.SGD, lr=0.3))
+    iteration, _ = _iteration(kind, part)
     seen = []
     actor_loss = iteration.loss.actor_loss
     iteration.loss.actor_loss = lambda td: seen.append(float(iteration.loss.entropy_coeff)) or actor_loss(td)
@@ -217,7 +217,7 @@ class _FirstStepOnly(TunedToEntropy):
 
 
 def _tuned(kind: type[TunedToEntropy] = TunedToEntropy) -> TunedToEntropy:
-    return kind(target=4.0, initial_coeff=0.5, lr=0.5, optimizer="sgd")
+    return kind(target=4.0, initial_coeff=0.5, optimizer=partial(torch.optim.SGD, lr=0.5))
 
 
 def _two_iterations(entropy: TunedToEntropy, execution=None) -> tuple[list[torch.Tensor], list[float]]:
@@ -246,6 +246,10 @@ def test_a_fixed_coefficient_logs_nothing_of_its_own() -> None:
     assert not {"train/entropy_coeff", "train/buffer_entropy"} & set(iteration.run().weights)
 
 
+def _tuned_to_three_nats() -> TunedToEntropy:
+    return TunedToEntropy(target=3.0, initial_coeff=0.05, optimizer=partial(torch.optim.Adam, lr=0.2))
+
+
 def _snapshot(iteration: AWRIteration, optimizers) -> dict:
     return {"iteration": copy.deepcopy(iteration.state_dict()), "loss": copy.deepcopy(iteration.loss.state_dict()),
             "optimizers": [copy.deepcopy(o.state_dict()) for o in optimizers],
@@ -253,7 +257,7 @@ def _snapshot(iteration: AWRIteration, optimizers) -> dict:
 
 
 def _restored(snapshot: dict, *, with_entropy: bool = True):
-    iteration, optimizers = _iteration("plain_normal", TunedToEntropy(target=3.0, initial_coeff=0.05, lr=0.2))
+    iteration, optimizers = _iteration("plain_normal", _tuned_to_three_nats())
     state = dict(snapshot["iteration"])
     if not with_entropy:
         del state["entropy"]  # a checkpoint written before the entropy part
@@ -267,10 +271,10 @@ def _restored(snapshot: dict, *, with_entropy: bool = True):
 
 
 def test_a_resumed_iteration_goes_on_exactly_as_one_that_never_stopped() -> None:
-    straight, _ = _iteration("plain_normal", TunedToEntropy(target=3.0, initial_coeff=0.05, lr=0.2))
+    straight, _ = _iteration("plain_normal", _tuned_to_three_nats())
     torch.manual_seed(7)  # the minibatches' draws
     straight_results = [straight.run() for _ in range(3)]
-    stopped, optimizers = _iteration("plain_normal", TunedToEntropy(target=3.0, initial_coeff=0.05, lr=0.2))
+    stopped, optimizers = _iteration("plain_normal", _tuned_to_three_nats())
     torch.manual_seed(7)
     for _ in range(2):
         stopped.run()
@@ -328,7 +332,7 @@ def test_fit_resumes_the_coefficient_and_its_optimizer(tmp_path) -> None:
     resumed = cli_main(["fit", *_task_args(tmp_path, "pendulum", epochs=3), "--ckpt_path=last"])
     coeffs, entropies = _metric_rows(tmp_path, "train/entropy_coeff"), _metric_rows(tmp_path, "train/buffer_entropy")
     assert len(coeffs) == 3 and math.exp(float(saved["log_coeff"])) == pytest.approx(coeffs[1], rel=1e-6)
-    by_hand = TunedToEntropy(target=5.0, initial_coeff=0.02, lr=0.1)
+    by_hand = TunedToEntropy(target=5.0, initial_coeff=0.02, optimizer=partial(torch.optim.Adam, lr=0.1))
     by_hand.load_state_dict(saved)
     assert by_hand.update(entropies[2]) == pytest.approx(coeffs[2], rel=1e-5)
     assert resumed.model.awr.entropy.state_dict()["optimizer"]["state"][0]["step"] == 3
