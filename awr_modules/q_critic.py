@@ -37,6 +37,11 @@ from awr_modules.value_targets import standardize_stored_advantages
 Q_NETWORKS = "qvalue_network"  # TorchRL's naming: qvalue_network_params, target_qvalue_network_params
 
 
+def _at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float32 or wider: half-precision outputs of mixed precision are not averaged or regressed."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 class TwinQLoss(LossModule):
     r"""TD loss of ``n`` independent Q networks (twins for ``n = 2``) with soft target copies, off-policy.
 
@@ -145,7 +150,7 @@ class TwinQLoss(LossModule):
 
     def stored_action_values(self, tensordict: TensorDictBase, *, target: bool = False) -> torch.Tensor:
         """``Q_i(s, a)`` of the batch's actions, ``[n, *B]``."""
-        values = self.q_values(tensordict, target=target).float()
+        values = _at_least_float32(self.q_values(tensordict, target=target))
         if self.discrete:
             return (values * tensordict.get(self.tensor_keys.action).to(values.dtype)).sum(-1)
         return values.squeeze(-1)
@@ -155,14 +160,15 @@ class TwinQLoss(LossModule):
         over ``policy_samples`` drawn actions."""
         dist = actor_distribution(self.actor_network, None, self._direct_actor, states)
         if self.discrete:
-            q = self.q_values(states, target=target).float().min(0).values
+            q = _at_least_float32(self.q_values(states, target=target)).min(0).values
             return (dist.probs.to(q.dtype) * q).sum(-1)
         samples, batch = self.policy_samples, states.batch_size
         actions = dist.sample((samples,))
         inputs = TensorDict({key: states.get(key).expand(samples, *states.get(key).shape) for key in self.state_keys},
                             batch_size=[samples, *batch])
         inputs.set(self.tensor_keys.action, actions)
-        return self.q_values(inputs, target=target).float().min(0).values.reshape(samples, *batch).mean(0)
+        q = _at_least_float32(self.q_values(inputs, target=target)).min(0).values
+        return q.reshape(samples, *batch).mean(0)
 
     def value_target(self, tensordict: TensorDictBase) -> torch.Tensor:
         """``y = r + gamma (1 - terminated) V_target(s')`` ``[*B]``, without gradient."""

@@ -196,6 +196,25 @@ def test_targets_move_by_exactly_tau_per_optimizer_step():
             torch.testing.assert_close(q_loss.target_qvalue_network_params.get(key), value, rtol=1e-6, atol=1e-7)
 
 
+def test_soft_updates_follow_the_networks_when_the_module_moves():
+    """A move of the loss (``.to(device)``, here ``.double()``) keeps ``SoftUpdate``'s sources and targets the
+    networks' own tensors: the targets still follow the online networks by tau."""
+    targets = QCritic(GAMMA, tau=0.5)
+    q_loss = targets.use(_continuous_q(), _delta_actor().double())
+    q_loss.double()
+    with torch.no_grad():
+        for parameter in q_loss.qvalue_networks.parameters():
+            parameter.add_(1.0)
+    before = q_loss.target_qvalue_network_params.clone()
+    targets.target_update.step()
+    for key, value in (before * 0.5 + q_loss.qvalue_network_params.detach() * 0.5).items(True, True):
+        after = q_loss.target_qvalue_network_params.get(key)
+        assert after.dtype == torch.float64
+        torch.testing.assert_close(after, value)
+    batch = _transitions().apply(lambda tensor: tensor.double() if tensor.is_floating_point() else tensor)
+    assert q_loss(batch)["loss_qvalue"].dtype == torch.float64
+
+
 @pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "discrete"])
 def test_the_advantage_refresh_writes_q_minus_v_pi_for_every_stored_row(discrete):
     """Step 5: ``A = min_i Q_i(s, a) - V_pi(s)`` in chunks, ``value_target = Q``, ``state_value = V_pi``; with
