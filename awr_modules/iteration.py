@@ -3,7 +3,9 @@
 1. collect ``frames_per_iteration`` env steps with the current policy (the data part);
 2. store them in the FIFO buffer, trajectory boundaries kept (the data part);
 3. refresh the value targets ``R`` over the stored paths with the critic (the targets part);
-4. value phase: minibatch steps on ``0.5 ((V(s) - R) / s_v)^2`` (the execution part);
+4. value phase: minibatch steps on ``0.5 ((V(s) - R) / s_v)^2`` (the execution part); a targets part with
+   networks of its own steps those instead (a Q critic: TD on each minibatch, nothing to do in step 3, and
+   ``A = Q(s, a) - V_pi(s)`` in step 5; :mod:`awr_modules.q_critic`);
 5. refresh the advantages ``A = R - V(s)`` with the updated critic, standardised over everything stored,
    and set the temperature ``beta`` (the temperature part) and a tuned entropy coefficient (the entropy part);
 6. policy phase: minibatch steps on ``-w log pi(a|s)`` with ``w = min(exp(A / beta), w_max)``;
