@@ -113,7 +113,9 @@ class GymRecipe(Recipe):
         hidden_sizes: hidden layers of actor and critic (reference ``[128, 64]``).
         policy: ``"fixed_std"`` (reference), ``"learned_std"`` or ``"tanh_normal"``;
             ignored for discrete actions.
-        action_std: std of the fixed-std Gaussian in normalised action units.
+        action_std: std of the fixed-std Gaussian in normalised action units; with a learned std (``learned_std``,
+            ``tanh_normal``) the std it starts from (the scale head's ``biased_softplus`` is ``action_std`` at 0),
+            so that a learned std starts where the reference's fixed one stays.
         normalizer_samples: transitions after which observation statistics freeze.
     """
 
@@ -291,7 +293,8 @@ class GymRecipe(Recipe):
             head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, act_dim), FixedStd(self.action_std))
             distribution, kwargs = IndependentNormal, {}
         else:
-            head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, 2 * act_dim), NormalParamExtractor())
+            head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, 2 * act_dim),
+                                 NormalParamExtractor(scale_mapping=f"biased_softplus_{self.action_std}"))
             distribution, kwargs = (IndependentNormal, {}) if self.policy == "learned_std" else (
                 TanhNormal, {"low": -torch.ones(act_dim), "high": torch.ones(act_dim)})
         module = TensorDictModule(head, in_keys=["observation"], out_keys=["loc", "scale"])

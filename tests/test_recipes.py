@@ -63,3 +63,16 @@ def test_a_hopper_fall_is_a_termination_not_a_truncation() -> None:
 def test_mujoco_recipe_refuses_another_family() -> None:
     with pytest.raises(ValueError, match="family"):
         MuJoCo("LunarLander-v3")
+
+
+@pytest.mark.parametrize("policy", ["learned_std", "tanh_normal"])
+def test_a_learned_std_starts_at_action_std(policy: str) -> None:
+    """The scale head's output is ``action_std`` where the network outputs 0 (its last layer starts near 0), so a
+    learned std starts where the reference's fixed one stays; another ``action_std``, another start."""
+    for action_std in (0.4, 0.15):
+        recipe = ClassicControl("Pendulum-v1", policy=policy, action_std=action_std)
+        env = recipe.make_env(0)
+        actor, _ = recipe.make_networks(env)
+        scale = actor(env.reset())["scale"]
+        torch.testing.assert_close(scale, torch.full_like(scale, action_std), rtol=0, atol=0.02)
+        env.close()
