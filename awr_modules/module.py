@@ -110,10 +110,10 @@ class AWRModule(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        data, targets, temperature, evaluator, execution = (
+        data, targets, temperature, entropy, evaluator, execution = (
             _own(part, name) for part, name in ((data, "data"), (targets, "targets"), (temperature, "temperature"),
-                                                (evaluator, "evaluator"), (execution, "execution")))
-        entropy = _own(entropy, "entropy")
+                                                (entropy, "entropy"), (evaluator, "evaluator"),
+                                                (execution, "execution")))
         for field, part, kind in (("data", data, DataSource), ("targets", targets, ValueTargets),
                                   ("temperature", temperature, Temperature), ("evaluator", evaluator, InProcess),
                                   ("execution", execution, Execution), ("entropy", entropy, EntropyCoefficient)):
