@@ -93,7 +93,7 @@ def markdown(rows: list[dict[str, str]]) -> str:
                "per seed (final)"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row.get(c, "—") for c in columns) + " |" for row in rows]
-    if len(rows) == 2 and all("_final" in row and "_late mean" in row for row in rows):
+    if len(rows) == 2 and all("_final" in row and int(row["seeds"]) > 1 for row in rows):
         for label in ("final", "late mean"):
             verdict = "overlap" if overlap(rows[0][f"_{label}"], rows[1][f"_{label}"]) else "do not overlap"
             lines.append(f"\nThe two variants' IQM intervals of the {label} score {verdict}.")
