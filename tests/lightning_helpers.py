@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -87,3 +88,12 @@ class CountOptimizerSteps(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: pl.LightningModule, optimizer) -> None:
         self.steps += 1
+
+
+def metric_rows(save_dir: Path, key: str) -> list[float]:
+    """Every logged value of ``key``, in order, from the CSV logs ``tiny_args`` writes under ``save_dir``."""
+    rows = []
+    for path in sorted((save_dir / "test").glob("version_*/metrics.csv")):
+        with path.open() as stream:
+            rows += [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
+    return rows

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import copy
-import csv
 import math
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ACT_DIM, N_ACTIONS, OBS_DIM, dist_params, make_actor, make_critic
-from lightning_helpers import checkpoint_dir, load_checkpoint, tiny_args
+from lightning_helpers import checkpoint_dir, load_checkpoint, metric_rows, tiny_args
 from tensordict import TensorDict
 
 from awr_modules import AWRLoss, AWRModule, make_replay_buffer
@@ -296,14 +295,6 @@ def test_a_resumed_iteration_goes_on_exactly_as_one_that_never_stopped() -> None
 
 
 # ------------------------------------------------------------------ awr fit
-def _metric_rows(save_dir: Path, key: str) -> list[float]:
-    rows = []
-    for path in sorted((save_dir / "test").glob("version_*/metrics.csv")):
-        with path.open() as stream:
-            rows += [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
-    return rows
-
-
 def _task_args(tmp_path: Path, task: str, epochs: int) -> list[str]:
     """``tiny_args`` on Pendulum with a learned std, or on CartPole (a categorical policy)."""
     args = tiny_args(tmp_path, epochs=epochs, extra=TUNED)
@@ -316,7 +307,7 @@ def _task_args(tmp_path: Path, task: str, epochs: int) -> list[str]:
 @pytest.mark.parametrize("task", ["pendulum", "cartpole"])
 def test_fit_logs_the_tuned_coefficient_and_the_policys_entropy(tmp_path, task: str) -> None:
     cli = cli_main(["fit", *_task_args(tmp_path, task, epochs=2)])
-    coeffs, entropies = _metric_rows(tmp_path, "train/entropy_coeff"), _metric_rows(tmp_path, "train/buffer_entropy")
+    coeffs, entropies = metric_rows(tmp_path, "train/entropy_coeff"), metric_rows(tmp_path, "train/buffer_entropy")
     assert len(coeffs) == len(entropies) == 2
     assert all(entropy < 5.0 for entropy in entropies) and 0.02 < coeffs[0] < coeffs[1]  # below target: alpha grows
     assert float(cli.model.loss_module.entropy_coeff) == pytest.approx(coeffs[-1], rel=1e-6)
@@ -330,7 +321,7 @@ def test_fit_resumes_the_coefficient_and_its_optimizer(tmp_path) -> None:
     saved = load_checkpoint(checkpoint_dir(tmp_path) / "last.ckpt")["awr"]["entropy"]
     assert saved["optimizer"]["state"][0]["step"] == 2
     resumed = cli_main(["fit", *_task_args(tmp_path, "pendulum", epochs=3), "--ckpt_path=last"])
-    coeffs, entropies = _metric_rows(tmp_path, "train/entropy_coeff"), _metric_rows(tmp_path, "train/buffer_entropy")
+    coeffs, entropies = metric_rows(tmp_path, "train/entropy_coeff"), metric_rows(tmp_path, "train/buffer_entropy")
     assert len(coeffs) == 3 and math.exp(float(saved["log_coeff"])) == pytest.approx(coeffs[1], rel=1e-6)
     by_hand = TunedToEntropy(target=5.0, initial_coeff=0.02, optimizer=partial(torch.optim.Adam, lr=0.1))
     by_hand.load_state_dict(saved)
@@ -349,7 +340,7 @@ def test_a_checkpoint_written_before_the_part_resumes_it_from_its_initial_state(
     torch.save(checkpoint, last)
     resumed = cli_main(["fit", *_task_args(tmp_path, "pendulum", epochs=2), "--ckpt_path=last"])
     assert resumed.model.iteration == 2
-    assert _metric_rows(tmp_path, "train/entropy_coeff") == pytest.approx([0.02 * math.exp(0.1)], rel=1e-6)
+    assert metric_rows(tmp_path, "train/entropy_coeff") == pytest.approx([0.02 * math.exp(0.1)], rel=1e-6)
 
 
 def test_the_reference_overlay_switches_a_task_to_a_learned_std_with_a_tuned_coefficient() -> None:

@@ -8,14 +8,12 @@ gives the ESS in closed form with the clip active.
 
 from __future__ import annotations
 
-import csv
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-from lightning_helpers import RecordPriorities, tiny_args
+from lightning_helpers import RecordPriorities, metric_rows, tiny_args
 
 from awr_modules import AWRLoss, AWRModule
 from awr_modules.cli import cli_main
@@ -110,22 +108,14 @@ def test_targets_outside_the_measures_range_are_refused() -> None:
         measure_weights(advantage, 1.0, "entropy")
 
 
-def _metric_rows(save_dir: Path, key: str) -> list[float]:
-    rows = []
-    for path in sorted((save_dir / "test").glob("version_*/metrics.csv")):
-        with path.open() as stream:
-            rows += [float(row[key]) for row in csv.DictReader(stream) if row.get(key)]
-    return rows
-
-
 @pytest.mark.parametrize("measure, target", [("ess", 0.5), ("kl", 0.3)])
 def test_fit_tunes_the_temperature_to_the_target_every_iteration(tmp_path, measure: str, target: float) -> None:
     """Each iteration the buffer's weights meet the target at the logged temperature, which the loss then uses."""
     part = {"ess": "TunedToESS", "kl": "TunedToKL"}[measure]
     tuning = [f"--model.temperature=awr_modules.temperature.{part}", f"--model.temperature.init_args.target={target}"]
     cli = cli_main(["fit", *tiny_args(tmp_path, epochs=3, extra=tuning)])
-    temperatures = _metric_rows(tmp_path, "train/temperature")
-    measured = _metric_rows(tmp_path, f"train/buffer_weight_{measure}")
+    temperatures = metric_rows(tmp_path, "train/temperature")
+    measured = metric_rows(tmp_path, f"train/buffer_weight_{measure}")
     assert len(temperatures) == len(measured) == 3
     assert measured == pytest.approx([target] * 3, rel=1e-4)
     assert len(set(temperatures)) == 3 and 1e-3 < min(temperatures)  # re-solved on each iteration's advantages
@@ -134,8 +124,8 @@ def test_fit_tunes_the_temperature_to_the_target_every_iteration(tmp_path, measu
 
 def test_fixed_temperature_logs_the_buffer_weights_and_keeps_beta(tmp_path) -> None:
     cli_main(["fit", *tiny_args(tmp_path, epochs=2, extra=["--model.temperature.init_args.beta=0.7"])])
-    assert _metric_rows(tmp_path, "train/temperature") == pytest.approx([0.7, 0.7])
-    assert all(0 < ess < 1 for ess in _metric_rows(tmp_path, "train/buffer_weight_ess"))
+    assert metric_rows(tmp_path, "train/temperature") == pytest.approx([0.7, 0.7])
+    assert all(0 < ess < 1 for ess in metric_rows(tmp_path, "train/buffer_weight_ess"))
 
 
 def test_sampling_priorities_use_the_tuned_temperature(tmp_path) -> None:
