@@ -74,13 +74,18 @@ def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: l
         time.sleep(5)
 
 
-def read_metrics(out: Path, seed: int) -> list[dict[str, str]]:
-    """All rows the seed's runs logged (a resumed run logs into a new version folder)."""
+def read_run_metrics(run: Path) -> list[dict[str, str]]:
+    """All rows one seed's runs logged under ``run`` (a resumed run logs into a new version folder), in order."""
     rows = []
-    for path in sorted(seed_dir(out, seed).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+    for path in sorted(run.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
         with path.open() as f:
             rows.extend(csv.DictReader(f))
     return rows
+
+
+def read_metrics(out: Path, seed: int) -> list[dict[str, str]]:
+    """All rows the seed's runs logged."""
+    return read_run_metrics(seed_dir(out, seed))
 
 
 def eval_curve(rows: list[dict[str, str]]) -> list[tuple[float, float]]:

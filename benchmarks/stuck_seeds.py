@@ -15,11 +15,11 @@ length and return, and the evaluation return. Prints a markdown table per diagno
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 from pathlib import Path
 
 import numpy as np
+from learning_curves import read_run_metrics  # the CSVLogger versions of one seed's run, in order
 
 DIAGNOSTICS = ("eval/return", "train/return", "train/episode_length", "train/weight_ess", "train/weight_clip_fraction",
                "train/weight_max", "train/kl_behaviour", "train/entropy", "train/buffer_weight_ess",
@@ -27,14 +27,9 @@ DIAGNOSTICS = ("eval/return", "train/return", "train/episode_length", "train/wei
 
 
 def read_run(directory: Path) -> list[dict[str, float]]:
-    """Every logged row of a seed's run (all its CSVLogger versions, in order), with its env steps."""
-    rows = []
-    for version in sorted(directory.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        with open(version / "metrics.csv") as f:
-            for row in csv.DictReader(f):
-                if row.get("env_steps"):
-                    rows.append({key: float(value) for key, value in row.items() if value not in ("", None)})
-    return rows
+    """Every logged row of a seed's run that has its env steps, as numbers."""
+    return [{key: float(value) for key, value in row.items() if value not in ("", None)}
+            for row in read_run_metrics(directory) if row.get("env_steps")]
 
 
 def window_means(rows: list[dict[str, float]], windows: list[tuple[int, int]]) -> dict[str, list[float | None]]:
