@@ -8,7 +8,11 @@ Each ``name=directory`` is a ``benchmarks/learning_curves.py`` output (its ``cur
 eval_return). A seed's score is its last evaluation at or below ``--budget`` env steps (the README's "final eval
 return") and, beside it, its late mean: the mean of its last ``--late`` evaluations within the budget, steadier
 than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
-left out and counted (a run still going). The IQM is the mean of the middle 50% of the seeds' scores (with 3
+left out and counted (a run still going). Beside the returns, the stability of each variant (AWR's claim that its
+V critic keeps the actor's update steadier than Q-values do): a seed **diverged** when any evaluation within the
+budget is not finite (a NaN policy), and it **collapsed** when its late mean fell back below half of what it had
+gained: ``late mean < first + 0.5 (best - first)``, with ``first`` its first evaluation and ``best`` its best within
+the budget (learned, then lost it). The IQM is the mean of the middle 50% of the seeds' scores (with 3
 seeds, their mean); its interval is ``rliable``'s stratified bootstrap (``--reps`` resamples of the seeds).
 Prints a markdown table; ``--out`` also writes it to a file.
 
@@ -50,6 +54,23 @@ def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: i
     return final, late_mean, short
 
 
+def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[list[int], list[int]]:
+    """The seeds that diverged (a non-finite evaluation within ``budget``) and those that collapsed (their late
+    mean, over the last ``late`` evaluations, below ``first + 0.5 (best - first)``), among ``curves``."""
+    diverged, collapsed = [], []
+    for seed, points in curves.items():
+        values = [value for steps, value in points if steps <= budget]
+        if not values:
+            continue
+        if not all(np.isfinite(values)):
+            diverged.append(seed)
+            continue
+        first, best, late_mean = values[0], max(values), float(np.mean(values[-late:]))
+        if best > first and late_mean < first + 0.5 * (best - first):
+            collapsed.append(seed)
+    return diverged, collapsed
+
+
 def iqm_interval(scores: list[float], reps: int, seed: int = 0) -> tuple[float, float, float]:
     """The IQM of ``scores`` (one task, one score per run) and its 95% stratified-bootstrap interval (rliable)."""
     from rliable import library as rly
@@ -66,8 +87,12 @@ def iqm_interval(scores: list[float], reps: int, seed: int = 0) -> tuple[float, 
 def summary_rows(runs: dict[str, Path], budget: int, late: int, reps: int) -> list[dict[str, str]]:
     rows = []
     for name, directory in runs.items():
-        final, late_mean, short = seed_scores(seed_curves(directory), budget, late)
-        row = {"variant": name, "seeds": str(len(final))}
+        curves = seed_curves(directory)
+        final, late_mean, short = seed_scores(curves, budget, late)
+        diverged, collapsed = stability(curves, budget, late)
+        row = {"variant": name, "seeds": str(len(final)),
+               "diverged / collapsed": f"{len(diverged)} / {len(collapsed)}"
+                                       + (f" (seeds {diverged} / {collapsed})" if diverged or collapsed else "")}
         for label, scores in (("final", final), ("late mean", late_mean)):
             values = list(scores.values())
             if not values:
@@ -90,7 +115,7 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
 
 def markdown(rows: list[dict[str, str]]) -> str:
     columns = ["variant", "seeds", "final", "final IQM [95% CI]", "late mean", "late mean IQM [95% CI]",
-               "per seed (final)"]
+               "per seed (final)", "diverged / collapsed"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row.get(c, "—") for c in columns) + " |" for row in rows]
     if len(rows) == 2 and all("_final" in row and int(row["seeds"]) > 1 for row in rows):
