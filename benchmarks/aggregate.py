@@ -4,7 +4,7 @@ interval from ``rliable`` (Agarwal et al., 2021), and whether two variants' inte
     python benchmarks/aggregate.py --budget 1000000 \
         --runs async=benchmarks/results/halfcheetah_collection/async sync=benchmarks/results/halfcheetah_collection/sync
 
-Each ``name=directory`` is a ``benchmarks/learning_curves.py`` output (its ``curves.csv``: seed, env_steps,
+Each ``name=directory`` is a ``benchmarks/learning_curves.py`` output (or several, joined by commas) (its ``curves.csv``: seed, env_steps,
 eval_return). A seed's score is its last evaluation at or below ``--budget`` env steps (the README's "final eval
 return") and, beside it, its late mean: the mean of its last ``--late`` evaluations within the budget, steadier
 than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
@@ -29,12 +29,20 @@ from pathlib import Path
 import numpy as np
 
 
-def seed_curves(directory: Path) -> dict[int, list[tuple[int, float]]]:
-    """Each seed's ``(env_steps, eval_return)`` evaluations from ``directory/curves.csv``, in order."""
+def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
+    """Each seed's ``(env_steps, eval_return)`` evaluations from ``directory/curves.csv``, in order.
+
+    ``directory`` may name several outputs joined by commas (seeds run in separate batches, e.g. seeds 0-2 and
+    3-5); a seed found in two of them is refused rather than merged."""
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    with open(directory / "curves.csv") as f:
-        for row in csv.DictReader(f):
-            curves[int(row["seed"])].append((int(float(row["env_steps"])), float(row["eval_return"])))
+    for part in str(directory).split(","):
+        with open(Path(part) / "curves.csv") as f:
+            found: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            for row in csv.DictReader(f):
+                found[int(row["seed"])].append((int(float(row["env_steps"])), float(row["eval_return"])))
+        if clash := set(found) & set(curves):
+            raise ValueError(f"seeds {sorted(clash)} appear in two of {directory}")
+        curves.update(found)
     return {seed: sorted(points) for seed, points in sorted(curves.items())}
 
 
@@ -84,7 +92,7 @@ def iqm_interval(scores: list[float], reps: int, seed: int = 0) -> tuple[float, 
     return float(points["run"][0]), float(low), float(high)
 
 
-def summary_rows(runs: dict[str, Path], budget: int, late: int, reps: int) -> list[dict[str, str]]:
+def summary_rows(runs: dict[str, Path | str], budget: int, late: int, reps: int) -> list[dict[str, str]]:
     rows = []
     for name, directory in runs.items():
         curves = seed_curves(directory)
@@ -134,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     runs = dict(item.split("=", 1) for item in args.runs)
-    table = markdown(summary_rows({name: Path(path) for name, path in runs.items()}, args.budget, args.late,
+    table = markdown(summary_rows(dict(runs), args.budget, args.late,
                                   args.reps))
     print(table)
     if args.out is not None:
