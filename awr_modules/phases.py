@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.data import ReplayBuffer
@@ -78,8 +78,10 @@ class OwnValuePhase:
 def minibatch(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
     """``stored[index]`` for a 1-D ``index``, gathered leaf by leaf: compiled, the graph reads the stored length only
     as its tensors' (symbolic) size, where ``TensorDict.__getitem__`` checks it as a Python int the graph guards on.
-    ``index_select`` gathers the same rows as ``tensor[index]`` at about 60% of the cost on these small batches."""
-    return stored.apply(lambda tensor: tensor.index_select(0, index), batch_size=index.shape)
+    ``index_select`` gathers the same rows as ``tensor[index]`` at about 60% of the cost on these small batches, and
+    one new TensorDict of the gathered leaves costs less than ``stored.apply`` (about 36 against 50 us eager)."""
+    return TensorDict({key: tensor.index_select(0, index) for key, tensor in stored.items(True, True)},
+                      batch_size=index.shape, device=stored.device)
 
 
 def minibatch_losses(loss: AWRLoss, *, compile: bool = False,
