@@ -16,43 +16,28 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from tensordict import TensorDictBase
 from torch.utils.data import DataLoader
 
 from awr_modules.cuda_graphs import move_distribution_kwargs
-from awr_modules.data import Collected, DataContext, DataSource
+from awr_modules.data import DataContext, DataSource
 from awr_modules.distributed import gather_rank_states, mean_across_ranks
-from awr_modules.entropy import EntropyCoefficient, FixedCoefficient
+from awr_modules.entropy import EntropyCoefficient
 from awr_modules.evaluation import evaluate, evaluation_metrics
 from awr_modules.evaluation_worker import EvaluatedSnapshot
 from awr_modules.evaluators import InProcess
-from awr_modules.execution import Eager, Execution
+from awr_modules.execution import Execution
 from awr_modules.iteration import AWRIteration, IterationResult
 from awr_modules.lightning_steps import LightningSteps, StopWorkersOnException
 from awr_modules.loss_factory import LossFactory, build_loss
+from awr_modules.module_parts import DEFAULT_PARTS, own_parts, reference_sgd
 from awr_modules.phases import Phase
 from awr_modules.recipe import Recipe
 from awr_modules.run_state import CHECKPOINT_KEY, FORMAT_VERSION, checked_run_state, env_signature, own_rank_state
-from awr_modules.targets import TDLambda, ValueTargets
-from awr_modules.temperature import Fixed, Temperature
-
-
-def _reference_sgd(lr: float) -> OptimizerCallable:
-    return partial(torch.optim.SGD, lr=lr, momentum=0.9)
-
-
-_PART_CLASSES = {"data": Collected, "targets": TDLambda, "temperature": Fixed, "evaluator": InProcess,
-                 "execution": Eager, "entropy": FixedCoefficient}
-_DEFAULT_PARTS = {name: lazy_instance(part) for name, part in _PART_CLASSES.items()}
-"""The parts' defaults, as LightningCLI shows them (``--print_config``) and builds them (a fresh one per run)."""
-
-
-def _own(part: Any, name: str) -> Any:
-    """``part``, or a fresh default where a Python caller left the shared default in place (parts hold state)."""
-    return _PART_CLASSES[name]() if part is _DEFAULT_PARTS[name] else part
+from awr_modules.targets import ValueTargets
+from awr_modules.temperature import Temperature
 
 
 class AWRModule(pl.LightningModule):
@@ -92,10 +77,10 @@ class AWRModule(pl.LightningModule):
         self,
         recipe: Recipe,
         *,
-        data: DataSource = _DEFAULT_PARTS["data"],
-        targets: ValueTargets = _DEFAULT_PARTS["targets"],
-        temperature: Temperature = _DEFAULT_PARTS["temperature"],
-        entropy: EntropyCoefficient = _DEFAULT_PARTS["entropy"],
+        data: DataSource = DEFAULT_PARTS["data"],
+        targets: ValueTargets = DEFAULT_PARTS["targets"],
+        temperature: Temperature = DEFAULT_PARTS["temperature"],
+        entropy: EntropyCoefficient = DEFAULT_PARTS["entropy"],
         loss: LossFactory | None = None,
         value_phase: Phase = Phase(200, 256),  # noqa: B008 - frozen
         policy_phase: Phase = Phase(1000, 256),  # noqa: B008 - frozen
@@ -103,29 +88,23 @@ class AWRModule(pl.LightningModule):
         critic_optimizer: OptimizerCallable | None = None,
         actor_scheduler: LRSchedulerCallable | None = None,
         critic_scheduler: LRSchedulerCallable | None = None,
-        evaluator: InProcess = _DEFAULT_PARTS["evaluator"],
-        execution: Execution = _DEFAULT_PARTS["execution"],
+        evaluator: InProcess = DEFAULT_PARTS["evaluator"],
+        execution: Execution = DEFAULT_PARTS["execution"],
         max_env_steps: int | None = None,
         seed: int | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        data, targets, temperature, entropy, evaluator, execution = (
-            _own(part, name) for part, name in ((data, "data"), (targets, "targets"), (temperature, "temperature"),
-                                                (entropy, "entropy"), (evaluator, "evaluator"),
-                                                (execution, "execution")))
-        for field, part, kind in (("data", data, DataSource), ("targets", targets, ValueTargets),
-                                  ("temperature", temperature, Temperature), ("evaluator", evaluator, InProcess),
-                                  ("execution", execution, Execution), ("entropy", entropy, EntropyCoefficient)):
-            if not isinstance(part, kind):
-                raise TypeError(f"AWRModule: model.{field} must be a {kind.__name__} part, got {part!r}.")
+        data, targets, temperature, entropy, evaluator, execution = own_parts(
+            data=data, targets=targets, temperature=temperature, entropy=entropy, evaluator=evaluator,
+            execution=execution).values()
         if not data.collects and max_env_steps is not None:
             rank_zero_warn(f"AWRModule: max_env_steps counts collected env steps and model.data "
                            f"({type(data).__name__}) collects none; bound the run with trainer.max_epochs.")
         self.automatic_optimization = False
         self.recipe = recipe
         self.seed, self.init_from, self.max_env_steps = seed, init_from, max_env_steps
-        self._optimizers = (actor_optimizer or _reference_sgd(5e-5), critic_optimizer or _reference_sgd(0.01))
+        self._optimizers = (actor_optimizer or reference_sgd(5e-5), critic_optimizer or reference_sgd(0.01))
         self._schedulers = (actor_scheduler, critic_scheduler)
         spec_env = recipe.make_env(seed or 0)
         self.actor, self.critic = recipe.make_networks(spec_env, targets.value_scale)
