@@ -11,8 +11,9 @@ than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` min
 left out and counted (a run still going). Beside the returns, the stability of each variant (AWR's claim that its
 V critic keeps the actor's update steadier than Q-values do): a seed **diverged** when any evaluation within the
 budget is not finite (a NaN policy), and it **collapsed** when its late mean fell back below half of what it had
-gained: ``late mean < first + 0.5 (best - first)``, with ``first`` its first evaluation and ``best`` its best within
-the budget (learned, then lost it). The IQM is the mean of the middle 50% of the seeds' scores (with 3
+gained: ``late mean < first + 0.5 (best - first)``, with ``first`` its first evaluation and ``best`` the best mean
+of ``--late`` consecutive evaluations within the budget (learned, then lost it; a window, so that one lucky
+evaluation does not count as a level reached). The IQM is the mean of the middle 50% of the seeds' scores (with 3
 seeds, their mean); its interval is ``rliable``'s stratified bootstrap (``--reps`` resamples of the seeds).
 Prints a markdown table; ``--out`` also writes it to a file.
 
@@ -64,7 +65,8 @@ def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: i
 
 def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[list[int], list[int]]:
     """The seeds that diverged (a non-finite evaluation within ``budget``) and those that collapsed (their late
-    mean, over the last ``late`` evaluations, below ``first + 0.5 (best - first)``), among ``curves``."""
+    mean, over the last ``late`` evaluations, below ``first + 0.5 (best - first)``, with ``best`` the best mean of
+    ``late`` consecutive evaluations), among ``curves``."""
     diverged, collapsed = [], []
     for seed, points in curves.items():
         values = [value for steps, value in points if steps <= budget]
@@ -73,7 +75,9 @@ def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int
         if not all(np.isfinite(values)):
             diverged.append(seed)
             continue
-        first, best, late_mean = values[0], max(values), float(np.mean(values[-late:]))
+        window = min(late, len(values))
+        best = float(np.convolve(values, np.ones(window) / window, mode="valid").max())
+        first, late_mean = values[0], float(np.mean(values[-late:]))
         if best > first and late_mean < first + 0.5 * (best - first):
             collapsed.append(seed)
     return diverged, collapsed
