@@ -9,8 +9,11 @@ Three steps, each resumable (finished pieces are skipped, an interrupted fit res
 2. Offline fits of ``--offline-config`` (its ``model.data`` an ``awr_modules.data.MinariDataset``) on each
    dataset, AWR (``model.loss.init_args.weighting: loss``) and BC (``weighting: uniform``, the same loss with
    weight 1), ``--seeds`` each, ``--jobs`` at a time.
+   ``--variant NAME=CONFIG`` adds a method: AWR with ``CONFIG`` layered over the offline config (e.g. the Q
+   critic, ``configs/reference/q_critic.yaml``). Fits run dataset by dataset (``--datasets``, in that order),
+   seed by seed, every method of a seed before the next seed, so a stopped benchmark leaves whole seeds.
 3. ``summary.md`` / ``summary.csv``: per dataset its mean episode return, and the final evaluation return of
-   BC and of AWR (mean +- std over seeds).
+   BC, AWR and each variant (mean +- std over seeds).
 
     python benchmarks/offline.py --task halfcheetah --online-config configs/halfcheetah.yaml \\
         --offline-config configs/offline_halfcheetah.yaml --medium-steps 350000 \\
@@ -76,8 +79,10 @@ def make_datasets(args: argparse.Namespace) -> None:
 
 def fit_command(args: argparse.Namespace, dataset: str, method: str, seed: int) -> list[str]:
     folder = args.out / dataset / method / f"seed{seed}"
-    command = awr("fit", "-c", str(args.offline_config), f"--model.data.init_args.dataset_id={args.task}/{dataset}-v0",
-                  f"--model.loss.init_args.weighting={METHODS[method]}", f"--seed_everything={seed}",
+    overlay = ["-c", str(args.variants[method])] if method in args.variants else []
+    command = awr("fit", "-c", str(args.offline_config), *overlay,
+                  f"--model.data.init_args.dataset_id={args.task}/{dataset}-v0",
+                  f"--model.loss.init_args.weighting={METHODS.get(method, 'loss')}", f"--seed_everything={seed}",
                   "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={folder}",
                   "--trainer.logger.init_args.name=run", f"--checkpoint.dirpath={folder / 'checkpoints'}")
     if (folder / "checkpoints" / "last.ckpt").exists():
@@ -86,7 +91,7 @@ def fit_command(args: argparse.Namespace, dataset: str, method: str, seed: int) 
 
 
 def run_fits(args: argparse.Namespace) -> None:
-    pending = [(d, m, s) for d in DATASETS for m in METHODS for s in args.seeds
+    pending = [(d, m, s) for d in args.datasets for s in args.seeds for m in methods(args)
                if not (args.out / d / m / f"seed{s}" / "finished").exists()]
     running: dict[tuple[str, str, int], subprocess.Popen] = {}
     while pending or running:
@@ -104,6 +109,11 @@ def run_fits(args: argparse.Namespace) -> None:
                 if process.returncode == 0:
                     (args.out / key[0] / key[1] / f"seed{key[2]}" / "finished").touch()
                 print(f"{key}: exit {process.returncode}", flush=True)
+
+
+def methods(args: argparse.Namespace) -> list[str]:
+    """BC, AWR and the ``--variant`` names, in that order."""
+    return [*METHODS, *args.variants]
 
 
 def final_return(folder: Path) -> float | None:
@@ -124,13 +134,13 @@ def dataset_return(args: argparse.Namespace, dataset: str) -> tuple[float, int, 
 
 def summarize(args: argparse.Namespace) -> None:
     rows = []
-    for dataset in DATASETS:
+    for dataset in args.datasets:
         if not (args.out / "datasets" / f"{args.task}/{dataset}-v0").exists():
             continue
         mean, episodes, steps = dataset_return(args, dataset)
         row = {"dataset": f"{args.task}/{dataset}-v0", "episodes": episodes, "transitions": steps,
                "dataset_mean_return": round(mean, 1)}
-        for method in METHODS:
+        for method in methods(args):
             finals = [final_return(args.out / dataset / method / f"seed{s}") for s in args.seeds]
             finals = [value for value in finals if value is not None]
             row[method] = f"{np.mean(finals):.1f} +- {np.std(finals):.1f} (n={len(finals)})" if finals else "-"
@@ -142,11 +152,13 @@ def summarize(args: argparse.Namespace) -> None:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    header = ["dataset", "episodes", "transitions", "dataset mean return", "BC (uniform weights)", "AWR"]
+    header = ["dataset", "episodes", "transitions", "dataset mean return", "BC (uniform weights)", "AWR",
+              *args.variants]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append(f"| {row['dataset']} | {row['episodes']} | {row['transitions']} | {row['dataset_mean_return']} "
-                     f"| {row['bc']} | {row['awr']} |")
+        cells = [row["dataset"], row["episodes"], row["transitions"], row["dataset_mean_return"],
+                 *(row[method] for method in methods(args))]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -162,10 +174,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS),
+                        help="the datasets to fit, in this order")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=CONFIG",
+                        help="one more method: AWR with CONFIG layered over --offline-config")
     parser.add_argument("--make-datasets", action="store_true")
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
     args.out = args.out.resolve()
+    args.variants = dict(variant.split("=", 1) for variant in args.variant)
+    if set(args.variants) & set(METHODS):
+        parser.error(f"--variant names must differ from {sorted(METHODS)}")
     os.environ["MINARI_DATASETS_PATH"] = str(args.out / "datasets")
     if not args.summarize_only:
         if args.make_datasets:
