@@ -47,19 +47,29 @@ def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
     return {seed: sorted(points) for seed, points in sorted(curves.items())}
 
 
+def within(points: list[tuple[int, float]], budget: int) -> list[tuple[int, float]]:
+    """The evaluations of one seed at or before ``budget`` env steps."""
+    return [(steps, value) for steps, value in points if steps <= budget]
+
+
+def late_mean_of(values: list[float], late: int) -> float:
+    """The mean of the last ``late`` of ``values``."""
+    return float(np.mean(values[-late:]))
+
+
 def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[dict[int, float],
                                                                                              dict[int, float], list[int]]:
     """Per seed, the last evaluation within ``budget`` and the mean of the last ``late`` ones; and the seeds whose
     runs stop short of the budget (by more than their own evaluation interval), left out of both."""
     final, late_mean, short = {}, {}, []
     for seed, points in curves.items():
-        within = [(steps, value) for steps, value in points if steps <= budget]
-        interval = within[-1][0] - within[-2][0] if len(within) > 1 else budget
-        if not within or within[-1][0] < budget - interval:
+        evaluations = within(points, budget)
+        interval = evaluations[-1][0] - evaluations[-2][0] if len(evaluations) > 1 else budget
+        if not evaluations or evaluations[-1][0] < budget - interval:
             short.append(seed)
             continue
-        final[seed] = within[-1][1]
-        late_mean[seed] = float(np.mean([value for _, value in within[-late:]]))
+        final[seed] = evaluations[-1][1]
+        late_mean[seed] = late_mean_of([value for _, value in evaluations], late)
     return final, late_mean, short
 
 
@@ -69,7 +79,7 @@ def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int
     ``late`` consecutive evaluations), among ``curves``."""
     diverged, collapsed = [], []
     for seed, points in curves.items():
-        values = [value for steps, value in points if steps <= budget]
+        values = [value for _, value in within(points, budget)]
         if not values:
             continue
         if not all(np.isfinite(values)):
@@ -77,7 +87,7 @@ def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int
             continue
         window = min(late, len(values))
         best = float(np.convolve(values, np.ones(window) / window, mode="valid").max())
-        first, late_mean = values[0], float(np.mean(values[-late:]))
+        first, late_mean = values[0], late_mean_of(values, late)
         if best > first and late_mean < first + 0.5 * (best - first):
             collapsed.append(seed)
     return diverged, collapsed
