@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict import TensorDictBase, TensorDictParams
 from tensordict.nn import (
     ProbabilisticTensorDictSequential,
     TensorDictModule,
@@ -31,6 +31,7 @@ from awr_modules._torchrl_compat import (
     critic_value,
     direct_call,
     direct_distribution,
+    unchecked_tensordict,
     validity_mask,
 )
 from awr_modules.batch_checks import check_finite, check_keys_and_values, check_trajectory_inputs, per_sample
@@ -39,6 +40,7 @@ from awr_modules.distributions import (
     action_bound_penalty_for,
     closed_form_or_sampled_entropy,
     distribution_class,
+    log_prob_per_transition,
     penalized,
     per_transition,
 )
@@ -302,7 +304,7 @@ class AWRLoss(AWRLossConventions, LossModule, LossModuleFallbacks):
 
     def _output(self, tensordict: TensorDictBase, entries: dict[str, torch.Tensor]) -> TensorDictBase:
         """One TensorDict of the losses and diagnostics, built once."""
-        out = TensorDict(entries, batch_size=[])
+        out = unchecked_tensordict(entries, torch.Size([]))
         self._clear_weakrefs(tensordict, out, *_NETWORK_PARAMS)
         return out
 
@@ -352,7 +354,7 @@ class AWRLoss(AWRLossConventions, LossModule, LossModuleFallbacks):
         weight = self.weights(advantage)
 
         dist = actor_distribution(self.actor_network, self.actor_network_params, self._direct_actor, tensordict)
-        log_prob = per_transition(dist.log_prob(tensordict.get(keys.action)), batch_dims)
+        log_prob = log_prob_per_transition(dist, tensordict.get(keys.action), batch_dims)
         if self.check_inputs:
             check_finite(log_prob, "log pi(a|s) of the stored action (is the action inside the support?)")
         diagnostics = [key for key in self.out_keys if key in self.DIAGNOSTICS]

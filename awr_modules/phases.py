@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.data import ReplayBuffer
 
+from awr_modules._torchrl_compat import unchecked_tensordict
 from awr_modules.loss import AWRLoss
 
 
@@ -79,9 +80,11 @@ def minibatch(stored: TensorDictBase, index: torch.Tensor) -> TensorDictBase:
     """``stored[index]`` for a 1-D ``index``, gathered leaf by leaf: compiled, the graph reads the stored length only
     as its tensors' (symbolic) size, where ``TensorDict.__getitem__`` checks it as a Python int the graph guards on.
     ``index_select`` gathers the same rows as ``tensor[index]`` at about 60% of the cost on these small batches, and
-    one new TensorDict of the gathered leaves costs less than ``stored.apply`` (about 36 against 50 us eager)."""
-    return TensorDict({key: tensor.index_select(0, index) for key, tensor in stored.items(True, True)},
-                      batch_size=index.shape, device=stored.device)
+    one new TensorDict of the gathered leaves, built without the constructor's checks (they fit by construction:
+    :func:`~awr_modules._torchrl_compat.unchecked_tensordict`), costs less than ``stored.apply`` (about 22 against
+    50 us eager)."""
+    return unchecked_tensordict({key: tensor.index_select(0, index) for key, tensor in stored.items(True, True)},
+                                index.shape, stored.device)
 
 
 def minibatch_losses(loss: AWRLoss, *, compile: bool = False,

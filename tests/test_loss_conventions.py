@@ -336,3 +336,40 @@ def test_direct_calls_read_what_tensordict_module_keeps_of_its_arguments():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
     assert direct_call(TensorDictModule(_TwoHeads(), in_keys=["observation"], out_keys=["y"],
                                         get_kwargs={"as_padded_tensor": True})) is None
+
+
+def test_unchecked_tensordicts_are_what_the_public_constructor_builds():
+    """``unchecked_tensordict`` reads tensordict's private ``TensorDict._new_unsafe``: it must still exist, and what
+    it builds (flat keys) must be what ``TensorDict(...)`` builds; nested keys take the public constructor and end
+    up nested."""
+    from awr_modules._torchrl_compat import unchecked_tensordict
+
+    assert callable(getattr(TensorDict, "_new_unsafe", None)), "tensordict renamed TensorDict._new_unsafe"
+    flat = {"observation": torch.randn(N, 3), "action": torch.randn(N, 2)}
+    built, expected = unchecked_tensordict(flat, torch.Size([N]), torch.device("cpu")), TensorDict(flat, [N], "cpu")
+    assert type(built) is TensorDict
+    assert (built.batch_size, built.device, set(built.keys())) == (expected.batch_size, expected.device, set(flat))
+    assert all(built.get(key) is flat[key] for key in flat)
+    nested = unchecked_tensordict({"observation": flat["observation"], ("next", "reward"): torch.ones(N, 1)},
+                                  torch.Size([N]))
+    assert nested.get("next").batch_size == torch.Size([N]) and nested.get(("next", "reward")).shape == (N, 1)
+    scalars = unchecked_tensordict({"loss_actor": torch.tensor(1.5)}, torch.Size([]))
+    assert scalars.batch_size == torch.Size([]) and scalars.get("loss_actor").item() == 1.5
+
+
+def test_independent_log_probs_are_summed_from_the_base_bit_for_bit():
+    """The loss sums an ``IndependentNormal``'s base log-probs itself: the same bits as ``Independent.log_prob``; a
+    subclass with a ``log_prob`` of its own (TorchRL's ``TruncatedNormal``) is asked as it is."""
+    from torchrl.modules import IndependentNormal, TruncatedNormal
+
+    from awr_modules.distributions import log_prob_per_transition
+
+    loc, scale = torch.randn(N, 4), torch.rand(N, 4) + 0.1
+    action = torch.randn(N, 4)
+    dist = IndependentNormal(loc, scale)
+    assert torch.equal(log_prob_per_transition(dist, action, 1), dist.log_prob(action))
+    truncated = TruncatedNormal(loc, scale, low=-1.0, high=1.0)
+    inside = action.clamp(-0.9, 0.9)
+    assert torch.equal(log_prob_per_transition(truncated, inside, 1), truncated.log_prob(inside))
+    plain = torch.distributions.Normal(loc, scale)  # per-dimension log-probs, summed per transition
+    assert torch.equal(log_prob_per_transition(plain, action, 1), plain.log_prob(action).sum(-1))
