@@ -13,7 +13,7 @@ Three steps, each resumable (finished pieces are skipped, an interrupted fit res
    critic, ``configs/reference/q_critic.yaml``). Fits run dataset by dataset (``--datasets``, in that order),
    seed by seed, every method of a seed before the next seed, so a stopped benchmark leaves whole seeds.
 3. ``summary.md`` / ``summary.csv``: per dataset its mean episode return, and the final evaluation return of
-   BC, AWR and each variant (mean +- std over seeds).
+   BC, AWR and each variant (mean +- std over seeds), and their late means (each fit's last 5 evaluations).
 
     python benchmarks/offline.py --task halfcheetah --online-config configs/halfcheetah.yaml \\
         --offline-config configs/offline_halfcheetah.yaml --medium-steps 350000 \\
@@ -37,6 +37,7 @@ import numpy as np
 
 DATASETS = ("medium", "medium-replay", "expert")
 METHODS = {"bc": "uniform", "awr": "loss"}
+LATE = 5  # evaluations in a fit's late mean (the last 50 of 200 iterations with the offline configs)
 
 
 def awr(*args: str) -> list[str]:
@@ -116,12 +117,25 @@ def methods(args: argparse.Namespace) -> list[str]:
     return [*METHODS, *args.variants]
 
 
-def final_return(folder: Path) -> float | None:
+def eval_returns(folder: Path) -> list[float]:
+    """A fit's evaluation returns, in order (a resumed fit's versions in turn)."""
     returns = []
     for metrics in sorted(folder.glob("run/version_*/metrics.csv")):
         with metrics.open() as stream:
             returns += [float(row["eval/return"]) for row in csv.DictReader(stream) if row.get("eval/return")]
+    return returns
+
+
+def final_return(folder: Path) -> float | None:
+    """The last evaluation of a fit."""
+    returns = eval_returns(folder)
     return returns[-1] if returns else None
+
+
+def late_return(folder: Path, last: int = LATE) -> float | None:
+    """The mean of a fit's last ``last`` evaluations: steadier than the last one alone."""
+    returns = eval_returns(folder)
+    return float(np.mean(returns[-last:])) if returns else None
 
 
 def dataset_return(args: argparse.Namespace, dataset: str) -> tuple[float, int, int]:
@@ -141,10 +155,12 @@ def summarize(args: argparse.Namespace) -> None:
         row = {"dataset": f"{args.task}/{dataset}-v0", "episodes": episodes, "transitions": steps,
                "dataset_mean_return": round(mean, 1)}
         for method in methods(args):
-            finals = [final_return(args.out / dataset / method / f"seed{s}") for s in args.seeds]
-            finals = [value for value in finals if value is not None]
-            row[method] = f"{np.mean(finals):.1f} +- {np.std(finals):.1f} (n={len(finals)})" if finals else "-"
-            row[f"{method}_seeds"] = " / ".join(f"{value:.1f}" for value in finals)
+            folders = [args.out / dataset / method / f"seed{s}" for s in args.seeds]
+            folders = [folder for folder in folders if (folder / "finished").exists()]  # not a fit still running
+            for column, score in ((method, final_return), (f"{method}_late", late_return)):
+                values = [value for value in map(score, folders) if value is not None]
+                row[column] = f"{np.mean(values):.1f} +- {np.std(values):.1f} (n={len(values)})" if values else "-"
+                row[f"{column}_seeds"] = " / ".join(f"{value:.1f}" for value in values)
         rows.append(row)
     if not rows:
         return
@@ -154,11 +170,16 @@ def summarize(args: argparse.Namespace) -> None:
         writer.writerows(rows)
     header = ["dataset", "episodes", "transitions", "dataset mean return", "BC (uniform weights)", "AWR",
               *args.variants]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["dataset"], row["episodes"], row["transitions"], row["dataset_mean_return"],
-                 *(row[method] for method in methods(args))]
-        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    lines = ["Final evaluation (10 deterministic episodes after the last iteration), mean +- std over seeds:", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for suffix in ("", "_late"):
+        if suffix:
+            lines += ["", f"Late mean (the mean of each fit's last {LATE} evaluations), mean +- std over seeds:", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in rows:
+            cells = [row["dataset"], row["episodes"], row["transitions"], row["dataset_mean_return"],
+                     *(row[method + suffix] for method in methods(args))]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
