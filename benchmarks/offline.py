@@ -38,6 +38,8 @@ import numpy as np
 DATASETS = ("medium", "medium-replay", "expert")
 METHODS = {"bc": "uniform", "awr": "loss"}
 LATE = 5  # evaluations in a fit's late mean (the last 50 of 200 iterations with the offline configs)
+SCORES = {"": "Final evaluation (10 deterministic episodes after the last iteration)",
+          "_late": f"Late mean (the mean of each fit's last {LATE} evaluations)"}  # column suffix: what it holds
 
 
 def awr(*args: str) -> list[str]:
@@ -117,25 +119,14 @@ def methods(args: argparse.Namespace) -> list[str]:
     return [*METHODS, *args.variants]
 
 
-def eval_returns(folder: Path) -> list[float]:
-    """A fit's evaluation returns, in order (a resumed fit's versions in turn)."""
+def fit_scores(folder: Path) -> dict[str, float] | None:
+    """A fit's scores from its evaluation returns (a resumed fit's versions read in turn): ``""``, the last
+    evaluation; ``"_late"``, the mean of the last ``LATE`` (steadier than one evaluation). ``None``: none yet."""
     returns = []
     for metrics in sorted(folder.glob("run/version_*/metrics.csv")):
         with metrics.open() as stream:
             returns += [float(row["eval/return"]) for row in csv.DictReader(stream) if row.get("eval/return")]
-    return returns
-
-
-def final_return(folder: Path) -> float | None:
-    """The last evaluation of a fit."""
-    returns = eval_returns(folder)
-    return returns[-1] if returns else None
-
-
-def late_return(folder: Path, last: int = LATE) -> float | None:
-    """The mean of a fit's last ``last`` evaluations: steadier than the last one alone."""
-    returns = eval_returns(folder)
-    return float(np.mean(returns[-last:])) if returns else None
+    return {"": returns[-1], "_late": float(np.mean(returns[-LATE:]))} if returns else None
 
 
 def dataset_return(args: argparse.Namespace, dataset: str) -> tuple[float, int, int]:
@@ -156,11 +147,13 @@ def summarize(args: argparse.Namespace) -> None:
                "dataset_mean_return": round(mean, 1)}
         for method in methods(args):
             folders = [args.out / dataset / method / f"seed{s}" for s in args.seeds]
-            folders = [folder for folder in folders if (folder / "finished").exists()]  # not a fit still running
-            for column, score in ((method, final_return), (f"{method}_late", late_return)):
-                values = [value for value in map(score, folders) if value is not None]
-                row[column] = f"{np.mean(values):.1f} +- {np.std(values):.1f} (n={len(values)})" if values else "-"
-                row[f"{column}_seeds"] = " / ".join(f"{value:.1f}" for value in values)
+            fits = [fit_scores(folder) for folder in folders if (folder / "finished").exists()]  # not one running
+            fits = [scores for scores in fits if scores is not None]
+            for suffix in SCORES:
+                values = [scores[suffix] for scores in fits]
+                row[method + suffix] = (f"{np.mean(values):.1f} +- {np.std(values):.1f} (n={len(values)})"
+                                        if values else "-")
+                row[f"{method}{suffix}_seeds"] = " / ".join(f"{value:.1f}" for value in values)
         rows.append(row)
     if not rows:
         return
@@ -170,12 +163,10 @@ def summarize(args: argparse.Namespace) -> None:
         writer.writerows(rows)
     header = ["dataset", "episodes", "transitions", "dataset mean return", "BC (uniform weights)", "AWR",
               *args.variants]
-    lines = ["Final evaluation (10 deterministic episodes after the last iteration), mean +- std over seeds:", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for suffix in ("", "_late"):
-        if suffix:
-            lines += ["", f"Late mean (the mean of each fit's last {LATE} evaluations), mean +- std over seeds:", "",
-                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
+    for suffix, title in SCORES.items():
+        lines += [*([""] if lines else []), f"{title}, mean +- std over seeds:", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in rows:
             cells = [row["dataset"], row["episodes"], row["transitions"], row["dataset_mean_return"],
                      *(row[method + suffix] for method in methods(args))]

@@ -9,7 +9,8 @@ CSVLogger's; a resumed run's versions are read in turn). For each window of env 
 log: the policy phase's last minibatch's weight ESS (``train/weight_ess``, the share of the minibatch the weights
 keep), the share of weights clipped at ``max_weight``, the KL from the behaviour policy, the policy's entropy
 (constant for a fixed-std actor), the buffer-wide weight ESS and temperature where logged, a Q critic's mean
-``min_i Q_i(s, a)`` where logged, the training episodes' length and return, and the evaluation return. Prints a markdown table per diagnostic.
+``min_i Q_i(s, a)`` where logged, the training episodes' length and return, and the evaluation return. Prints a
+markdown table per diagnostic.
 """
 
 from __future__ import annotations
