@@ -6,8 +6,8 @@ interval from ``rliable`` (Agarwal et al., 2021), and whether two variants' inte
 
 Each ``name=directory`` is a ``benchmarks/learning_curves.py`` output, or several joined by commas (each one's
 ``curves.csv``: seed, env_steps, eval_return). A seed's score is its last evaluation at or below ``--budget`` env
-steps (the README's "final eval return") and, beside it, its late mean: the mean of its last ``--late`` evaluations within the budget, steadier
-than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
+steps (the README's "final eval return") and, beside it, its late mean: the mean of its last ``--late``
+evaluations within the budget, steadier than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
 left out and counted (a run still going). Beside the returns, the stability of each variant (AWR's claim that its
 V critic keeps the actor's update steadier than Q-values do): a seed **diverged** when any evaluation within the
 budget is not finite (a NaN policy), and it **collapsed** when its late mean fell back below half of what it had

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from learning_curves import read_run_metrics  # a seed's CSVLogger versions, in version order
 
 DATASETS = ("medium", "medium-replay", "expert")
 METHODS = {"bc": "uniform", "awr": "loss"}
@@ -122,10 +123,7 @@ def methods(args: argparse.Namespace) -> list[str]:
 def fit_scores(folder: Path) -> dict[str, float] | None:
     """A fit's scores from its evaluation returns (a resumed fit's versions read in turn): ``""``, the last
     evaluation; ``"_late"``, the mean of the last ``LATE`` (steadier than one evaluation). ``None``: none yet."""
-    returns = []
-    for metrics in sorted(folder.glob("run/version_*/metrics.csv")):
-        with metrics.open() as stream:
-            returns += [float(row["eval/return"]) for row in csv.DictReader(stream) if row.get("eval/return")]
+    returns = [float(row["eval/return"]) for row in read_run_metrics(folder / "run") if row.get("eval/return")]
     return {"": returns[-1], "_late": float(np.mean(returns[-LATE:]))} if returns else None
 
 
