@@ -159,7 +159,8 @@ class TunedToEntropy(EntropyCoefficient):
         if has_constant_scale(loss.actor_network):
             raise ValueError(f"model.entropy ({name}) tunes the entropy bonus, but the actor has a fixed std "
                              "(model.recipe.init_args.policy=fixed_std): its entropy cannot move. Use a learned std "
-                             "(policy=learned_std or tanh_normal), or awr_modules.entropy.FixedCoefficient.")
+                             "(policy=learned_std, bounded_std or tanh_normal), or "
+                             "awr_modules.entropy.FixedCoefficient.")
         if float(loss.entropy_coeff) != 0:
             raise ValueError(f"model.entropy ({name}) sets the entropy coefficient, but model.loss.init_args."
                              f"entropy_coeff={float(loss.entropy_coeff)} sets one too: leave it out of model.loss "

@@ -16,7 +16,8 @@ actions: a categorical over logits (one-hot actions).
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, get_args
 
 import gymnasium as gym
 import torch
@@ -43,7 +44,7 @@ from awr_recipes.gym_evaluation import GymnasiumEvaluator
 
 STATISTICS_KEY = "observation_vecnorm"  # the recorder's (unused) normalised output: the networks read raw observations
 MEAN_HEAD_INIT = 0.01  # the reference initialises the policy's output layer uniform(+-0.01)
-PolicyKind = Literal["fixed_std", "learned_std", "tanh_normal"]
+PolicyKind = Literal["fixed_std", "learned_std", "bounded_std", "tanh_normal"]
 
 
 class FixedStd(nn.Module):
@@ -57,6 +58,30 @@ class FixedStd(nn.Module):
 
     def forward(self, loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return loc, torch.full_like(loc, self.std)
+
+
+class BoundedStd(nn.Module):
+    """Splits a head's output into a Gaussian mean and a learned std kept inside ``(0, 1)``: the half-width of the
+    actor's normalised action box, ``std = sigmoid(u + logit(std_0))`` of the head's scale output ``u``.
+
+    Why: a state-dependent learned std (``biased_softplus``) has no upper end. States the actor has rarely seen
+    (on Ant-v5, contact forces that are almost always 0, normalised to 100) can make it output any std, and the
+    env's control cost ``c |a|^2`` of such actions is unbounded too: with an entropy bonus pushing the std up, one
+    screened Ant run's std reached 19 on a stored state in one iteration and its value targets went non-finite in
+    the next (benchmarks/README.md). A std below the box's half-width explores the whole box and stops there.
+    ``u = 0`` gives ``std_0`` (``action_std``), as the other learned stds start.
+    """
+
+    def __init__(self, initial_std: float) -> None:
+        super().__init__()
+        if not 0 < initial_std < 1:
+            raise ValueError(f"BoundedStd: the initial std must be inside (0, 1), the action box's half-width, "
+                             f"got {initial_std}.")
+        self.bias = math.log(initial_std / (1 - initial_std))
+
+    def forward(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc, scale = output.chunk(2, dim=-1)
+        return loc, torch.sigmoid(scale + self.bias)
 
 
 class ScaleOutput(nn.Module):
@@ -111,11 +136,12 @@ class GymRecipe(Recipe):
     Keyword Args:
         env_kwargs: keyword arguments of ``gymnasium.make`` (e.g. ``{"continuous": True}``).
         hidden_sizes: hidden layers of actor and critic (reference ``[128, 64]``).
-        policy: ``"fixed_std"`` (reference), ``"learned_std"`` or ``"tanh_normal"``;
-            ignored for discrete actions.
+        policy: ``"fixed_std"`` (reference), ``"learned_std"``, ``"bounded_std"`` (a learned std below the
+            action box's half-width: :class:`BoundedStd`) or ``"tanh_normal"``; ignored for discrete actions.
         action_std: std of the fixed-std Gaussian in normalised action units; with a learned std (``learned_std``,
-            ``tanh_normal``) the std it starts from (the scale head's ``biased_softplus`` is ``action_std`` at 0),
-            so that a learned std starts where the reference's fixed one stays.
+            ``bounded_std``, ``tanh_normal``) the std it starts from (the scale head's ``biased_softplus``, or
+            :class:`BoundedStd`'s sigmoid, is ``action_std`` at 0), so that a learned std starts where the
+            reference's fixed one stays.
         normalizer_samples: transitions after which observation statistics freeze.
     """
 
@@ -150,9 +176,12 @@ class GymRecipe(Recipe):
                 f"{type(self).__name__}: env id {self.env_id!r} is not in this recipe's family {self.families}; "
                 f"pick the recipe of its family in the config (model.recipe.class_path)."
             )
-        if self.policy not in ("fixed_std", "learned_std", "tanh_normal"):
-            raise ValueError(f"{type(self).__name__}: policy must be fixed_std, learned_std or tanh_normal, "
+        if self.policy not in get_args(PolicyKind):
+            raise ValueError(f"{type(self).__name__}: policy must be one of {', '.join(get_args(PolicyKind))}, "
                              f"got {self.policy!r}.")
+        if self.policy == "bounded_std" and not self.action_std < 1:
+            raise ValueError(f"{type(self).__name__}: a bounded_std policy's std stays below 1 (the action box's "
+                             f"half-width), so it cannot start at action_std={self.action_std}.")
         if not self.action_std > 0:
             raise ValueError(f"{type(self).__name__}: action_std must be > 0, got {self.action_std}.")
         if self.normalizer_samples < 0:
@@ -291,6 +320,9 @@ class GymRecipe(Recipe):
         act_dim = spec.shape[-1]
         if self.policy == "fixed_std":
             head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, act_dim), FixedStd(self.action_std))
+            distribution, kwargs = IndependentNormal, {}
+        elif self.policy == "bounded_std":
+            head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, 2 * act_dim), BoundedStd(self.action_std))
             distribution, kwargs = IndependentNormal, {}
         else:
             head = nn.Sequential(normalizer, self._policy_mlp(obs_dim, 2 * act_dim),

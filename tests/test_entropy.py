@@ -296,15 +296,17 @@ def test_a_resumed_iteration_goes_on_exactly_as_one_that_never_stopped() -> None
 
 # ------------------------------------------------------------------ awr fit
 def _task_args(tmp_path: Path, task: str, epochs: int) -> list[str]:
-    """``tiny_args`` on Pendulum with a learned std, or on CartPole (a categorical policy)."""
+    """``tiny_args`` on Pendulum with a learned std (``pendulum``) or a bounded one (``pendulum_bounded``), or on
+    CartPole (a categorical policy)."""
     args = tiny_args(tmp_path, epochs=epochs, extra=TUNED)
-    if task == "pendulum":
-        return [*args, "--model.recipe.init_args.policy=learned_std"]
+    if task.startswith("pendulum"):
+        policy = "bounded_std" if task == "pendulum_bounded" else "learned_std"
+        return [*args, f"--model.recipe.init_args.policy={policy}"]
     cartpole = str(REPO / "configs" / "cartpole.yaml")
     return [cartpole if arg.endswith("pendulum.yaml") else arg for arg in args]
 
 
-@pytest.mark.parametrize("task", ["pendulum", "cartpole"])
+@pytest.mark.parametrize("task", ["pendulum", "pendulum_bounded", "cartpole"])
 def test_fit_logs_the_tuned_coefficient_and_the_policys_entropy(tmp_path, task: str) -> None:
     cli = cli_main(["fit", *_task_args(tmp_path, task, epochs=2)])
     coeffs, entropies = metric_rows(tmp_path, "train/entropy_coeff"), metric_rows(tmp_path, "train/buffer_entropy")

@@ -1,11 +1,14 @@
 """The recipes: envs that state their device; the MuJoCo recipe's action normalisation, and falls as terminations."""
 
+import math
+
 import pytest
 import torch
 from tensordict import TensorDict
 
 from awr_recipes.box2d import Box2D
 from awr_recipes.classic_control import ClassicControl
+from awr_recipes.gym_recipe import BoundedStd
 from awr_recipes.mujoco import MuJoCo
 
 CPU = torch.device("cpu")
@@ -60,12 +63,40 @@ def test_a_hopper_fall_is_a_termination_not_a_truncation() -> None:
     env.close()
 
 
+def test_a_bounded_std_is_a_sigmoid_below_the_action_box_half_width() -> None:
+    """``std = sigmoid(u + logit(std_0))``: ``std_0`` at ``u = 0``, hand values elsewhere, and never 1 or more, however
+    large the head's output (where a softplus std grows without end)."""
+    bounded = BoundedStd(0.2)
+    loc = torch.tensor([[0.3, -2.0, 5.0, 0.0]])
+    u = torch.tensor([[0.0, math.log(4.0), 1e4, -1e4]])  # logit(0.2) = -log 4, so u = log 4 gives sigmoid(0) = 0.5
+    out_loc, std = bounded(torch.cat([loc, u], dim=-1))
+    torch.testing.assert_close(out_loc, loc)
+    torch.testing.assert_close(std, torch.tensor([[0.2, 0.5, 1.0, 0.0]]), rtol=0, atol=1e-6)
+    assert bool((std <= 1).all()) and bool((std >= 0).all())
+    recipe = ClassicControl("Pendulum-v1", policy="bounded_std", action_std=0.2, hidden_sizes=[8])
+    env = recipe.make_env(0)
+    actor, _ = recipe.make_networks(env)
+    with torch.no_grad():  # a state far outside what the normaliser saw, through a head with large weights
+        for layer in actor.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.fill_(50.0)
+        scale = actor(env.reset().apply(lambda x: x * 1e3 if x.is_floating_point() else x))["scale"]
+    assert bool((scale <= 1).all()), scale
+    env.close()
+
+
+@pytest.mark.parametrize("action_std", [1.0, 1.5])
+def test_a_bounded_std_refuses_to_start_at_or_above_the_box_half_width(action_std: float) -> None:
+    with pytest.raises(ValueError, match="bounded_std"):
+        ClassicControl("Pendulum-v1", policy="bounded_std", action_std=action_std)
+
+
 def test_mujoco_recipe_refuses_another_family() -> None:
     with pytest.raises(ValueError, match="family"):
         MuJoCo("LunarLander-v3")
 
 
-@pytest.mark.parametrize("policy", ["learned_std", "tanh_normal"])
+@pytest.mark.parametrize("policy", ["learned_std", "bounded_std", "tanh_normal"])
 def test_a_learned_std_starts_at_action_std(policy: str) -> None:
     """The scale head's output is ``action_std`` where the network outputs 0 (its last layer starts near 0), so a
     learned std starts where the reference's fixed one stays; another ``action_std``, another start."""
