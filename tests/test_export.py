@@ -3,7 +3,7 @@
 Pinned: a fresh interpreter that cannot import this package, TensorDict or TorchRL loads the file and
 reproduces the return of the trained actor's evaluation episode on a fixed seed; the exported action
 is the actor's deterministic action in env units for every actor kind, and ``awr export`` of a
-checkpoint of each kind (discrete, TanhNormal, learned-std Gaussian) writes the checkpoint's policy.
+checkpoint of each kind (discrete, TanhNormal, learned-std and bounded-std Gaussians) writes the checkpoint's policy.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_the_exported_policy_reproduces_the_evaluation_return_without_this_packa
     assert float(fresh.stdout.strip()) == pytest.approx(evaluation.returns[0], rel=1e-4, abs=1e-3)
 
 
-@pytest.mark.parametrize("policy", ["fixed_std", "learned_std", "tanh_normal", "discrete"])
+@pytest.mark.parametrize("policy", ["fixed_std", "learned_std", "bounded_std", "tanh_normal", "discrete"])
 def test_the_exported_action_is_the_actors_deterministic_action_in_env_units(policy):
     recipe = ClassicControl("CartPole-v1") if policy == "discrete" else ClassicControl("Pendulum-v1", policy=policy)
     env = recipe.make_env(0)
