@@ -61,27 +61,32 @@ class FixedStd(nn.Module):
 
 
 class BoundedStd(nn.Module):
-    """Splits a head's output into a Gaussian mean and a learned std kept inside ``(0, 1)``: the half-width of the
-    actor's normalised action box, ``std = sigmoid(u + logit(std_0))`` of the head's scale output ``u``.
+    """Splits a head's output into a Gaussian mean and a learned std kept inside ``[0.01, 1]``, at most the half-width
+    of the actor's normalised action box: ``std = 0.01 + 0.99 sigmoid(u + b)`` of the head's scale output ``u``.
 
     Why: a state-dependent learned std (``biased_softplus``) has no upper end. States the actor has rarely seen
     (on Ant-v5, contact forces that are almost always 0, normalised to 100) can make it output any std, and the
     env's control cost ``c |a|^2`` of such actions is unbounded too: with an entropy bonus pushing the std up, one
     screened Ant run's std reached 19 on a stored state in one iteration and its value targets went non-finite in
-    the next (benchmarks/README.md). A std below the box's half-width explores the whole box and stops there.
-    ``u = 0`` gives ``std_0`` (``action_std``), as the other learned stds start.
+    the next (benchmarks/README.md). A std below the box's half-width explores the whole box and stops there. The
+    lower end, ``0.01`` (TorchRL's ``biased_softplus`` floor), keeps ``log pi(a|s)`` finite: a sigmoid alone reaches 0
+    in float32, and a weighted log-likelihood rewards a std that shrinks to 0 on a state seen once.
+    ``u = 0`` gives ``std_0`` (``action_std``; ``b`` is chosen so), as the other learned stds start.
     """
+
+    min_std = 0.01
 
     def __init__(self, initial_std: float) -> None:
         super().__init__()
-        if not 0 < initial_std < 1:
-            raise ValueError(f"BoundedStd: the initial std must be inside (0, 1), the action box's half-width, "
-                             f"got {initial_std}.")
-        self.bias = math.log(initial_std / (1 - initial_std))
+        if not self.min_std < initial_std < 1:
+            raise ValueError(f"BoundedStd: the initial std must be inside ({self.min_std}, 1), 1 being the action "
+                             f"box's half-width, got {initial_std}.")
+        share = (initial_std - self.min_std) / (1 - self.min_std)
+        self.bias = math.log(share / (1 - share))
 
     def forward(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, scale = output.chunk(2, dim=-1)
-        return loc, torch.sigmoid(scale + self.bias)
+        return loc, self.min_std + (1 - self.min_std) * torch.sigmoid(scale + self.bias)
 
 
 class ScaleOutput(nn.Module):
@@ -179,9 +184,10 @@ class GymRecipe(Recipe):
         if self.policy not in get_args(PolicyKind):
             raise ValueError(f"{type(self).__name__}: policy must be one of {', '.join(get_args(PolicyKind))}, "
                              f"got {self.policy!r}.")
-        if self.policy == "bounded_std" and not self.action_std < 1:
-            raise ValueError(f"{type(self).__name__}: a bounded_std policy's std stays below 1 (the action box's "
-                             f"half-width), so it cannot start at action_std={self.action_std}.")
+        if self.policy == "bounded_std" and not BoundedStd.min_std < self.action_std < 1:
+            raise ValueError(f"{type(self).__name__}: a bounded_std policy's std stays inside ({BoundedStd.min_std}, "
+                             f"1), 1 being the action box's half-width, so it cannot start at "
+                             f"action_std={self.action_std}.")
         if not self.action_std > 0:
             raise ValueError(f"{type(self).__name__}: action_std must be > 0, got {self.action_std}.")
         if self.normalizer_samples < 0:

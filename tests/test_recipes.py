@@ -63,16 +63,20 @@ def test_a_hopper_fall_is_a_termination_not_a_truncation() -> None:
     env.close()
 
 
-def test_a_bounded_std_is_a_sigmoid_below_the_action_box_half_width() -> None:
-    """``std = sigmoid(u + logit(std_0))``: ``std_0`` at ``u = 0``, hand values elsewhere, and never 1 or more, however
-    large the head's output (where a softplus std grows without end)."""
+def test_a_bounded_std_is_a_sigmoid_between_its_floor_and_the_action_box_half_width() -> None:
+    """``std = 0.01 + 0.99 sigmoid(u + b)``: ``std_0`` at ``u = 0``, hand values elsewhere, and never outside
+    ``[0.01, 1]``, however large the head's output (where a softplus std grows without end, and a bare sigmoid
+    reaches 0, which makes ``log pi`` infinite)."""
     bounded = BoundedStd(0.2)
+    share = 0.19 / 0.99  # sigmoid(b): b = logit(share); u = -b gives sigmoid(0) = 0.5
     loc = torch.tensor([[0.3, -2.0, 5.0, 0.0]])
-    u = torch.tensor([[0.0, math.log(4.0), 1e4, -1e4]])  # logit(0.2) = -log 4, so u = log 4 gives sigmoid(0) = 0.5
+    u = torch.tensor([[0.0, -math.log(share / (1 - share)), 1e4, -1e4]])
     out_loc, std = bounded(torch.cat([loc, u], dim=-1))
     torch.testing.assert_close(out_loc, loc)
-    torch.testing.assert_close(std, torch.tensor([[0.2, 0.5, 1.0, 0.0]]), rtol=0, atol=1e-6)
-    assert bool((std <= 1).all()) and bool((std >= 0).all())
+    torch.testing.assert_close(std, torch.tensor([[0.2, 0.01 + 0.99 * 0.5, 1.0, 0.01]]), rtol=0, atol=1e-6)
+    assert bool((std <= 1).all()) and bool((std >= 0.01).all())
+    log_prob = torch.distributions.Normal(out_loc, std).log_prob(torch.full_like(loc, 3.0))
+    assert bool(torch.isfinite(log_prob).all())
     recipe = ClassicControl("Pendulum-v1", policy="bounded_std", action_std=0.2, hidden_sizes=[8])
     env = recipe.make_env(0)
     actor, _ = recipe.make_networks(env)
@@ -85,8 +89,8 @@ def test_a_bounded_std_is_a_sigmoid_below_the_action_box_half_width() -> None:
     env.close()
 
 
-@pytest.mark.parametrize("action_std", [1.0, 1.5])
-def test_a_bounded_std_refuses_to_start_at_or_above_the_box_half_width(action_std: float) -> None:
+@pytest.mark.parametrize("action_std", [0.01, 1.0, 1.5])
+def test_a_bounded_std_refuses_to_start_outside_its_bounds(action_std: float) -> None:
     with pytest.raises(ValueError, match="bounded_std"):
         ClassicControl("Pendulum-v1", policy="bounded_std", action_std=action_std)
 
