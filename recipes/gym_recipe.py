@@ -79,8 +79,8 @@ class BoundedStd(nn.Module):
     def __init__(self, initial_std: float) -> None:
         super().__init__()
         if not self.min_std < initial_std < 1:
-            raise ValueError(f"BoundedStd: the initial std must be inside ({self.min_std}, 1), 1 being the action "
-                             f"box's half-width, got {initial_std}.")
+            raise ValueError(f"BoundedStd (policy bounded_std): the initial std (action_std) must be inside "
+                             f"({self.min_std}, 1), 1 being the action box's half-width, got {initial_std}.")
         share = (initial_std - self.min_std) / (1 - self.min_std)
         self.bias = math.log(share / (1 - share))
 
@@ -184,10 +184,8 @@ class GymRecipe(Recipe):
         if self.policy not in get_args(PolicyKind):
             raise ValueError(f"{type(self).__name__}: policy must be one of {', '.join(get_args(PolicyKind))}, "
                              f"got {self.policy!r}.")
-        if self.policy == "bounded_std" and not BoundedStd.min_std < self.action_std < 1:
-            raise ValueError(f"{type(self).__name__}: a bounded_std policy's std stays inside ({BoundedStd.min_std}, "
-                             f"1), 1 being the action box's half-width, so it cannot start at "
-                             f"action_std={self.action_std}.")
+        if self.policy == "bounded_std":
+            BoundedStd(self.action_std)  # refuses a start outside its bounds now, not when the networks are built
         if not self.action_std > 0:
             raise ValueError(f"{type(self).__name__}: action_std must be > 0, got {self.action_std}.")
         if self.normalizer_samples < 0:
