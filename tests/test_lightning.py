@@ -265,6 +265,22 @@ def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():
     env.close()
 
 
+def test_ant_overlay_leaves_out_the_contact_forces_and_nothing_else():
+    """``configs/reference/ant_without_contact_forces.yaml`` drops Ant-v5's 78 contact forces (105 -> 27 features)."""
+    shipped = cli_main(["-c", str(REPO / "configs" / "ant.yaml")], run=False).model
+    overlaid = cli_main(["-c", str(REPO / "configs" / "ant.yaml"),
+                         "-c", str(REPO / "configs" / "reference" / "ant_without_contact_forces.yaml")],
+                        run=False).model
+    sizes = []
+    for recipe in (shipped.recipe, overlaid.recipe):
+        env = recipe.make_env(0)
+        sizes.append(env.observation_spec["observation"].shape[-1])
+        env.close()
+    assert sizes == [105, 105 - 78]
+    assert overlaid.recipe.env_kwargs == {"include_cfrc_ext_in_observation": False}
+    assert (overlaid.recipe.action_std, overlaid.recipe.policy) == (shipped.recipe.action_std, shipped.recipe.policy)
+
+
 def test_ckpt_path_last_finds_the_previous_run_in_a_new_logger_version(tmp_path):
     """``awr fit --ckpt_path last`` resumes a run whose metrics went to an earlier ``version_N``.
 
