@@ -11,6 +11,7 @@ Wang et al., 2020, CRR).
 - :class:`QCritic`: the targets part (``--model.targets=awr_modules.q_critic.QCritic``): its recipe builds the
   Q networks (``Recipe.make_q_networks``), the value phase steps them on :class:`TwinQLoss` with a
   ``SoftUpdate`` after each optimizer step, and step 5 writes ``A = Q(s, a) - V_pi(s)`` for every stored row.
+- :class:`LeafwiseSoftUpdate`: TorchRL's ``SoftUpdate``, stepped tensor by tensor (the same update, cheaper).
 """
 
 from __future__ import annotations
@@ -198,6 +199,36 @@ class TwinQLoss(LossModule):
         check_finite(tensordict.get(("next", self.tensor_keys.reward)), "the reward")
 
 
+class LeafwiseSoftUpdate(SoftUpdate):
+    r"""TorchRL's ``SoftUpdate`` (``target <- (1 - tau) target + tau online``), stepped over the parameter tensors.
+
+    ``SoftUpdate.step`` runs ``lerp_`` on the nested TensorDicts of online and target parameters, whose
+    per-call overhead is most of a step's cost for small networks: on the twin Q networks of a MuJoCo
+    recipe (12 tensors) about 1 ms per call, beside 0.1-0.2 ms here, and a Q critic steps it after every
+    one of its hundreds of Q steps per iteration. The tensors and the update (``Tensor.lerp_`` with weight ``tau``)
+    are ``SoftUpdate``'s own, read from the same TensorDicts at every step, so a move of the loss module
+    (``.to(device)``, ``.double()``) is followed as ``SoftUpdate`` follows it.
+    """
+
+    def __init__(self, loss_module: LossModule, *, tau: float) -> None:
+        super().__init__(loss_module, tau=tau)
+        sources = list(self._sources.keys(True, True, sort=True))
+        targets = [(key[0].removeprefix("target_"), *key[1:]) for key in self._targets.keys(True, True, sort=True)]
+        if sources != targets:
+            raise ValueError(f"LeafwiseSoftUpdate: the target parameters {targets} do not pair with the online "
+                             f"ones {sources}.")
+
+    def step(self) -> None:
+        if not self.initialized:
+            raise RuntimeError("LeafwiseSoftUpdate: call init_() before step().")
+        weight = 1 - self.eps
+        targets = self._targets.values(True, True, sort=True)
+        for target, source in zip(targets, self._sources.values(True, True, sort=True), strict=True):
+            if target.requires_grad:
+                raise RuntimeError("LeafwiseSoftUpdate: a target parameter is part of a graph.")
+            target.data.lerp_(source.data, weight)
+
+
 class QCritic(ValueTargets):
     r"""A twin Q critic for AWR's advantage (the AWAC / CRR family), trained off-policy on the whole buffer.
 
@@ -259,7 +290,7 @@ class QCritic(ValueTargets):
         self.tau, self.policy_samples = tau, policy_samples
         self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else None
         self.q_loss: TwinQLoss | None = None
-        self.target_update: SoftUpdate | None = None
+        self.target_update: LeafwiseSoftUpdate | None = None
 
     # ------------------------------------------------------------ networks
     def make_networks(self, recipe: Any, env: Any, actor: Any, critic: Any) -> TwinQLoss:
@@ -273,7 +304,7 @@ class QCritic(ValueTargets):
         """Train ``qvalue_networks`` (built elsewhere, for a loop of one's own) for ``actor``'s advantages."""
         self.q_loss = TwinQLoss(qvalue_networks, actor, gamma=self.gamma, policy_samples=self.policy_samples,
                                 value_scale=self.value_scale)
-        self.target_update = SoftUpdate(self.q_loss, tau=self.tau)
+        self.target_update = LeafwiseSoftUpdate(self.q_loss, tau=self.tau)
         return self.q_loss
 
     # -------------------------------------------------------------- checks

@@ -20,6 +20,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torchrl.modules import OneHotCategorical, ProbabilisticActor, ValueOperator
 from torchrl.modules.distributions import Delta
+from torchrl.objectives import SoftUpdate
 
 from awr_modules import AWRLoss, make_replay_buffer
 from awr_modules.cli import cli_main
@@ -27,7 +28,7 @@ from awr_modules.data import GivenBuffers
 from awr_modules.execution import Eager, PlainSteps
 from awr_modules.iteration import AWRIteration
 from awr_modules.phases import Phase, phase_inputs
-from awr_modules.q_critic import QCritic, TwinQLoss
+from awr_modules.q_critic import LeafwiseSoftUpdate, QCritic, TwinQLoss
 from awr_modules.recipe import Recipe
 from awr_modules.temperature import Fixed
 from awr_recipes.classic_control import ClassicControl
@@ -196,6 +197,23 @@ def test_targets_move_by_exactly_tau_per_optimizer_step():
             torch.testing.assert_close(q_loss.target_qvalue_network_params.get(key), value, rtol=1e-6, atol=1e-7)
 
 
+def test_the_leafwise_soft_update_is_torchrls_soft_update():
+    """``LeafwiseSoftUpdate`` (the Q critic's) leaves the targets bit for bit where TorchRL's ``SoftUpdate`` does."""
+    losses = [TwinQLoss(_continuous_q(), _delta_actor()) for _ in range(2)]
+    updates = [SoftUpdate(losses[0], tau=0.3), LeafwiseSoftUpdate(losses[1], tau=0.3)]
+    for step in range(3):
+        for q_loss, update in zip(losses, updates, strict=True):
+            with torch.no_grad():
+                for i, parameter in enumerate(q_loss.qvalue_networks.parameters()):
+                    parameter.add_(0.1 * (i + 1) * (step + 1))
+            update.step()
+    moved = losses[1].target_qvalue_network_params
+    lag = moved - losses[1].qvalue_network_params.detach()
+    assert max(float(d.abs().max()) for d in lag.values(True, True)) > 0.1  # the targets lag behind: tau < 1
+    for key, value in losses[0].target_qvalue_network_params.items(True, True):
+        torch.testing.assert_close(moved.get(key), value, rtol=0, atol=0)
+
+
 def test_soft_updates_follow_the_networks_when_the_module_moves():
     """A move of the loss (``.to(device)``, here ``.double()``) keeps ``SoftUpdate``'s sources and targets the
     networks' own tensors: the targets still follow the online networks by tau."""
@@ -362,8 +380,8 @@ def test_awr_fit_with_the_q_critic_compiled(tmp_path):
 
 def test_a_resumed_q_critic_run_goes_on_as_a_run_straight_through(tmp_path, monkeypatch):
     """Checkpoints restore the Q networks, their targets and the Q optimizer's state: 2 + 1 iterations end exactly
-    where 3 do. Offline (a Minari dataset, which a Q critic also trains on), since a resumed collector restarts
-    its episodes."""
+    where 3 do, with the overlay's fused Adam. Offline (a Minari dataset, which a Q critic also trains on), since a
+    resumed collector restarts its episodes."""
     pytest.importorskip("minari")
     import gymnasium as gym
 
@@ -373,7 +391,7 @@ def test_a_resumed_q_critic_run_goes_on_as_a_run_straight_through(tmp_path, monk
     env = gym.make("Pendulum-v1")
     write_policy_dataset("pendulum/random-v0", env, random_policy(env.action_space), episodes=2, seed=0)
     offline = ["--model.data=awr_modules.data.MinariDataset", "--model.data.init_args.dataset_id=pendulum/random-v0",
-               "--model.critic_optimizer=torch.optim.Adam"]
+               "--model.critic_optimizer=torch.optim.Adam", "--model.critic_optimizer.init_args.fused=true"]
     straight = _fit(tmp_path / "straight", epochs=3, extra=offline).model
     _fit(tmp_path / "resumed", epochs=2, extra=offline)
     resumed = cli_main(["fit", *tiny_args(tmp_path / "resumed", epochs=3, extra=[QCRITIC, *offline]),
@@ -381,6 +399,7 @@ def test_a_resumed_q_critic_run_goes_on_as_a_run_straight_through(tmp_path, monk
     assert resumed.iteration == 3 and resumed.trainer.global_step == straight.trainer.global_step
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert all(module.optimizers()[1].optimizer.defaults["fused"] for module in (straight, resumed))
     state = [module.optimizers()[1].optimizer.state for module in (straight, resumed)]
     for a, b in zip(state[0].values(), state[1].values(), strict=True):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=0)
