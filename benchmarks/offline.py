@@ -2,8 +2,8 @@
 
 Three steps, each resumable (finished pieces are skipped, an interrupted fit resumes from ``last.ckpt``):
 
-1. ``--make-datasets``: a "medium" run (``--medium-steps`` online env steps of ``--online-config``, its
-   batches recorded), then three datasets: ``<task>/medium-v0`` (episodes of that run's final policy,
+1. ``--make-datasets``: a "medium" run (``--medium-steps`` online env steps of ``--online-config``, one config or
+   several layered in order, its batches recorded), then three datasets: ``<task>/medium-v0`` (episodes of that run's final policy,
    stochastic), ``<task>/medium-replay-v0`` (everything the run collected), ``<task>/expert-v0`` (episodes of
    ``--expert-checkpoint``'s policy, stochastic).
 2. Offline fits of ``--offline-config`` (its ``model.data`` an ``awr_modules.data.MinariDataset``) on each
@@ -15,7 +15,8 @@ Three steps, each resumable (finished pieces are skipped, an interrupted fit res
 3. ``summary.md`` / ``summary.csv``: per dataset its mean episode return, and the final evaluation return of
    BC, AWR and each variant (mean +- std over seeds), and their late means (each fit's last 5 evaluations).
 
-    python benchmarks/offline.py --task halfcheetah --online-config configs/halfcheetah.yaml \\
+    python benchmarks/offline.py --task halfcheetah \\
+        --online-config configs/halfcheetah.yaml configs/reference/td_lambda_critic.yaml \\
         --offline-config configs/offline_halfcheetah.yaml --medium-steps 350000 \\
         --expert-checkpoint benchmarks/results/halfcheetah_16envs/seed0/checkpoints/last.ckpt \\
         --out benchmarks/results/offline_halfcheetah --make-datasets --seeds 0 1 2 --jobs 2
@@ -54,10 +55,15 @@ def run(command: list[str], log: Path) -> None:
         subprocess.run(command, stdout=stream, stderr=stream, check=True)
 
 
+def configs(files: list[Path]) -> list[str]:
+    """``-c FILE`` for each of ``files``, layered in order."""
+    return [arg for file in files for arg in ("-c", str(file))]
+
+
 def make_datasets(args: argparse.Namespace) -> None:
     medium = args.out / "medium_run"
     if not (medium / "finished").exists():
-        command = awr("fit", "-c", str(args.online_config), f"--model.max_env_steps={args.medium_steps}",
+        command = awr("fit", *configs(args.online_config), f"--model.max_env_steps={args.medium_steps}",
                       "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={medium}",
                       f"--checkpoint.dirpath={medium / 'checkpoints'}",
                       "--trainer.callbacks+=awr_modules.replay_history.ReplayHistory",
@@ -77,7 +83,7 @@ def make_datasets(args: argparse.Namespace) -> None:
         dataset_id = f"{args.task}/{name}-v0"
         if (args.out / "datasets" / dataset_id).exists():
             continue
-        run(awr("dataset", source[0], "-c", str(args.online_config), "--id", dataset_id, *source[1:]),
+        run(awr("dataset", source[0], *configs(args.online_config), "--id", dataset_id, *source[1:]),
             args.out / "datasets.log")
 
 
@@ -176,7 +182,8 @@ def summarize(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="dataset namespace, e.g. halfcheetah")
-    parser.add_argument("--online-config", type=Path, required=True)
+    parser.add_argument("--online-config", type=Path, nargs="+", required=True,
+                        help="the medium run's config (several: layered in order)")
     parser.add_argument("--offline-config", type=Path, required=True)
     parser.add_argument("--expert-checkpoint", type=Path, required=True)
     parser.add_argument("--medium-steps", type=int, default=350_000)

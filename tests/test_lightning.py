@@ -227,9 +227,25 @@ REFERENCE_MUJOCO = {"halfcheetah": (5e-5, 0.4), "hopper": (1e-4, 0.4), "walker2d
                     "ant": (5e-5, 0.2), "humanoid": (5e-5, 0.2)}
 
 
+# The tasks whose config ships a Q critic (where it won side by side); the overlay
+# configs/reference/td_lambda_critic.yaml gives them back the reference's V critic.
+Q_CRITIC_TASKS = {"halfcheetah"}
+
+
+def _settings(*configs: str) -> dict:
+    """The parsed config of ``configs`` layered in order, without the list of files given."""
+    settings = cli_main([arg for config in configs for arg in ("-c", str(REPO / "configs" / config))],
+                        run=False).config.as_dict()
+    settings.pop("config")
+    return settings
+
+
 @pytest.mark.parametrize("task", sorted(REFERENCE_MUJOCO))
 def test_mujoco_configs_hold_the_reference_settings(task):
-    cli = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml")], run=False)
+    """The reference's settings (AWR.md), with AWR's V critic: as shipped, or for a Q-critic task with
+    ``configs/reference/td_lambda_critic.yaml`` layered over it."""
+    configs = [f"{task}.yaml", *(["reference/td_lambda_critic.yaml"] if task in Q_CRITIC_TASKS else [])]
+    cli = cli_main([arg for config in configs for arg in ("-c", str(REPO / "configs" / config))], run=False)
     module, recipe = cli.model, cli.model.recipe
     awr = module.awr
     actor_optimizer, critic_optimizer = module.configure_optimizers()[0]
@@ -252,9 +268,24 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     temperature = awr.temperature
     assert (type(temperature), getattr(temperature, "target", None), temperature.beta) == (
         (TunedToESS, 0.35, 1.0) if task in tuned else (Fixed, None, 1.0))
-    reference = cli_main(["-c", str(REPO / "configs" / f"{task}.yaml"),
-                          "-c", str(REPO / "configs" / "reference" / "fixed_temperature.yaml")], run=False)
+    reference = cli_main([arg for config in [*configs, "reference/fixed_temperature.yaml"]
+                          for arg in ("-c", str(REPO / "configs" / config))], run=False)
     assert (type(reference.model.awr.temperature), float(reference.model.loss_module.temperature)) == (Fixed, 1.0)
+
+
+@pytest.mark.parametrize("task", sorted(Q_CRITIC_TASKS))
+def test_q_critic_tasks_ship_the_screened_overlay_and_nothing_else(task):
+    """A Q-critic task's config is its V-critic config with ``configs/reference/q_critic.yaml`` layered over it, the
+    settings its seeds ran with: the overlay changes nothing on it, and the V-critic overlay takes back exactly the
+    critic's settings (targets, Q steps, optimizer)."""
+    shipped = _settings(f"{task}.yaml")
+    assert _settings(f"{task}.yaml", "reference/q_critic.yaml") == shipped
+    v_critic = _settings(f"{task}.yaml", "reference/td_lambda_critic.yaml")
+    q_critic_again = _settings(f"{task}.yaml", "reference/td_lambda_critic.yaml", "reference/q_critic.yaml")
+    assert q_critic_again == shipped
+    changed = {key for key in shipped["model"] if shipped["model"][key] != v_critic["model"][key]}
+    assert changed == {"targets", "value_phase", "critic_optimizer"}
+    assert shipped["model"]["targets"]["class_path"] == "awr_modules.q_critic.QCritic"
 
 
 def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():

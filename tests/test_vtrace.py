@@ -284,4 +284,7 @@ def test_vtrace_config_overlay_replaces_td_lambda():
     assert (type(targets), targets.gamma, targets.rho_bar, targets.c_bar) == (VTrace, 0.99, 1.0, 1.0)
     assert targets.value_scale == pytest.approx(100.0)
     assert isinstance(cli.model.loss_module.value_estimator, TorchRLVTrace)
+    critic_optimizer = cli.model.configure_optimizers()[0][1]  # the V critic's, as the reference steps it
+    assert cli.model.awr.value_phase.steps == 200 and type(critic_optimizer) is torch.optim.SGD
+    assert cli.model.awr.networks["value"] is cli.model.critic
 
