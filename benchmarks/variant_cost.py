@@ -80,6 +80,7 @@ def main() -> None:
         row.update((phase.split("/")[-1], f"{np.median([run[phase] for run in seconds[name]]):.2f}")
                    for phase in (*PHASES, "total"))
         table.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"variant_cost_{args.config.stem}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))

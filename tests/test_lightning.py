@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import importlib
+import inspect
 import signal
 import subprocess
 import sys
@@ -286,6 +288,15 @@ def test_q_critic_tasks_ship_the_screened_overlay_and_nothing_else(task):
     changed = {key for key in shipped["model"] if shipped["model"][key] != v_critic["model"][key]}
     assert changed == {"targets", "value_phase", "critic_optimizer"}
     assert shipped["model"]["targets"]["class_path"] == "awr_modules.q_critic.QCritic"
+    # a switched class keeps the init_args it shares with the old one (the Q critic's chunk_size, Adam's fused):
+    # the overlay sets them back, so the V critic's parts hold their defaults but for the reference's settings
+    for part, reference in (("targets", {"gamma": 0.99, "lmbda": 0.95}),
+                            ("critic_optimizer", {"lr": 0.01, "momentum": 0.9})):
+        module, name = v_critic["model"][part]["class_path"].rsplit(".", 1)
+        defaults = {key: parameter.default for key, parameter in
+                    inspect.signature(getattr(importlib.import_module(module), name)).parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+        assert v_critic["model"][part]["init_args"] == {**defaults, **reference}
 
 
 def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():

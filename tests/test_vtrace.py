@@ -286,5 +286,6 @@ def test_vtrace_config_overlay_replaces_td_lambda():
     assert isinstance(cli.model.loss_module.value_estimator, TorchRLVTrace)
     critic_optimizer = cli.model.configure_optimizers()[0][1]  # the V critic's, as the reference steps it
     assert cli.model.awr.value_phase.steps == 200 and type(critic_optimizer) is torch.optim.SGD
+    assert not critic_optimizer.defaults["fused"] and targets.chunk_size is None  # not the Q critic's, carried over
     assert cli.model.awr.networks["value"] is cli.model.critic
 
