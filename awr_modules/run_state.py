@@ -26,6 +26,10 @@ CHECKPOINT_KEY = "awr"
 from checkpoints written before it), ``ranks`` (each rank's ``buffer`` and ``rng``) and ``dataset`` (the identity of
 a dataset the run read)."""
 
+TARGETS_NETWORKS = "targets_networks."
+"""The state-dict prefix of the networks a targets part trains itself (``AWRModule.targets_networks``: a Q
+critic's), present in a checkpoint only when its run had them."""
+
 FORMAT_VERSION = "0.2.0"
 """The torchrl-awr version whose checkpoint layout this is. 0.1.0 wrote no version; its networks load (the
 state dict's keys are unchanged), but its runs do not resume: their configs name flags that became parts."""
@@ -90,6 +94,15 @@ def _check_state_shapes(own: dict[str, torch.Tensor], saved: dict[str, torch.Ten
     mismatched = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in own.items()
                   if isinstance(v, torch.Tensor) and k in saved and saved[k].shape != v.shape]
+    q_networks = [key for key in (*missing, *unexpected) if key.startswith(TARGETS_NETWORKS)]
+    if q_networks:
+        has, lacks = ("this config", "the checkpoint") if q_networks[0] in missing else ("the checkpoint", "this config")
+        raise ValueError(
+            f"AWRModule: {has} has a Q critic's networks and {lacks} has not ({q_networks[0]}, ...): a Q critic "
+            "(model.targets QCritic) and V targets do not share networks. Use the critic the checkpoint was trained "
+            "with, e.g. -c configs/reference/td_lambda_critic.yaml (AWR's V critic) or "
+            "-c configs/reference/q_critic.yaml after the task's config."
+        )
     if missing or unexpected or mismatched:
         raise ValueError(
             "AWRModule: the checkpoint's networks do not match this config (hidden sizes, policy kind?): "

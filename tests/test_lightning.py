@@ -539,6 +539,19 @@ def test_episodes_that_end_in_an_iteration_log_their_return_and_length(tmp_path)
     assert float(logged[0]["train/return"]) == pytest.approx(float(logged[0]["train/episode_length"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("q_critic_first", [False, True], ids=["v_to_q", "q_to_v"])
+def test_init_from_across_critic_kinds_is_refused_naming_the_overlays(tmp_path, q_critic_first):
+    """A V-critic checkpoint into a Q-critic config (0.3.5's HalfCheetah runs into 0.3.6's config), or back, is
+    refused before any step with the overlays that match the checkpoint, not a list of missing keys."""
+    q_critic = ["--model.targets=awr_modules.q_critic.QCritic", "--model.critic_optimizer=torch.optim.Adam"]
+    _fit(tmp_path, epochs=1, extra=q_critic if q_critic_first else [])
+    start = [f"--model.init_from={checkpoint_dir(tmp_path) / 'last.ckpt'}", *([] if q_critic_first else q_critic)]
+    has = "the checkpoint" if q_critic_first else "this config"
+    with pytest.raises(ValueError, match=rf"{has} has a Q critic's networks.*td_lambda_critic.yaml.*q_critic.yaml"):
+        cli_main(["fit", *tiny_args(tmp_path / "other", epochs=1, extra=start)])
+    assert not list((tmp_path / "other").rglob("*.ckpt"))
+
+
 def test_an_init_from_checkpoint_of_another_task_is_refused_before_any_step(tmp_path):
     _fit(tmp_path, epochs=1)
     other = ["--model.recipe.init_args.env_id=MountainCarContinuous-v0",
