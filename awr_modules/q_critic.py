@@ -203,11 +203,11 @@ class LeafwiseSoftUpdate(SoftUpdate):
     r"""TorchRL's ``SoftUpdate`` (``target <- (1 - tau) target + tau online``), stepped over the parameter tensors.
 
     ``SoftUpdate.step`` runs ``lerp_`` on the nested TensorDicts of online and target parameters, whose
-    per-call overhead is most of a step's cost for small networks: on the twin Q networks of a MuJoCo
-    recipe (12 tensors) about 1 ms per call, beside 0.1-0.2 ms here, and a Q critic steps it after every
-    one of its hundreds of Q steps per iteration. The tensors and the update (``Tensor.lerp_`` with weight ``tau``)
-    are ``SoftUpdate``'s own, read from the same TensorDicts at every step, so a move of the loss module
-    (``.to(device)``, ``.double()``) is followed as ``SoftUpdate`` follows it.
+    per-call overhead is most of a step's cost for small networks: on the twin Q networks of a MuJoCo recipe
+    (12 tensors) 0.8-1.0 ms per call, beside 0.2-0.3 ms here (``benchmarks/q_critic_step.py``), and a Q critic
+    steps it after every one of its hundreds of Q steps per iteration. The tensors and the update
+    (``Tensor.lerp_`` with weight ``tau``) are ``SoftUpdate``'s own, read from the same TensorDicts at every step,
+    so a move of the loss module (``.to(device)``, ``.double()``) is followed as ``SoftUpdate`` follows it.
     """
 
     def __init__(self, loss_module: LossModule, *, tau: float) -> None:
