@@ -89,8 +89,8 @@ def make_datasets(args: argparse.Namespace) -> None:
 
 def fit_command(args: argparse.Namespace, dataset: str, method: str, seed: int) -> list[str]:
     folder = args.out / dataset / method / f"seed{seed}"
-    overlay = ["-c", str(args.variants[method])] if method in args.variants else []
-    command = awr("fit", "-c", str(args.offline_config), *overlay,
+    overlay = [args.variants[method]] if method in args.variants else []
+    command = awr("fit", *configs([args.offline_config, *overlay]),
                   f"--model.data.init_args.dataset_id={args.task}/{dataset}-v0",
                   f"--model.loss.init_args.weighting={METHODS.get(method, 'loss')}", f"--seed_everything={seed}",
                   "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={folder}",

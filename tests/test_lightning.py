@@ -234,12 +234,21 @@ REFERENCE_MUJOCO = {"halfcheetah": (5e-5, 0.4), "hopper": (1e-4, 0.4), "walker2d
 Q_CRITIC_TASKS = {"halfcheetah"}
 
 
-def _settings(*configs: str) -> dict:
-    """The parsed config of ``configs`` layered in order, without the list of files given."""
-    settings = cli_main([arg for config in configs for arg in ("-c", str(REPO / "configs" / config))],
-                        run=False).config.as_dict()
+def _layered(*configs: str) -> list[str]:
+    """``-c configs/<config>`` for each of ``configs``, layered in order."""
+    return [arg for config in configs for arg in ("-c", str(REPO / "configs" / config))]
+
+
+def _without_files(cli) -> dict:
+    """A parsed config's settings, without the list of files given (which differ by any overlay itself)."""
+    settings = cli.config.as_dict()
     settings.pop("config")
     return settings
+
+
+def _settings(*configs: str) -> dict:
+    """The settings of ``configs`` layered in order."""
+    return _without_files(cli_main(_layered(*configs), run=False))
 
 
 @pytest.mark.parametrize("task", sorted(REFERENCE_MUJOCO))
@@ -247,7 +256,7 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     """The reference's settings (AWR.md), with AWR's V critic: as shipped, or for a Q-critic task with
     ``configs/reference/td_lambda_critic.yaml`` layered over it."""
     configs = [f"{task}.yaml", *(["reference/td_lambda_critic.yaml"] if task in Q_CRITIC_TASKS else [])]
-    cli = cli_main([arg for config in configs for arg in ("-c", str(REPO / "configs" / config))], run=False)
+    cli = cli_main(_layered(*configs), run=False)
     module, recipe = cli.model, cli.model.recipe
     awr = module.awr
     actor_optimizer, critic_optimizer = module.configure_optimizers()[0]
@@ -270,8 +279,7 @@ def test_mujoco_configs_hold_the_reference_settings(task):
     temperature = awr.temperature
     assert (type(temperature), getattr(temperature, "target", None), temperature.beta) == (
         (TunedToESS, 0.35, 1.0) if task in tuned else (Fixed, None, 1.0))
-    reference = cli_main([arg for config in [*configs, "reference/fixed_temperature.yaml"]
-                          for arg in ("-c", str(REPO / "configs" / config))], run=False)
+    reference = cli_main(_layered(*configs, "reference/fixed_temperature.yaml"), run=False)
     assert (type(reference.model.awr.temperature), float(reference.model.loss_module.temperature)) == (Fixed, 1.0)
 
 
@@ -309,18 +317,15 @@ def test_humanoid_config_observes_no_contact_forces_as_the_reference_did():
 
 def test_ant_overlay_leaves_out_the_contact_forces_and_nothing_else():
     """``configs/reference/ant_without_contact_forces.yaml`` drops Ant-v5's 78 contact forces (105 -> 27 features)."""
-    shipped = cli_main(["-c", str(REPO / "configs" / "ant.yaml")], run=False)
-    overlaid = cli_main(["-c", str(REPO / "configs" / "ant.yaml"),
-                         "-c", str(REPO / "configs" / "reference" / "ant_without_contact_forces.yaml")], run=False)
+    shipped = cli_main(_layered("ant.yaml"), run=False)
+    overlaid = cli_main(_layered("ant.yaml", "reference/ant_without_contact_forces.yaml"), run=False)
     sizes = []
     for recipe in (shipped.model.recipe, overlaid.model.recipe):
         env = recipe.make_env(0)
         sizes.append(env.observation_spec["observation"].shape[-1])
         env.close()
     assert sizes == [105, 105 - 78]
-    settings = [cli.config.as_dict() for cli in (shipped, overlaid)]
-    for config in settings:
-        config.pop("config")  # the files given, which differ by the overlay itself
+    settings = [_without_files(cli) for cli in (shipped, overlaid)]
     assert settings[1]["model"]["recipe"]["init_args"].pop("env_kwargs") == {"include_cfrc_ext_in_observation": False}
     settings[0]["model"]["recipe"]["init_args"].pop("env_kwargs")
     assert settings[0] == settings[1]
