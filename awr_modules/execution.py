@@ -4,9 +4,9 @@ A phase (step 4 or 6 of an AWR iteration) is hundreds of identical small steps: 
 compute the loss, backward, optimizer step. The parts differ only in how those steps are executed:
 
 - :class:`Eager`: one Python call of the loss per step;
-- :class:`Compiled`: the gather and the loss as one ``torch.compile`` graph per phase, and, where plain SGD
+- :class:`Compiled`: the gather and the loss as one ``torch.compile`` graph per phase, and, where SGD or Adam
   steps on one device need none of Lightning's per-step calls, ``fused_steps`` whole steps per graph call
-  (:class:`~awr_modules.fused_steps.FusedSGDSteps`);
+  (:class:`~awr_modules.fused_steps.FusedSteps`);
 - :class:`CudaGraphs`: on one CUDA device, each step's gradient computation replayed as a captured CUDA graph
   (:class:`~awr_modules.cuda_graphs.CapturedGradients`), compiled first or not.
 
@@ -25,7 +25,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from awr_modules.cuda_graphs import CapturedGradients
-from awr_modules.fused_steps import FusedSGDSteps, fusable
+from awr_modules.fused_steps import FusedSteps, fused_steps_class
 from awr_modules.loss import AWRLoss
 from awr_modules.phases import MinibatchLoss, OwnValuePhase, for_compiled_phases, minibatch_losses
 
@@ -161,11 +161,11 @@ class Compiled(Execution):
     compiled once on its first minibatch (seconds), for every buffer length.
 
     Where the steps are direct (full precision, one device, no step hooks), each phase whose optimizer is plain
-    SGD runs ``fused_steps`` minibatch steps as one compiled graph (:class:`~awr_modules.fused_steps.FusedSGDSteps`:
-    gradients by ``torch.func.grad``, SGD's update in place; the same steps as ``torch.optim.SGD``, tested);
-    a phase's remaining steps run one by one. A value phase with a per-step hook of the targets part (a Q critic's
-    soft target update) is never fused: it runs one by one, the hook after each step. Elsewhere the backward and optimizer steps stay outside the graph,
-    so every precision and strategy works as without it.
+    SGD or Adam runs ``fused_steps`` minibatch steps as one compiled graph (:class:`~awr_modules.fused_steps.FusedSteps`:
+    gradients by ``torch.func.grad``, the optimizer's update in place; the same steps as ``torch.optim``'s, tested);
+    a phase's remaining steps run one by one. A per-step hook of the targets part (a Q critic's soft target
+    update) runs inside the fused graph after each step. Elsewhere the backward and optimizer steps stay outside
+    the graph, so every precision and strategy works as without it.
 
     Args:
         fused_steps: minibatch steps per fused graph call; 1 never fuses.
@@ -178,7 +178,7 @@ class Compiled(Execution):
         if fused_steps < 1:
             raise ValueError(f"Compiled: fused_steps must be >= 1, got {fused_steps}.")
         self.fused_steps = fused_steps
-        self._fused: dict[str, FusedSGDSteps] = {}
+        self._fused: dict[str, FusedSteps] = {}
 
     def bind(self, loss: AWRLoss, networks: dict[str, nn.Module], optimizers: dict[str, Any],
              steps: OptimizerSteps, *, device: torch.device, world_size: int,
@@ -188,9 +188,11 @@ class Compiled(Execution):
         self._fused = {}
         if self.fused_steps > 1 and steps.direct:
             eager = dict(zip(("policy", "value"), minibatch_losses(loss, own_value=own_value), strict=True))  # traced
-            self._fused = {phase: FusedSGDSteps(eager[phase], LOSS_KEYS[phase], networks[phase], raw[phase],
-                                                self.fused_steps) for phase in ("policy", "value")
-                           if fusable(raw[phase]) and phase not in self._after_step}
+            for phase in ("policy", "value"):
+                fused = fused_steps_class(raw[phase])
+                if fused is not None:
+                    self._fused[phase] = fused(eager[phase], LOSS_KEYS[phase], networks[phase], raw[phase],
+                                               self.fused_steps, after_step=self._after_step.get(phase))
 
     @property
     def fuses(self) -> bool:

@@ -65,8 +65,8 @@ class OwnValuePhase:
         network: what the phase's optimizer steps.
         keys: the stored keys ``loss`` reads (:func:`phase_inputs` keeps only these).
         check: checks a phase's stored data once before its steps (refusing missing keys by name).
-        after_step: runs after every optimizer step (a target network's soft update); steps that need it are
-            never fused.
+        after_step: runs after every optimizer step (a target network's soft update); in fused steps, inside
+            their compiled graph (so it must be traceable by ``torch.compile``).
     """
 
     loss: Callable[[TensorDictBase], TensorDictBase]

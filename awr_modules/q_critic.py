@@ -43,6 +43,19 @@ def _at_least_float32(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
+class _NetworkCall(nn.Module):
+    """A Q network's output tensor for a tensordict of states (``critic_value``), as a module whose parameters
+    ``torch.func.functional_call`` can swap (the target copies')."""
+
+    def __init__(self, network: TensorDictModuleBase, direct: Any) -> None:
+        super().__init__()
+        self.network = network
+        self.direct = direct
+
+    def forward(self, states: TensorDictBase) -> torch.Tensor:
+        return critic_value(self.network, None, self.direct, states, self.network.out_keys[0])
+
+
 class TwinQLoss(LossModule):
     r"""TD loss of ``n`` independent Q networks (twins for ``n = 2``) with soft target copies, off-policy.
 
@@ -113,7 +126,8 @@ class TwinQLoss(LossModule):
         online = self.qvalue_network_params
         self.target_qvalue_network_params = TensorDictParams(online.apply(lambda p: p.data.clone()), no_convert=True)
         self._has_update_associated[Q_NETWORKS] = False  # until a SoftUpdate takes it on
-        self._direct_q = [direct_call(network) for network in networks]
+        # the networks called on states (not registered: their parameters are the networks')
+        self.__dict__["_q_calls"] = [_NetworkCall(network, direct_call(network)) for network in networks]
         self._direct_actor = direct_distribution(actor_network)
 
     @property
@@ -144,10 +158,15 @@ class TwinQLoss(LossModule):
     # ----------------------------------------------------------------- math
     def q_values(self, states: TensorDictBase, *, target: bool = False) -> torch.Tensor:
         """Each network's output, stacked: ``[n, *B, 1]`` (``Q(s, a)``) or ``[n, *B, actions]`` (discrete)."""
-        params = self.target_qvalue_network_params if target else None
-        return torch.stack([
-            critic_value(network, params.get(str(i)) if target else None, direct, states, network.out_keys[0])
-            for i, (network, direct) in enumerate(zip(self.qvalue_networks, self._direct_q, strict=True))])
+        values = []
+        for i, call in enumerate(self.__dict__["_q_calls"]):
+            if target:  # functional_call, not TensorDictParams.to_module: it also traces inside fused steps' graph
+                weights = {".".join(("network", *key)): value
+                           for key, value in self.target_qvalue_network_params.get(str(i)).items(True, True)}
+                values.append(torch.func.functional_call(call, weights, (states,), strict=False))
+            else:
+                values.append(call(states))
+        return torch.stack(values)
 
     def stored_action_values(self, tensordict: TensorDictBase, *, target: bool = False) -> torch.Tensor:
         """``Q_i(s, a)`` of the batch's actions, ``[n, *B]``."""
