@@ -60,10 +60,13 @@ def unchecked_tensordict(tensors: dict[NestedKey, torch.Tensor], batch_size: tor
     device and parses the batch size again: about 11 of the 32 us that a minibatch of four keys and 256 rows
     costs (this thread's CPU time), on every step of a phase. tensordict's own operations build their results
     with ``TensorDict._new_unsafe``, which skips those checks. It stores each key as given, so nested keys
-    (``("next", "reward")``), and a tensordict without it, take the public constructor.
+    (``("next", "reward")``), and a tensordict without it, take the public constructor, told that nothing moves
+    (``non_blocking=False``): with ``non_blocking=None`` it records device transfers in a state that the nested
+    TensorDict it builds records in again, which raises under ``torch.compile`` (tensordict 0.12-0.14) and
+    sends the whole compiled frame back to eager mode.
     """
     if _NEW_UNSAFE is None or not all(type(key) is str for key in tensors):
-        return TensorDict(tensors, batch_size=batch_size, device=device)
+        return TensorDict(tensors, batch_size=batch_size, device=device, non_blocking=False)
     return _NEW_UNSAFE(tensors, batch_size=batch_size, device=device)
 
 

@@ -10,8 +10,9 @@ so that drift of the machine's speed hits all alike. A run's time is the median 
 iterations of the ``time/*`` phases the module logs, summed; a variant's ratio is that over the shipped run's
 of the same round, and the table gives the median over rounds. Early iterations see a buffer that is still
 filling (``iterations * frames_per_iteration`` rows), so refreshes that scale with the buffer are timed
-short of a full one: ``--rows`` in the table says how many rows the buffer held. Prints a markdown table and
-writes ``benchmarks/results/variant_cost_<task>.csv``.
+short of a full one. ``first_iteration`` is the first iteration's time, which includes compiling the phases'
+graphs (``model.execution: Compiled``): a cost paid once per run, not in the ratio. Prints a markdown table
+and writes ``benchmarks/results/variant_cost_<task>.csv``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def iteration_seconds(rows: list[dict[str, float]], timed: int) -> dict[str, flo
     last = rows[-timed:]
     out = {phase: float(np.median([row.get(phase, 0.0) for row in last])) for phase in PHASES}
     out["total"] = float(np.median([sum(row.values()) for row in last]))
+    out["first_iteration"] = sum(rows[0].values())
     return out
 
 
@@ -78,7 +80,7 @@ def main() -> None:
                                                                             strict=True)]
         row = {"variant": name, "ratio_to_shipped": f"{np.median(ratios):.2f}"}
         row.update((phase.split("/")[-1], f"{np.median([run[phase] for run in seconds[name]]):.2f}")
-                   for phase in (*PHASES, "total"))
+                   for phase in (*PHASES, "total", "first_iteration"))
         table.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"variant_cost_{args.config.stem}.csv"

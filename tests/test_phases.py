@@ -19,7 +19,7 @@ from tensordict import TensorDict
 
 from awr_modules import AWRLoss, AWRModule, make_replay_buffer
 from awr_modules.cli import cli_main
-from awr_modules.phases import check_finite_losses, phase_inputs
+from awr_modules.phases import check_finite_losses, for_compiled_phases, minibatch, phase_inputs
 from awr_recipes.classic_control import ClassicControl
 
 SIZE = 8
@@ -86,6 +86,20 @@ def test_non_finite_phase_loss_names_the_optimizer(key, optimizer):
     with pytest.raises(FloatingPointError, match=f"{key}.*{optimizer}"):
         check_finite_losses(3, None, TensorDict({key: torch.tensor(float("nan"))}, []))
     check_finite_losses(3, TensorDict({key: torch.tensor(1.0)}, []))  # finite: no error
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_minibatch_of_nested_keys_compiles_into_one_graph(device):
+    """A Q critic's minibatch (``("next", "reward")`` beside ``observation``), gathered from storage on a device,
+    compiles without a graph break (``fullgraph=True`` raises on one): a break there sent the whole compiled phase
+    back to eager mode."""
+    stored = for_compiled_phases(TensorDict({"observation": torch.randn(50, 3), "next": {
+        "reward": torch.randn(50, 1), "terminated": torch.zeros(50, 1, dtype=torch.bool)}}, [50], device=device))
+    index = torch.tensor([3, 1, 4, 1])
+    torch._dynamo.reset()
+    gathered = torch.compile(lambda data, rows: minibatch(data, rows)["next", "reward"] * 2, fullgraph=True)(
+        stored, index)
+    torch.testing.assert_close(gathered, stored["next", "reward"][index] * 2)
 
 
 def test_compiled_losses_train_the_same_parameters_as_eager(tmp_path):
