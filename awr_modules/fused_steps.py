@@ -46,10 +46,11 @@ class _NetworkHolder(nn.Module):
 class FusedSteps:
     """``steps_per_call`` minibatch steps on ``network`` per call of one compiled graph (base class).
 
-    A subclass writes out one optimizer's update: :meth:`fits` (whether an optimizer is one it writes out),
-    :meth:`state` (the optimizer's state tensors per parameter, created as the optimizer would create them
-    where it has not stepped yet), :meth:`hyperparameters` (read from the optimizer on every call, so a
-    scheduler's change reaches the next call) and :meth:`update` (one step, in place, traced into the graph).
+    A subclass writes out one optimizer's update: :attr:`optimizer_class` and :meth:`group_fits` (which
+    optimizers it writes out: :meth:`fits`), :meth:`state` (the optimizer's state tensors per parameter,
+    created as the optimizer would create them where it has not stepped yet), :meth:`hyperparameters` (read
+    from the optimizer on every call, so a scheduler's change reaches the next call) and :meth:`update` (one
+    step, in place, traced into the graph).
 
     Args:
         minibatch_loss: the phase's loss on ``stored[index]`` (uncompiled: it is traced into the graph);
@@ -122,9 +123,19 @@ class FusedSteps:
         return TensorDict(out, [])
 
     # ------------------------------------------------------------- per optimizer
+    optimizer_class: type[torch.optim.Optimizer] = torch.optim.Optimizer
+    """The optimizer whose update :meth:`update` writes out (exactly this class, not a subclass)."""
+
+    @classmethod
+    def fits(cls, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` is an :attr:`optimizer_class` of one parameter group whose settings
+        :meth:`update` writes out (:meth:`group_fits`)."""
+        return (type(optimizer) is cls.optimizer_class and len(optimizer.param_groups) == 1
+                and cls.group_fits(optimizer.param_groups[0]))
+
     @staticmethod
-    def fits(optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer`` is one whose update :meth:`update` writes out."""
+    def group_fits(group: dict) -> bool:
+        """Whether :meth:`update` writes out the update of a parameter group with these settings."""
         raise NotImplementedError
 
     @staticmethod
@@ -150,12 +161,10 @@ class FusedSGDSteps(FusedSteps):
     ``theta <- theta - lr b`` (``dampening=0``, no Nesterov, no weight decay), on SGD's own momentum buffers."""
 
     optimizer_name = "a plain torch.optim.SGD"
+    optimizer_class = torch.optim.SGD
 
     @staticmethod
-    def fits(optimizer: torch.optim.Optimizer) -> bool:
-        if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
-            return False
-        group = optimizer.param_groups[0]
+    def group_fits(group: dict) -> bool:
         return (group["dampening"] == 0 and not group["nesterov"] and group["weight_decay"] == 0
                 and not group["maximize"])
 
@@ -198,12 +207,10 @@ class FusedAdamSteps(FusedSteps):
     """
 
     optimizer_name = "a torch.optim.Adam without AMSGrad or weight decay"
+    optimizer_class = torch.optim.Adam
 
     @staticmethod
-    def fits(optimizer: torch.optim.Optimizer) -> bool:
-        if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-            return False
-        group = optimizer.param_groups[0]
+    def group_fits(group: dict) -> bool:
         return (not group["amsgrad"] and group["weight_decay"] == 0 and not group["maximize"]
                 and not group.get("differentiable", False))
 
