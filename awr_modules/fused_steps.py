@@ -260,8 +260,3 @@ FUSED_STEPS: tuple[type[FusedSteps], ...] = (FusedSGDSteps, FusedAdamSteps)
 def fused_steps_class(optimizer: torch.optim.Optimizer) -> type[FusedSteps] | None:
     """The :class:`FusedSteps` subclass that writes out ``optimizer``'s update, or ``None``."""
     return next((fused for fused in FUSED_STEPS if fused.fits(optimizer)), None)
-
-
-def fusable(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether some :class:`FusedSteps` writes out ``optimizer``'s update (plain SGD, or Adam)."""
-    return fused_steps_class(optimizer) is not None

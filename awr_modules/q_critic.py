@@ -28,7 +28,7 @@ from torch import nn
 from torchrl.data import ReplayBuffer
 from torchrl.objectives import LossModule, SoftUpdate
 
-from awr_modules._torchrl_compat import actor_distribution, critic_value, direct_call, direct_distribution
+from awr_modules._torchrl_compat import DirectCall, actor_distribution, critic_value, direct_call, direct_distribution
 from awr_modules.batch_checks import check_finite
 from awr_modules.phases import OwnValuePhase
 from awr_modules.precision import float32_context
@@ -47,7 +47,7 @@ class _NetworkCall(nn.Module):
     """A Q network's output tensor for a tensordict of states (``critic_value``), as a module whose parameters
     ``torch.func.functional_call`` can swap (the target copies')."""
 
-    def __init__(self, network: TensorDictModuleBase, direct: Any) -> None:
+    def __init__(self, network: TensorDictModuleBase, direct: DirectCall | None) -> None:
         super().__init__()
         self.network = network
         self.direct = direct

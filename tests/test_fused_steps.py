@@ -17,8 +17,8 @@ import torch
 from tensordict import TensorDict
 
 from awr_modules import AWRLoss
-from awr_modules.fused_steps import FusedAdamSteps, FusedSGDSteps, fusable, fused_steps_class
-from awr_modules.phases import minibatch_losses
+from awr_modules.fused_steps import FusedAdamSteps, FusedSGDSteps, fused_steps_class
+from awr_modules.phases import minibatch, minibatch_losses
 from awr_recipes.classic_control import ClassicControl
 
 ROWS, BATCH, STEPS = 64, 16, 8
@@ -134,7 +134,7 @@ def test_a_hook_runs_after_every_fused_step_inside_the_graph():
     stored = _transitions(32, discrete=True)
 
     def minibatch_loss(phase):
-        return lambda data, index: phase.loss(data[index])
+        return lambda data, index: phase.loss(minibatch(data, index))
 
     fused = FusedAdamSteps(minibatch_loss(phases[0]), "loss_value", phases[0].network, optimizers[0],
                            steps_per_call=3, after_step=phases[0].after_step)
@@ -163,7 +163,7 @@ def test_optimizers_that_cannot_be_written_out_are_refused():
                       torch.optim.Adam(parameters, weight_decay=0.1),
                       torch.optim.SGD(parameters, lr=0.1, momentum=0.9, nesterov=True),
                       torch.optim.SGD(parameters, lr=0.1, weight_decay=0.1)):
-        assert not fusable(optimizer)
+        assert fused_steps_class(optimizer) is None
         with pytest.raises(ValueError, match="plain torch.optim.SGD"):
             FusedSGDSteps(actor_loss, "loss_actor", loss.actor_network, optimizer)
         with pytest.raises(ValueError, match="torch.optim.Adam without AMSGrad"):
