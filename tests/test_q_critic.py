@@ -379,23 +379,26 @@ def test_awr_fit_with_the_q_critic_compiled(tmp_path):
 
 
 def test_fused_q_steps_train_the_q_networks_and_targets_as_one_by_one(tmp_path):
-    """``Compiled(fused_steps=2)`` on CartPole (discrete: ``V_pi`` is exact, so neither way draws actions in its
-    graphs) with Adam: of each value phase's 3 Q steps, 2 run fused with their soft updates inside the graph and 1
-    alone; the Q networks, their targets, the actor and ``global_step`` equal those of one step per graph call."""
+    """``Compiled(fused_steps=2)`` on CartPole (discrete: ``V_pi`` is exact, so neither way draws actions) with
+    Adam: of each value phase's 3 Q steps, 2 run fused with their soft updates inside the graph and 1 alone; the Q
+    networks, their targets, the actor and ``global_step`` equal those of ``Eager`` steps, one at a time (the
+    reference runs eagerly: compiling it too would only add compile time)."""
+    adam = ["--model.critic_optimizer=torch.optim.Adam", "--model.critic_optimizer.init_args.lr=0.01"]
+    executions = {"fused": ["--model.execution=awr_modules.execution.Compiled",
+                            "--model.execution.init_args.fused_steps=2"],
+                  "eager": ["--model.execution=awr_modules.execution.Eager"]}
     trained = {}
-    for fused_steps in (1, 2):
-        extra = ["--model.execution=awr_modules.execution.Compiled",
-                 f"--model.execution.init_args.fused_steps={fused_steps}",
-                 "--model.critic_optimizer=torch.optim.Adam", "--model.critic_optimizer.init_args.lr=0.01"]
-        cli = _fit(tmp_path / str(fused_steps), config=REPO / "configs" / "cartpole.yaml", extra=extra)
-        assert ("value" in cli.model.awr.execution._fused) == (fused_steps == 2)
+    for name, execution in executions.items():
+        cli = _fit(tmp_path / name, config=REPO / "configs" / "cartpole.yaml", extra=[*execution, *adam])
+        assert ("value" in getattr(cli.model.awr.execution, "_fused", {})) == (name == "fused")
         assert cli.trainer.global_step == 2 * (3 + 3)
-        trained[fused_steps] = cli.model.state_dict()
-    moved = [not torch.equal(trained[2][k], trained[2][k.replace("target_qvalue_network_params", "qvalue_networks")])
-             for k in trained[2] if "target_qvalue_network_params" in k]
+        trained[name] = cli.model.state_dict()
+    fused = trained["fused"]
+    moved = [not torch.equal(fused[k], fused[k.replace("target_qvalue_network_params", "qvalue_networks")])
+             for k in fused if "target_qvalue_network_params" in k]
     assert any(moved)
-    for name, one_by_one in trained[1].items():
-        torch.testing.assert_close(trained[2][name], one_by_one, rtol=1e-4, atol=1e-5, msg=name)
+    for name, one_by_one in trained["eager"].items():
+        torch.testing.assert_close(fused[name], one_by_one, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_resumed_q_critic_run_goes_on_as_a_run_straight_through(tmp_path, monkeypatch):
