@@ -231,7 +231,7 @@ REFERENCE_MUJOCO = {"halfcheetah": (5e-5, 0.4), "hopper": (1e-4, 0.4), "walker2d
 
 # The tasks whose config ships a Q critic (where it won side by side); the overlay
 # configs/reference/td_lambda_critic.yaml gives them back the reference's V critic.
-Q_CRITIC_TASKS = {"halfcheetah"}
+Q_CRITIC_TASKS = {"ant", "halfcheetah"}
 
 
 def _layered(*configs: str) -> list[str]:
