@@ -7,8 +7,11 @@ temperature).
 
 from __future__ import annotations
 
+import inspect
+import sys
 from functools import partial
 from typing import Any
+from unittest import mock
 
 import torch
 from jsonargparse import lazy_instance
@@ -27,7 +30,31 @@ PART_TYPES: dict[str, tuple[type, type]] = {
     "execution": (Execution, Eager)}
 """Each part's field under ``model:``: the type it must have and its default's class."""
 
-DEFAULT_PARTS = {name: lazy_instance(default) for name, (_, default) in PART_TYPES.items()}
+
+
+def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
+    """The caller's stack as ``inspect.stack`` gives it, without reading any source lines (``context`` is ignored)."""
+    frames, frame = [], sys._getframe(1)
+    while frame is not None:
+        frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None))
+        frame = frame.f_back
+    return frames
+
+
+def _lazy_defaults() -> dict[str, Any]:
+    """``lazy_instance`` of each part's default class.
+
+    jsonargparse's ``lazy_instance`` finds the module to register its class in from ``inspect.stack()[1]``, and
+    ``inspect.stack`` reads source context for every frame on the stack. At import time that stack runs through
+    importlib's frozen frames, for which ``inspect`` scans all of ``sys.modules`` again per frame: about a second
+    per call, several seconds of every ``awr`` start. The caller's frame is all it uses, so for these calls the stack
+    is built without source.
+    """
+    with mock.patch.object(inspect, "stack", _frames_without_source):
+        return {name: lazy_instance(default) for name, (_, default) in PART_TYPES.items()}
+
+
+DEFAULT_PARTS = _lazy_defaults()
 """The parts' defaults, as LightningCLI shows them (``--print_config``) and builds them (a fresh one per run)."""
 
 
