@@ -1,25 +1,18 @@
-"""Run tiny AWR iterations under DDP (2 CPU processes, gloo) and dump each rank's state.
+"""Callbacks that dump each DDP rank's state, for ``test_ddp.py``'s runs.
 
-Launched by ``test_ddp.py`` as a script, because Lightning's ``ddp`` strategy
-starts the other ranks by re-running this command line.
-
-    python ddp_probe.py OUT_DIR fit      # one iteration; rank{r}.pt after it (and a checkpoint)
-    python ddp_probe.py OUT_DIR resume   # resume from that checkpoint; resumed{r}.pt right after the restore
+The runs name them on the command line (``--trainer.callbacks+=ddp_probe.DumpRankState``), so every rank's
+process imports this module while jsonargparse parses, which also makes each rank record its own observation
+moments before they are pooled across ranks.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lightning_helpers import tiny_args
-
-from awr_modules.cli import cli_main
 from awr_modules.observation_statistics import ObservationStatistics
 
 LOCAL_STATISTICS: dict = {}  # this rank's own recorded moments, before the last pooling across ranks
@@ -70,13 +63,3 @@ class DumpRestoredState(DumpRankState):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, module: pl.LightningModule, checkpoint: dict) -> None:
         torch.save(rank_state(module), self.out_dir / f"resumed{trainer.global_rank}.pt")
-
-
-if __name__ == "__main__":
-    out_dir, mode = Path(sys.argv[1]), sys.argv[2]
-    callback = "DumpRankState" if mode == "fit" else "DumpRestoredState"
-    resume = ["--ckpt_path=last"] if mode == "resume" else []
-    cli_main(["fit", *tiny_args(out_dir, epochs=1 if mode == "fit" else 2, extra=[
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-        "--model.recipe.init_args.normalizer_samples=100000"]), f"--trainer.callbacks+=ddp_probe.{callback}",
-        f"--trainer.callbacks.out_dir={out_dir}", *resume])
