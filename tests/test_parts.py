@@ -61,6 +61,22 @@ def test_the_module_refuses_a_part_of_the_wrong_kind():
     assert type(first.awr.data) is Collected and type(first.awr.execution) is Eager
 
 
+def test_the_default_parts_are_lazy_instances_that_pickle_and_leave_inspect_as_it_was():
+    """The defaults are jsonargparse's lazy instances, their classes registered in ``module_parts`` (so that
+    ``ddp_spawn`` can pickle a module holding them), built without leaving ``inspect.stack`` patched."""
+    import inspect
+    import pickle
+
+    from awr_modules import module_parts
+
+    assert inspect.stack.__module__ == "inspect"
+    for name, part in module_parts.DEFAULT_PARTS.items():
+        kind = type(part)
+        assert kind.__module__ == "awr_modules.module_parts" and getattr(module_parts, kind.__qualname__) is kind
+        assert isinstance(part, module_parts.PART_TYPES[name][1])
+        assert type(pickle.loads(pickle.dumps(part))) is kind
+
+
 def test_value_scale_defaults_to_the_reference_and_targets_attach_their_estimator():
     assert TDLambda(gamma=0.99).value_scale == pytest.approx(100.0)
     assert TDLambda(gamma=0.9, value_scale=3.0).value_scale == 3.0
