@@ -31,7 +31,6 @@ PART_TYPES: dict[str, tuple[type, type]] = {
 """Each part's field under ``model:``: the type it must have and its default's class."""
 
 
-
 def _frames_without_source(context: int = 1) -> list[inspect.FrameInfo]:
     """The caller's stack as ``inspect.stack`` gives it, without reading any source lines (``context`` is ignored)."""
     frames, frame = [], sys._getframe(1)
