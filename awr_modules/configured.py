@@ -20,7 +20,7 @@ import linecache
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -172,16 +172,24 @@ def cli_main(args: list[str] | None = None, *, run: bool = True, exit_on_error: 
         )
 
 
-def module_from_config(config: str | os.PathLike) -> AWRModule:
+#: One config file, or several layered in order (a later file overrides an earlier one, as ``awr fit -c A -c B``).
+Configs = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def module_from_config(config: Configs) -> AWRModule:
     """The ``AWRModule`` a config builds, without a logger or a run (``awr export``, ``awr dataset``).
 
     ``config`` is a task's config (``configs/*.yaml``) or the ``config.yaml`` a run saved beside its metrics: the
-    latter names the subcommand's own arguments (``ckpt_path``, ...), which are left out here.
+    latter names the subcommand's own arguments (``ckpt_path``, ...), which are left out here. Several configs are
+    layered in order, as ``awr fit`` layers its ``-c`` files (a task's config, then an overlay such as
+    ``configs/reference/q_critic.yaml``).
     """
-    return cli_main(["-c", _without_subcommand_arguments(config), "--trainer.logger=false"], run=False).model
+    files = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+    layered = [arg for file in files for arg in ("-c", _without_subcommand_arguments(file))]
+    return cli_main([*layered, "--trainer.logger=false"], run=False).model
 
 
-def load_trained_module(config: str | os.PathLike, checkpoint: str | os.PathLike) -> AWRModule:
+def load_trained_module(config: Configs, checkpoint: str | os.PathLike) -> AWRModule:
     """The config's ``AWRModule`` with a checkpoint's networks, after checking that it fits the config's task and
     network sizes (``awr export``, ``awr dataset policy``)."""
     if not os.path.isfile(checkpoint):

@@ -8,7 +8,8 @@
 
 Datasets go to ``--root`` (default ``MINARI_DATASETS_PATH``, else ``~/.minari/datasets``); an existing
 id is replaced only with ``--overwrite``. The config names the task (its recipe); a checkpoint must
-come from a run of that config: the ``config.yaml`` a run saves beside its metrics is such a config.
+come from a run of that config: the ``config.yaml`` a run saves beside its metrics is such a config, and so
+are the files it was run with, layered in the same order (``-c configs/hopper.yaml -c configs/reference/q_critic.yaml``).
 A refused input (an existing id, a checkpoint of another task, ...) prints its message without a
 traceback; ``--traceback`` shows it (see :mod:`awr_modules.cli`).
 """
@@ -33,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="awr dataset", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", type=Path, required=True, help="the task's awr config (its recipe)")
+    common.add_argument("-c", "--config", type=Path, action="append", required=True,
+                        help="the task's awr config (its recipe); repeat it to layer overlays in order, as awr fit")
     common.add_argument("--id", required=True, help="Minari dataset id, e.g. halfcheetah/medium-v0")
     common.add_argument("--root", default=None, help="Minari datasets folder (default MINARI_DATASETS_PATH)")
     common.add_argument("--overwrite", action="store_true", help="replace an existing dataset of that id")

@@ -55,7 +55,8 @@ def main(args: list[str] | None = None) -> None:
 def run(args: list[str]) -> None:
     """Parse ``args``, load the checkpoint's policy and write the program; errors propagate (``awr`` reports them)."""
     parser = argparse.ArgumentParser(prog="awr export", description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", type=Path, required=True, help="the config the checkpoint was trained with")
+    parser.add_argument("-c", "--config", type=Path, action="append", required=True,
+                        help="the config the checkpoint was trained with; repeat it to layer overlays in order")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the program's file, e.g. policy.pt2")
     options = parser.parse_args(args)

@@ -265,6 +265,13 @@ def test_dataset_policy_writes_the_checkpoints_deterministic_actions(tmp_path, c
                         "--id", "pendulum/other-v0", "--root", str(tmp_path / "datasets")])
     assert message.startswith("awr dataset: ")  # the task's own config has other network sizes: refused
 
+    overlay = tmp_path / "tiny_networks.yaml"  # layered after the task's config, as `awr fit -c A -c B` layers it
+    overlay.write_text("model:\n  recipe:\n    init_args:\n      hidden_sizes: [16, 16]\n")
+    main(["dataset", "policy", "-c", str(CONFIG), "-c", str(overlay), "--checkpoint", str(checkpoint), "--mode",
+          "deterministic", "--steps", "20", "--id", "pendulum/layered-v0", "--root", str(tmp_path / "datasets")])
+    layered = next(open_minari_dataset("pendulum/layered-v0", tmp_path / "datasets").iterate_episodes())
+    np.testing.assert_array_equal(layered.actions, episode.actions)  # the same policy from the same seed
+
 
 def test_dataset_history_writes_the_recorded_trajectories_up_to_the_cut(tmp_path, capsys):
     pytest.importorskip("minari")
