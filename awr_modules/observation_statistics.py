@@ -71,8 +71,14 @@ class ObservationStatistics:
         return self.recorder.get_extra_state()
 
     def load_state_dict(self, state: dict[str, Any], env_steps: int) -> None:
-        """Restore the moments of a run that had collected ``env_steps``, frozen if that was past the limit."""
+        """Restore the moments of a run that had collected ``env_steps``, frozen if that was past the limit.
+
+        ``VecNormV2.set_extra_state`` sets the moments but leaves the recorder's ``initialized`` flag down, so its
+        next update would start the moments afresh from that one batch (a run resumed before ``freeze_after``
+        would then normalise with the statistics of the states collected after the resume only): raise it."""
         self.recorder.set_extra_state(state)
+        if state:
+            self.recorder.initialized.fill_(True)
         self._freeze_if_due(env_steps)
 
     def _freeze_if_due(self, env_steps: int) -> None:

@@ -49,3 +49,30 @@ def test_observation_statistics_record_the_collected_states_and_freeze():
     statistics.update(TensorDict({"observation": second + 100}, [200]), env_steps=600)
     torch.testing.assert_close(normalizer.loc, states.mean(0), rtol=1e-5, atol=1e-5)  # frozen: unchanged
     assert "observation_vecnorm" not in env.reset()  # the env itself keeps raw observations only
+
+
+def test_restored_statistics_go_on_from_the_saved_moments_before_they_freeze():
+    """A run resumed before ``normalizer_samples`` keeps the moments it saved: its next batch is pooled with them, as
+    in a run straight through (``VecNormV2.set_extra_state`` alone would restart them from that batch)."""
+    from tensordict import TensorDict
+
+    from awr_recipes.classic_control import ClassicControl
+
+    recipe = ClassicControl("Pendulum-v1", hidden_sizes=[8], normalizer_samples=1000)
+    env = recipe.make_env(0)
+    first, second = torch.randn(200, 3) * 2 + 1, torch.randn(200, 3) - 3
+    straight = recipe.observation_statistics(*recipe.make_networks(env))
+    straight.update(TensorDict({"observation": first}, [200]), env_steps=200)
+    saved = {name: value.clone() for name, value in straight.state_dict().items()}
+    straight.update(TensorDict({"observation": second}, [200]), env_steps=400)
+
+    actor, critic = recipe.make_networks(env)
+    resumed = recipe.observation_statistics(actor, critic)
+    resumed.load_state_dict(saved, env_steps=200)
+    assert not resumed.frozen
+    resumed.update(TensorDict({"observation": second}, [200]), env_steps=400)
+    states = torch.cat([first, second])
+    torch.testing.assert_close(critic.module[0].loc, states.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(critic.module[0].scale, states.std(0, unbiased=False), rtol=1e-4, atol=1e-4)
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)
