@@ -8,9 +8,9 @@ CSVLogger's; a resumed run's versions are read in turn). For each window of env 
 0-250k, 250k-500k, 500k-1M) it prints the mean of the per-iteration diagnostics that ``AWRLoss`` and the iteration
 log: the policy phase's last minibatch's weight ESS (``train/weight_ess``, the share of the minibatch the weights
 keep), the share of weights clipped at ``max_weight``, the KL from the behaviour policy, the policy's entropy
-(constant for a fixed-std actor), the buffer-wide weight ESS and temperature where logged, a Q critic's mean
-``min_i Q_i(s, a)`` where logged, the training episodes' length and return, and the evaluation return. Prints a
-markdown table per diagnostic.
+(constant for a fixed-std actor), the buffer-wide weight ESS, the temperature and a tuned entropy coefficient where
+logged, a Q critic's mean ``min_i Q_i(s, a)`` where logged, the training episodes' length and return, and the
+evaluation return. Prints a markdown table per diagnostic.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from learning_curves import read_run_metrics  # the CSVLogger versions of one se
 
 DIAGNOSTICS = ("eval/return", "train/return", "train/episode_length", "train/weight_ess", "train/weight_clip_fraction",
                "train/weight_max", "train/kl_behaviour", "train/entropy", "train/buffer_weight_ess",
-               "train/temperature", "train/loss_value", "train/q_value")
+               "train/temperature", "train/entropy_coeff", "train/loss_value", "train/q_value")
 
 
 def read_run(directory: Path) -> list[dict[str, float]]:
