@@ -74,11 +74,17 @@ def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: l
         time.sleep(5)
 
 
+def run_versions(run: Path) -> list[Path]:
+    """The ``version_N`` folders under ``run`` that logged metrics, in version order (a resumed run logs into a new
+    version folder)."""
+    return sorted((path.parent for path in run.glob("version_*/metrics.csv")), key=lambda p: int(p.name[8:]))
+
+
 def read_run_metrics(run: Path) -> list[dict[str, str]]:
     """All rows one seed's runs logged under ``run`` (a resumed run logs into a new version folder), in order."""
     rows = []
-    for path in sorted(run.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
-        with path.open() as f:
+    for version in run_versions(run):
+        with (version / "metrics.csv").open() as f:
             rows.extend(csv.DictReader(f))
     return rows
 

@@ -6,10 +6,11 @@ down, so the first batch after the resume started them afresh. Such a run normal
 the moments of the states collected between the resume and ``normalizer_samples`` only. 0.3.11 fixed it
 (``awr_modules.observation_statistics``). A run resumed after its statistics froze, or never resumed, is unaffected.
 
-A resumed run logs into a new ``version_N`` folder, so a seed folder with ``version_1`` or later was resumed, at the
-first ``env_steps`` that folder logged (a folder that starts where the run's first did is a fresh start after a
-start that died before its first checkpoint). Offline fits are left out: they collect no env steps, and their
-statistics come from the whole dataset at every start. Prints a markdown table of every resume under ``--root`` and whether it came before the freeze:
+A resumed run logs into a new ``version_N`` folder: a folder that first logged at more env steps than the run's
+earlier folders first did is a resume, at those env steps. A folder that starts where the run's first did is a fresh
+start after one that died before its first checkpoint, and offline fits, which collect no env steps, never count as
+resumed (their statistics come from the whole dataset at every start). Prints a markdown table of every resume under
+``--root`` and whether it came before the freeze:
 
     python benchmarks/resumed_runs.py --root benchmarks/results > benchmarks/results/resumed_runs.md
 """
@@ -21,11 +22,7 @@ import csv
 from pathlib import Path
 
 import yaml
-
-
-def versions(seed: Path) -> list[Path]:
-    """A run folder's ``version_N`` folders, in order."""
-    return sorted(seed.glob("version_*"), key=lambda folder: int(folder.name[len("version_"):]))
+from learning_curves import run_versions  # a seed's CSVLogger version folders, in version order
 
 
 def first_env_steps(version: Path) -> int | None:
@@ -35,28 +32,22 @@ def first_env_steps(version: Path) -> int | None:
     return int(min(steps)) if steps else None
 
 
-def run_settings(version: Path) -> tuple[int | None, bool]:
-    """``normalizer_samples`` from the run's saved config (``None``: no statistics), and whether it is offline."""
-    config = yaml.safe_load((version / "config.yaml").read_text())
-    model = config.get("model", {})
-    offline = "MinariDataset" in str((model.get("data") or {}).get("class_path", ""))
-    return (model.get("recipe") or {}).get("init_args", {}).get("normalizer_samples"), offline
+def normalizer_samples(version: Path) -> int | None:
+    """``normalizer_samples`` from the run's saved config (``None``: the recipe keeps no statistics)."""
+    model = yaml.safe_load((version / "config.yaml").read_text()).get("model", {})
+    return (model.get("recipe") or {}).get("init_args", {}).get("normalizer_samples")
 
 
 def resumes(root: Path) -> list[tuple[Path, int, int]]:
-    """(version folder, env steps it resumed at, ``normalizer_samples``) for every online resume under ``root``.
-
-    A version folder is a resume when it logged first at more env steps than the run's earlier folders first did: a
-    start after one that died before its first checkpoint logs the same first env steps again (a fresh start)."""
+    """(version folder, env steps it resumed at, ``normalizer_samples``) for every resume under ``root``."""
     found = []
     for first in sorted(root.rglob("version_0/config.yaml")):
-        seed = first.parent.parent
-        freeze_after, offline = run_settings(first.parent)
-        if offline or freeze_after is None:
+        freeze_after = normalizer_samples(first.parent)
+        if freeze_after is None:
             continue
         earliest = None  # the first env steps any earlier folder logged
-        for version in versions(seed):
-            start = first_env_steps(version) if (version / "metrics.csv").exists() else None
+        for version in run_versions(first.parent.parent):
+            start = first_env_steps(version)
             if start is None:
                 continue
             if earliest is not None and start > earliest:
