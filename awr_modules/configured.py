@@ -52,7 +52,18 @@ T = TypeVar("T")
 
 
 class AWRCLI(LightningCLI):
-    """LightningCLI with ``--num_threads``, per-experiment checkpoints and the RL progress bar by default."""
+    """LightningCLI with ``--num_threads``, per-experiment checkpoints and the RL progress bar by default.
+
+    A command line that names its subcommand (``awr fit ...``) gets that subcommand's parser alone: LightningCLI
+    builds one parser per subcommand from the trainer's and the module's signatures, about a second each on a
+    small CPU, before it reads which one was asked for. Without one (``awr --help``) every subcommand is built.
+    """
+
+    def __init__(self, *cli_args: Any, **kwargs: Any) -> None:
+        requested = _requested_subcommand(kwargs.get("args"))  # LightningCLI's ``args``
+        if requested is not None:  # shadows the class's staticmethod for this instance's parser alone
+            self.subcommands = lambda: {requested: LightningCLI.subcommands()[requested]}  # type: ignore[method-assign]
+        super().__init__(*cli_args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(IterationCheckpoint, "checkpoint")  # saves the run's end too
@@ -100,6 +111,16 @@ class AWRCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = _experiment_checkpoint_dir(config.trainer.logger)
         _add_default_progress_bar(config.trainer)
+
+
+def _requested_subcommand(args: Any) -> str | None:
+    """The subcommand a command line names (its first word that is one), or ``None``; ``args`` is ``cli_main``'s
+    (``None`` reads ``sys.argv``; a dict of settings names none)."""
+    words = sys.argv[1:] if args is None else args
+    if not isinstance(words, (list, tuple)):
+        return None
+    names = LightningCLI.subcommands()
+    return next((word for word in words if isinstance(word, str) and word in names), None)
 
 
 def _module_seed(seed_everything: bool | int | None) -> int | None:

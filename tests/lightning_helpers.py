@@ -42,8 +42,11 @@ def checkpoint_dir(save_dir: Path) -> Path:
 
 
 def subprocess_env(*paths: Path) -> dict[str, str]:
-    """This process's environment with ``paths`` put in front of ``PYTHONPATH`` (kept: it may hold installed wheels)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [*map(str, paths), os.environ.get("PYTHONPATH")]))}
+    """This process's environment with ``paths`` put in front of ``PYTHONPATH`` (kept: it may hold installed wheels),
+    and one torch thread unless ``OMP_NUM_THREADS`` says otherwise: the suite's two workers already fill two cores,
+    and a child on torch's default threads competes with them (several times slower)."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [*map(str, paths), os.environ.get("PYTHONPATH")]))}
 
 
 def load_checkpoint(path: Path) -> dict:

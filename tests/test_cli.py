@@ -16,10 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
-from lightning_helpers import CONFIG, checkpoint_dir, tiny_args
+from lightning_helpers import CONFIG, checkpoint_dir, subprocess_env, tiny_args
 
 from awr_modules.cli import main
-from awr_modules.configured import cli_main, is_refusal
+from awr_modules.configured import AWRCLI, cli_main, is_refusal
 from awr_modules.offline_data import DatasetError
 from awr_modules.progress import AWRProgressBar
 
@@ -55,11 +55,21 @@ def test_each_subcommand_has_its_own_help_and_an_unknown_one_is_an_error(capsys)
     assert refused.value.code == 2 and "unknown subcommand 'fitt'" in capsys.readouterr().err
 
 
+def test_a_command_line_builds_the_parser_of_its_own_subcommand_alone(tmp_path):
+    """``awr fit ...`` skips the other subcommands' parsers (each is built from the trainer's and the module's
+    signatures); the class still names all four, as ``awr --help`` lists them."""
+    cli = cli_main(["fit", *tiny_args(tmp_path, epochs=1)])
+    assert cli.subcommands() == {"fit": AWRCLI.subcommands()["fit"]}
+    assert set(AWRCLI.subcommands()) == {"fit", "validate", "test", "predict"}
+    validated = cli_main(["validate", *tiny_args(tmp_path), f"--ckpt_path={checkpoint_dir(tmp_path) / 'last.ckpt'}"])
+    assert set(validated.subcommands()) == {"validate"}
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 def test_a_refused_input_is_its_message_and_status_1_without_a_traceback():
     """The console script itself, in a fresh interpreter: stderr is the message, not a traceback."""
     done = subprocess.run([sys.executable, "-m", "awr_modules.cli", "fit", "-c", str(CONFIG), "--num_threads=0"],
-                          check=False, capture_output=True, text=True, cwd=ROOT)
+                          check=False, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert done.returncode == 1
     assert "awr fit: num_threads must be >= 1" in done.stderr and "--traceback" in done.stderr
     assert "Traceback" not in done.stderr

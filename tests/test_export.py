@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from episode_return import episode_return
-from lightning_helpers import CONFIG, checkpoint_dir, tiny_args
+from lightning_helpers import CONFIG, checkpoint_dir, subprocess_env, tiny_args
 from tensordict import TensorDict
 from torchrl.envs import ExplorationType, set_exploration_type
 
@@ -47,7 +47,7 @@ def test_the_exported_policy_reproduces_the_evaluation_return_without_this_packa
     export_main(["-c", str(config), "--checkpoint", str(checkpoint_dir(tmp_path) / "last.ckpt"), "--out", str(out)])
     tests = Path(__file__).resolve().parent  # episode_return.py, the loop the next test checks against TorchRL
     fresh = subprocess.run([sys.executable, "-c", FRESH_INTERPRETER, str(out), str(SEED), str(tests)],
-                           capture_output=True, text=True, check=True, cwd=tmp_path)
+                           capture_output=True, text=True, check=True, cwd=tmp_path, env=subprocess_env())
     env = ClassicControl("Pendulum-v1", hidden_sizes=[16, 16]).make_env(SEED)
     evaluation = evaluate(env, cli.model.actor.cpu())  # the episode `awr validate` runs, through TorchRL
     assert float(fresh.stdout.strip()) == pytest.approx(evaluation.returns[0], rel=1e-4, abs=1e-3)

@@ -154,13 +154,3 @@ def test_zero_steps_take_no_step_and_the_counters_resume():
     other.load_state_dict(state)
     assert (other.env_steps, other.iteration) == (0, 1)
     assert state["rank"]["buffer"] is None and state["dataset"] is None  # given buffers are the caller's to save
-
-
-def test_the_iteration_and_its_parts_import_no_lightning():
-    import subprocess
-    import sys
-
-    parts = "iteration, data, targets, temperature, evaluators, execution, phases"
-    code = f"import sys\nfrom awr_modules import {parts}\nprint(sorted(m for m in sys.modules if m.startswith('lightning')))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert loaded.strip() == "[]"
