@@ -190,6 +190,9 @@ def cli_main(args: list[str] | None = None, *, run: bool = True, exit_on_error: 
             args=args,
             run=run,
             parser_kwargs={"prog": "awr", "exit_on_error": exit_on_error},
+            # AWRModule saves no hyperparameters (its parts are the config, saved beside the run's logs), so the
+            # config's YAML dump that this would hand to ``save_hyperparameters`` is never read
+            load_from_checkpoint_support=False,
         )
 
 
