@@ -10,7 +10,9 @@ steps (the README's "final eval return") and, beside it, its late mean: the mean
 evaluations within the budget, steadier than one evaluation of 10 episodes. Seeds that have not reached ``--budget`` minus one evaluation interval are
 left out and counted (a run still going). Beside the returns, the stability of each variant (AWR's claim that its
 V critic keeps the actor's update steadier than Q-values do): a seed **diverged** when any evaluation within the
-budget is not finite (a NaN policy), and it **collapsed** when its late mean fell back below half of what it had
+budget is not finite (a NaN policy) or its run stopped on the module's nan-loss guard (``learning_curves.py`` marks
+it ``seedN/diverged``; such a seed is scored by the evaluations it logged before, the policy its last checkpoint
+holds, and is never left out as short of the budget), and it **collapsed** when its late mean fell back below half of what it had
 gained: ``late mean < first + 0.5 (best - first)``, with ``first`` its first evaluation and ``best`` the best mean
 of ``--late`` consecutive evaluations within the budget (learned, then lost it; a window, so that one lucky
 evaluation does not count as a level reached). The IQM is the mean of the middle 50% of the seeds' scores (with 3
@@ -47,6 +49,13 @@ def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
     return {seed: sorted(points) for seed, points in sorted(curves.items())}
 
 
+def diverged_seeds(directory: Path | str) -> set[int]:
+    """The seeds whose runs stopped on the module's nan-loss guard: ``seedN/diverged`` in any of ``directory``'s
+    comma-joined outputs (written by ``learning_curves.py``)."""
+    return {int(marker.parent.name.removeprefix("seed")) for part in str(directory).split(",")
+            for marker in Path(part).glob("seed*/diverged")}
+
+
 def within(points: list[tuple[int, float]], budget: int) -> list[tuple[int, float]]:
     """The evaluations of one seed at or before ``budget`` env steps."""
     return [(steps, value) for steps, value in points if steps <= budget]
@@ -57,15 +66,16 @@ def late_mean_of(values: list[float], late: int) -> float:
     return float(np.mean(values[-late:]))
 
 
-def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[dict[int, float],
-                                                                                             dict[int, float], list[int]]:
+def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: int,
+                diverged: set[int] = frozenset()) -> tuple[dict[int, float], dict[int, float], list[int]]:
     """Per seed, the last evaluation within ``budget`` and the mean of the last ``late`` ones; and the seeds whose
-    runs stop short of the budget (by more than their own evaluation interval), left out of both."""
+    runs stop short of the budget (by more than their own evaluation interval), left out of both. A seed in
+    ``diverged`` stopped for good: it is scored by what it logged, not left out."""
     final, late_mean, short = {}, {}, []
     for seed, points in curves.items():
         evaluations = within(points, budget)
         interval = evaluations[-1][0] - evaluations[-2][0] if len(evaluations) > 1 else budget
-        if not evaluations or evaluations[-1][0] < budget - interval:
+        if not evaluations or (evaluations[-1][0] < budget - interval and seed not in diverged):
             short.append(seed)
             continue
         final[seed] = evaluations[-1][1]
@@ -73,8 +83,10 @@ def seed_scores(curves: dict[int, list[tuple[int, float]]], budget: int, late: i
     return final, late_mean, short
 
 
-def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int) -> tuple[list[int], list[int]]:
-    """The seeds that diverged (a non-finite evaluation within ``budget``) and those that collapsed (their late
+def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int,
+              stopped: set[int] = frozenset()) -> tuple[list[int], list[int]]:
+    """The seeds that diverged (a non-finite evaluation within ``budget``, or in ``stopped``: runs the nan-loss guard
+    ended) and those that collapsed (their late
     mean, over the last ``late`` evaluations, below ``first + 0.5 (best - first)``, with ``best`` the best mean of
     ``late`` consecutive evaluations), among ``curves``."""
     diverged, collapsed = [], []
@@ -82,7 +94,7 @@ def stability(curves: dict[int, list[tuple[int, float]]], budget: int, late: int
         values = [value for _, value in within(points, budget)]
         if not values:
             continue
-        if not all(np.isfinite(values)):
+        if not all(np.isfinite(values)) or seed in stopped:
             diverged.append(seed)
             continue
         window = min(late, len(values))
@@ -110,8 +122,9 @@ def summary_rows(runs: dict[str, Path | str], budget: int, late: int, reps: int)
     rows = []
     for name, directory in runs.items():
         curves = seed_curves(directory)
-        final, late_mean, short = seed_scores(curves, budget, late)
-        diverged, collapsed = stability(curves, budget, late)
+        stopped = diverged_seeds(directory)
+        final, late_mean, short = seed_scores(curves, budget, late, stopped)
+        diverged, collapsed = stability(curves, budget, late, stopped)
         row = {"variant": name, "seeds": str(len(final)),
                "diverged / collapsed": f"{len(diverged)} / {len(collapsed)}"
                                        + (f" (seeds {diverged} / {collapsed})" if diverged or collapsed else "")}

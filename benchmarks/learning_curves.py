@@ -14,7 +14,9 @@ CSV, plot and summary from whatever the runs have logged so far.
 
 Outputs under ``--out``: ``curves.csv`` (seed, env_steps, eval_return),
 ``timing.csv`` (mean wall-clock seconds per phase of an iteration),
-``curve.png`` and ``summary.md``. With ``--milestones``, the summary also tabulates each seed's eval return
+``curve.png`` and ``summary.md``; ``seedN/diverged`` for a seed whose run stopped on the module's nan-loss guard
+(its message, from the ignored ``train.log``; :mod:`aggregate` counts such seeds as diverged instead of leaving
+them out as runs still going). With ``--milestones``, the summary also tabulates each seed's eval return
 there and, for runs that log them, the AWR weights' effective sample size over the whole buffer and the
 temperature, averaged between milestones (how much of the buffer the policy phase learns from).
 """
@@ -54,6 +56,22 @@ def fit_command(config: Path, out: Path, seed: int, overrides: list[str]) -> lis
     return command
 
 
+DIVERGED = "diverged"  # a seed's marker file; its text is the module's message
+DIVERGENCE = "FloatingPointError: "  # how the module's nan-loss guard (``check_finite_losses``) ends a run's log
+
+
+def mark_divergence(run: Path) -> str | None:
+    """Write ``run/diverged`` when the seed's ``train.log`` ends on the module's nan-loss guard, and return its message
+    (``None`` for a run that did not diverge). A diverged run logs no evaluation after the last finite one, so
+    without the marker it reads as a run stopped short of its budget."""
+    log = run / "train.log"
+    errors = [line for line in log.read_text().splitlines() if line.startswith(DIVERGENCE)] if log.exists() else []
+    if not errors or (run / "finished").exists():
+        return None
+    (run / DIVERGED).write_text(errors[-1][len(DIVERGENCE):] + "\n")
+    return errors[-1][len(DIVERGENCE):]
+
+
 def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: list[str]) -> None:
     """Train the seeds that have not finished, ``jobs`` processes at a time."""
     pending = [s for s in seeds if not (seed_dir(out, s) / "finished").exists()]
@@ -70,6 +88,8 @@ def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: l
                 del running[seed]
                 if process.returncode == 0:
                     (seed_dir(out, seed) / "finished").touch()
+                else:
+                    mark_divergence(seed_dir(out, seed))
                 print(f"seed {seed}: exit {process.returncode}", flush=True)
         time.sleep(5)
 
@@ -192,6 +212,10 @@ def summarize(out: Path, seeds: list[int], target: float | None, budget: float |
         hit = next((int(s) for s, r in points if target is not None and r >= target), None)
         lines.append(f"| {seed} | {int(points[-1][0])} | {final:.1f} | {max(r for _, r in within):.1f} | "
                      f"{last:.1f} | {hit if hit is not None else 'not reached'} |")
+    diverged = {seed: (seed_dir(out, seed) / DIVERGED).read_text().strip() for seed in curves
+                if (seed_dir(out, seed) / DIVERGED).exists()}
+    if diverged:
+        lines += ["", *(f"Seed {seed} diverged after its last evaluation: {message}" for seed, message in diverged.items())]
     if finals:
         lines += ["", (f"Final eval return within the budget: {np.mean(finals):.1f} +- {np.std(finals):.1f} "
                        f"(mean +- std over {len(finals)} seeds); mean over the evaluations in the budget's last "
@@ -252,6 +276,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         run_seeds(args.config, args.out, args.seeds, args.jobs, overrides)
+    for seed in args.seeds:  # runs that stopped before this script marked them
+        mark_divergence(seed_dir(args.out, seed))
     print(summarize(args.out, args.seeds, args.target, args.budget, args.title or args.config.stem, args.reference,
                     args.milestones))
 
