@@ -36,13 +36,16 @@ def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
     """Each seed's ``(env_steps, eval_return)`` evaluations from ``directory/curves.csv``, in order.
 
     ``directory`` may name several outputs joined by commas (seeds run in separate batches, e.g. seeds 0-2 and
-    3-5); a seed found in two of them is refused rather than merged."""
+    3-5); a seed found in two of them is refused rather than merged. An output followed by ``:N:M...`` contributes
+    those seeds alone (``results/a,results/b:3:4``: a's seeds and b's seeds 3 and 4, where b also ran others)."""
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for part in str(directory).split(","):
-        with open(Path(part) / "curves.csv") as f:
+        path, *chosen = part.split(":")
+        with open(Path(path) / "curves.csv") as f:
             found: dict[int, list[tuple[int, float]]] = defaultdict(list)
             for row in csv.DictReader(f):
-                found[int(row["seed"])].append((int(float(row["env_steps"])), float(row["eval_return"])))
+                if not chosen or row["seed"] in chosen:
+                    found[int(row["seed"])].append((int(float(row["env_steps"])), float(row["eval_return"])))
         if clash := set(found) & set(curves):
             raise ValueError(f"seeds {sorted(clash)} appear in two of {directory}")
         curves.update(found)
@@ -52,8 +55,12 @@ def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
 def diverged_seeds(directory: Path | str) -> set[int]:
     """The seeds whose runs stopped on the module's nan-loss guard: ``seedN/diverged`` in any of ``directory``'s
     comma-joined outputs (written by ``learning_curves.py``)."""
-    return {int(marker.parent.name.removeprefix("seed")) for part in str(directory).split(",")
-            for marker in Path(part).glob("seed*/diverged")}
+    seeds = set()
+    for part in str(directory).split(","):
+        path, *chosen = part.split(":")
+        seeds |= {int(marker.parent.name.removeprefix("seed")) for marker in Path(path).glob("seed*/diverged")
+                  if not chosen or marker.parent.name.removeprefix("seed") in chosen}
+    return seeds
 
 
 def within(points: list[tuple[int, float]], budget: int) -> list[tuple[int, float]]:
