@@ -55,8 +55,9 @@ class AWRCLI(LightningCLI):
     """LightningCLI with ``--num_threads``, per-experiment checkpoints and the RL progress bar by default.
 
     A command line that names its subcommand (``awr fit ...``) gets that subcommand's parser alone: LightningCLI
-    builds one parser per subcommand from the trainer's and the module's signatures, about a second each on a
-    small CPU, before it reads which one was asked for. Without one (``awr --help``) every subcommand is built.
+    builds one parser per subcommand from the trainer's and the module's signatures (the slowest part of a
+    command's start after the imports) before it reads which one was asked for. Without one (``awr --help``) every
+    subcommand is built.
     """
 
     def __init__(self, *cli_args: Any, **kwargs: Any) -> None:
