@@ -32,6 +32,12 @@ from pathlib import Path
 import numpy as np
 
 
+def outputs(directory: Path | str) -> list[tuple[Path, list[str]]]:
+    """Each ``learning_curves.py`` output that ``directory`` names (comma-joined), with the seeds chosen after its
+    ``:`` (``results/b:3:4``; an empty list: all of them)."""
+    return [(Path(path), chosen) for path, *chosen in (part.split(":") for part in str(directory).split(","))]
+
+
 def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
     """Each seed's ``(env_steps, eval_return)`` evaluations from ``directory/curves.csv``, in order.
 
@@ -39,9 +45,8 @@ def seed_curves(directory: Path | str) -> dict[int, list[tuple[int, float]]]:
     3-5); a seed found in two of them is refused rather than merged. An output followed by ``:N:M...`` contributes
     those seeds alone (``results/a,results/b:3:4``: a's seeds and b's seeds 3 and 4, where b also ran others)."""
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for part in str(directory).split(","):
-        path, *chosen = part.split(":")
-        with open(Path(path) / "curves.csv") as f:
+    for path, chosen in outputs(directory):
+        with open(path / "curves.csv") as f:
             found: dict[int, list[tuple[int, float]]] = defaultdict(list)
             for row in csv.DictReader(f):
                 if not chosen or row["seed"] in chosen:
@@ -56,9 +61,8 @@ def diverged_seeds(directory: Path | str) -> set[int]:
     """The seeds whose runs stopped on the module's nan-loss guard: ``seedN/diverged`` in any of ``directory``'s
     comma-joined outputs (written by ``learning_curves.py``)."""
     seeds = set()
-    for part in str(directory).split(","):
-        path, *chosen = part.split(":")
-        seeds |= {int(marker.parent.name.removeprefix("seed")) for marker in Path(path).glob("seed*/diverged")
+    for path, chosen in outputs(directory):
+        seeds |= {int(marker.parent.name.removeprefix("seed")) for marker in path.glob("seed*/diverged")
                   if not chosen or marker.parent.name.removeprefix("seed") in chosen}
     return seeds
 

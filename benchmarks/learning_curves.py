@@ -68,8 +68,9 @@ def mark_divergence(run: Path) -> str | None:
     errors = [line for line in log.read_text().splitlines() if line.startswith(DIVERGENCE)] if log.exists() else []
     if not errors or (run / "finished").exists():
         return None
-    (run / DIVERGED).write_text(errors[-1][len(DIVERGENCE):] + "\n")
-    return errors[-1][len(DIVERGENCE):]
+    message = errors[-1][len(DIVERGENCE):]
+    (run / DIVERGED).write_text(message + "\n")
+    return message
 
 
 def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: list[str]) -> None:
@@ -88,8 +89,6 @@ def run_seeds(config: Path, out: Path, seeds: list[int], jobs: int, overrides: l
                 del running[seed]
                 if process.returncode == 0:
                     (seed_dir(out, seed) / "finished").touch()
-                else:
-                    mark_divergence(seed_dir(out, seed))
                 print(f"seed {seed}: exit {process.returncode}", flush=True)
         time.sleep(5)
 
@@ -276,7 +275,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         run_seeds(args.config, args.out, args.seeds, args.jobs, overrides)
-    for seed in args.seeds:  # runs that stopped before this script marked them
+    for seed in args.seeds:  # the runs just trained, and those that stopped before (``--summarize-only``)
         mark_divergence(seed_dir(args.out, seed))
     print(summarize(args.out, args.seeds, args.target, args.budget, args.title or args.config.stem, args.reference,
                     args.milestones))
