@@ -27,10 +27,26 @@ from torch import nn
 from awr_modules.cuda_graphs import CapturedGradients
 from awr_modules.fused_steps import FusedSteps, fused_steps_class
 from awr_modules.loss import AWRLoss
+from awr_modules.optimizers import ClipsGradientNorm
 from awr_modules.phases import MinibatchLoss, OwnValuePhase, for_compiled_phases, minibatch_losses
 
 LOSS_KEYS = {"policy": "loss_actor", "value": "loss_value"}
 """The loss output each phase minimises."""
+
+GRADIENT_NORM_KEYS = {"policy": "gradient_norm_actor", "value": "gradient_norm_value"}
+"""The entry that each phase's last loss output gains: the L2 norm of that step's gradient (:func:`gradient_norm`)."""
+
+
+def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The L2 norm of the gradient that ``optimizer``'s last step used, before any clip: a clipped optimizer's own
+    record of it (:class:`~awr_modules.optimizers.ClipsGradientNorm`), else the norm of its parameters' gradients
+    as the step left them (unscaled under mixed precision, averaged across ranks under DDP)."""
+    if isinstance(optimizer, ClipsGradientNorm) and getattr(optimizer, "unclipped_norms", None):
+        norms = optimizer.unclipped_norms
+    else:
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in gradients]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 class OptimizerSteps(Protocol):
@@ -125,6 +141,9 @@ class Execution:
             steps.step(optimizer, network)
             if after_step is not None:
                 after_step()
+        if out is not None:
+            out = out.copy()  # a captured graph's output is reused by its next replay
+            out.set(GRADIENT_NORM_KEYS[phase], gradient_norm(steps.unwrapped(optimizer)))
         return out
 
     _grads_set_to_none = True
@@ -192,7 +211,8 @@ class Compiled(Execution):
                 fused = fused_steps_class(raw[phase])
                 if fused is not None:
                     self._fused[phase] = fused(eager[phase], LOSS_KEYS[phase], networks[phase], raw[phase],
-                                               self.fused_steps, after_step=self._after_step.get(phase))
+                                               self.fused_steps, after_step=self._after_step.get(phase),
+                                               gradient_norm_key=GRADIENT_NORM_KEYS[phase])
 
     @property
     def fuses(self) -> bool:

@@ -14,7 +14,9 @@ Each subclass writes out one ``torch.optim`` update, pinned to it step for step 
 
 - :class:`FusedSGDSteps`: ``torch.optim.SGD`` (``dampening=0``, no Nesterov, no weight decay):
   ``b <- mu b + g``, ``theta <- theta - lr b``, with ``b`` starting at ``0`` (equal to SGD's first ``b = g``);
-- :class:`FusedAdamSteps`: ``torch.optim.Adam`` (no AMSGrad, no weight decay; any of its implementations).
+- :class:`FusedAdamSteps`: ``torch.optim.Adam`` (no AMSGrad, no weight decay; any of its implementations);
+- :class:`FusedClippedSGDSteps`, :class:`FusedClippedAdamSteps`: :class:`~awr_modules.optimizers.ClippedSGD` and
+  :class:`~awr_modules.optimizers.ClippedAdam`, the same updates on gradients clipped to a norm first.
 
 :func:`fused_steps_class` picks the subclass that writes out a given optimizer.
 """
@@ -26,6 +28,8 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
+
+from awr_modules.optimizers import GRADIENT_NORM_EPS, ClippedAdam, ClippedSGD
 
 MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 Tensors = list[torch.Tensor]
@@ -63,13 +67,15 @@ class FusedSteps:
         steps_per_call: steps per graph (at least 2: a graph of one step is what ``compile`` already gives).
         after_step: runs after every update, inside the graph (it must be traceable by ``torch.compile``, as
             :class:`~awr_modules.q_critic.LeafwiseSoftUpdate`'s ``step`` is).
+        gradient_norm_key: where given, the returned loss output gains this entry: the L2 norm of the last step's
+            gradient, before any clip.
     """
 
     optimizer_name = "an optimizer"
 
     def __init__(self, minibatch_loss: MinibatchLoss, loss_key: str, network: nn.Module,
                  optimizer: torch.optim.Optimizer, steps_per_call: int = 8, *,
-                 after_step: Callable[[], None] | None = None) -> None:
+                 after_step: Callable[[], None] | None = None, gradient_norm_key: str | None = None) -> None:
         if steps_per_call < 2:
             raise ValueError(f"{type(self).__name__}: steps_per_call must be >= 2, got {steps_per_call}.")
         if not self.fits(optimizer):
@@ -96,13 +102,16 @@ class FusedSteps:
 
         def steps(stored: TensorDictBase, indices: torch.Tensor, state: list[Tensors],
                   hyperparameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            out = None
+            out, gradients = None, None
             with torch.no_grad():
                 for step in range(indices.shape[0]):
                     gradients, out = gradient(tuple(p.detach() for p in parameters), stored, indices[step])
                     update(list(parameters), list(gradients), state, hyperparameters)
                     if after_step is not None:
                         after_step()
+                if gradient_norm_key is not None:
+                    out[gradient_norm_key] = torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
             return out
 
         self._steps = torch.compile(steps)
@@ -253,7 +262,49 @@ class FusedAdamSteps(FusedSteps):
             parameter.sub_(step_size * average / denominator)
 
 
-FUSED_STEPS: tuple[type[FusedSteps], ...] = (FusedSGDSteps, FusedAdamSteps)
+def clipped_to_norm(gradients: Tensors, max_norm: torch.Tensor) -> Tensors:
+    """``gradients`` scaled jointly to an L2 norm of at most ``max_norm``: ``torch.nn.utils.clip_grad_norm_``'s
+    rule (:mod:`awr_modules.optimizers`), traceable, without reading the norm back to Python."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
+    scale = torch.clamp(max_norm / (norm + GRADIENT_NORM_EPS), max=1.0)
+    return [g * scale for g in gradients]
+
+
+class FusedClippedSGDSteps(FusedSGDSteps):
+    """:class:`~awr_modules.optimizers.ClippedSGD`'s update: :class:`FusedSGDSteps`'s on the clipped gradient."""
+
+    optimizer_name = "an awr_modules.optimizers.ClippedSGD"
+    optimizer_class = ClippedSGD
+
+    @staticmethod
+    def hyperparameters(group: dict) -> dict[str, float]:
+        return {**FusedSGDSteps.hyperparameters(group), "max_grad_norm": group["max_grad_norm"]}
+
+    @staticmethod
+    def update(parameters: Tensors, gradients: Tensors, state: list[Tensors],
+               hyperparameters: dict[str, torch.Tensor]) -> None:
+        clipped = clipped_to_norm(gradients, hyperparameters["max_grad_norm"])
+        FusedSGDSteps.update(parameters, clipped, state, hyperparameters)
+
+
+class FusedClippedAdamSteps(FusedAdamSteps):
+    """:class:`~awr_modules.optimizers.ClippedAdam`'s update: :class:`FusedAdamSteps`'s on the clipped gradient."""
+
+    optimizer_name = "an awr_modules.optimizers.ClippedAdam without AMSGrad or weight decay"
+    optimizer_class = ClippedAdam
+
+    @staticmethod
+    def hyperparameters(group: dict) -> dict[str, float]:
+        return {**FusedAdamSteps.hyperparameters(group), "max_grad_norm": group["max_grad_norm"]}
+
+    @staticmethod
+    def update(parameters: Tensors, gradients: Tensors, state: list[Tensors],
+               hyperparameters: dict[str, torch.Tensor]) -> None:
+        clipped = clipped_to_norm(gradients, hyperparameters["max_grad_norm"])
+        FusedAdamSteps.update(parameters, clipped, state, hyperparameters)
+
+
+FUSED_STEPS: tuple[type[FusedSteps], ...] = (FusedSGDSteps, FusedAdamSteps, FusedClippedSGDSteps, FusedClippedAdamSteps)
 """The optimizers' updates that phases can run fused, tried in order."""
 
 

@@ -5,7 +5,7 @@ and moments) equal those of the same minibatches stepped one by one with ``loss.
 ``step()`` (policy phase with a Gaussian actor, value phase; Adam's three implementations), from a fresh optimizer
 and from one that has stepped before; a learning-rate change reaches the next call; a per-step hook runs after
 every update inside the graph (a Q critic's soft target update, its targets equal too); optimizers none of them
-writes out are refused.
+writes out are refused; the clipped optimizers' fused steps equal their own steps one by one.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ import torch
 from tensordict import TensorDict
 
 from awr_modules import AWRLoss
-from awr_modules.fused_steps import FusedAdamSteps, FusedSGDSteps, fused_steps_class
+from awr_modules.fused_steps import (
+    FusedAdamSteps,
+    FusedClippedAdamSteps,
+    FusedClippedSGDSteps,
+    FusedSGDSteps,
+    fused_steps_class,
+)
 from awr_modules.phases import minibatch, minibatch_losses
 from awr_recipes.classic_control import ClassicControl
 
@@ -170,3 +176,38 @@ def test_optimizers_that_cannot_be_written_out_are_refused():
             FusedAdamSteps(actor_loss, "loss_actor", loss.actor_network, optimizer)
     with pytest.raises(ValueError, match="steps_per_call"):
         FusedSGDSteps(actor_loss, "loss_actor", loss.actor_network, torch.optim.SGD(parameters, lr=0.1), steps_per_call=1)
+
+
+@pytest.mark.parametrize(("clipped", "options"), [("ClippedSGD", {"lr": 0.01, "momentum": 0.9}),
+                                                  ("ClippedAdam", {"lr": 0.01, "fused": True})])
+def test_fused_clipped_steps_equal_the_clipped_optimizer_one_by_one(clipped, options):
+    """The policy phase with a gradient-norm clip that bites on every step: fused steps equal the clipped
+    optimizer's steps one by one, and differ from the unclipped optimizer's (the clip is in the graph)."""
+    from awr_modules import optimizers
+
+    loss, stored = _setup()
+    network = loss.actor_network
+    copies = [copy.deepcopy(loss) for _ in range(2)]
+    indices = torch.randint(ROWS, (STEPS, BATCH), generator=torch.Generator().manual_seed(2))
+    actor_loss = minibatch_losses(loss)[0]
+    actor_loss(stored, indices[0])["loss_actor"].backward()
+    first_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in network.parameters()])))
+    network.zero_grad(set_to_none=True)
+    max_grad_norm = first_norm / 4
+
+    optimizer_class = getattr(optimizers, clipped)
+    optimizer = optimizer_class(network.parameters(), max_grad_norm=max_grad_norm, **options)
+    assert fused_steps_class(optimizer) is {"ClippedSGD": FusedClippedSGDSteps,
+                                            "ClippedAdam": FusedClippedAdamSteps}[clipped]
+    fused_steps_class(optimizer)(actor_loss, "loss_actor", network, optimizer, steps_per_call=4)(stored, indices)
+    one_by_one, unclipped = copies
+    _step_one_by_one(minibatch_losses(one_by_one)[0], "loss_actor",
+                     optimizer_class(one_by_one.actor_network.parameters(), max_grad_norm=max_grad_norm, **options),
+                     stored, indices)
+    _step_one_by_one(minibatch_losses(unclipped)[0], "loss_actor",
+                     optimizer_class.base_optimizer(unclipped.actor_network.parameters(), **options), stored, indices)
+    for parameter, reference, plain in zip(network.parameters(), one_by_one.actor_network.parameters(),
+                                           unclipped.actor_network.parameters(), strict=True):
+        torch.testing.assert_close(parameter, reference, rtol=1e-4, atol=1e-6)
+    assert not all(torch.allclose(p, q, rtol=1e-3, atol=1e-5)
+                   for p, q in zip(network.parameters(), unclipped.actor_network.parameters(), strict=True))

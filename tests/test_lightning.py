@@ -564,3 +564,15 @@ def test_an_init_from_checkpoint_of_another_task_is_refused_before_any_step(tmp_
     with pytest.raises(ValueError, match="checkpoint is for env 'Pendulum-v1'.*MountainCarContinuous-v0"):
         cli_main(["fit", *tiny_args(tmp_path / "other", epochs=1, extra=other)])
     assert not list((tmp_path / "other").rglob("*.ckpt"))
+
+
+def test_the_clipped_actor_overlay_keeps_the_tasks_step_size_and_caps_the_gradient_norm():
+    """``configs/reference/clipped_actor.yaml`` swaps the actor's SGD for ``ClippedSGD``: lr and momentum stay the
+    task's, ``max_grad_norm`` is the overlay's, and the critic's optimizer is untouched."""
+    from awr_modules.optimizers import ClippedSGD
+
+    module = cli_main(_layered("humanoid.yaml", "reference/clipped_actor.yaml"), run=False).model
+    actor_optimizer, critic_optimizer = module.configure_optimizers()[0]
+    assert type(actor_optimizer) is ClippedSGD and type(critic_optimizer) is torch.optim.SGD
+    assert (actor_optimizer.defaults["lr"], actor_optimizer.defaults["momentum"],
+            actor_optimizer.defaults["max_grad_norm"]) == (5e-5, 0.9, 50.0)
