@@ -270,38 +270,32 @@ def clipped_to_norm(gradients: Tensors, max_norm: torch.Tensor) -> Tensors:
     return [g * scale for g in gradients]
 
 
-class FusedClippedSGDSteps(FusedSGDSteps):
+class ClippedFirst:
+    """Over a :class:`FusedSteps` subclass: its optimizer's update on gradients clipped to the group's
+    ``max_grad_norm`` first (:func:`clipped_to_norm`), as :class:`~awr_modules.optimizers.ClipsGradientNorm` does."""
+
+    @classmethod
+    def hyperparameters(cls, group: dict) -> dict[str, float]:
+        return {**super().hyperparameters(group), "max_grad_norm": group["max_grad_norm"]}
+
+    @classmethod
+    def update(cls, parameters: Tensors, gradients: Tensors, state: list[Tensors],
+               hyperparameters: dict[str, torch.Tensor]) -> None:
+        super().update(parameters, clipped_to_norm(gradients, hyperparameters["max_grad_norm"]), state, hyperparameters)
+
+
+class FusedClippedSGDSteps(ClippedFirst, FusedSGDSteps):
     """:class:`~awr_modules.optimizers.ClippedSGD`'s update: :class:`FusedSGDSteps`'s on the clipped gradient."""
 
     optimizer_name = "an awr_modules.optimizers.ClippedSGD"
     optimizer_class = ClippedSGD
 
-    @staticmethod
-    def hyperparameters(group: dict) -> dict[str, float]:
-        return {**FusedSGDSteps.hyperparameters(group), "max_grad_norm": group["max_grad_norm"]}
 
-    @staticmethod
-    def update(parameters: Tensors, gradients: Tensors, state: list[Tensors],
-               hyperparameters: dict[str, torch.Tensor]) -> None:
-        clipped = clipped_to_norm(gradients, hyperparameters["max_grad_norm"])
-        FusedSGDSteps.update(parameters, clipped, state, hyperparameters)
-
-
-class FusedClippedAdamSteps(FusedAdamSteps):
+class FusedClippedAdamSteps(ClippedFirst, FusedAdamSteps):
     """:class:`~awr_modules.optimizers.ClippedAdam`'s update: :class:`FusedAdamSteps`'s on the clipped gradient."""
 
     optimizer_name = "an awr_modules.optimizers.ClippedAdam without AMSGrad or weight decay"
     optimizer_class = ClippedAdam
-
-    @staticmethod
-    def hyperparameters(group: dict) -> dict[str, float]:
-        return {**FusedAdamSteps.hyperparameters(group), "max_grad_norm": group["max_grad_norm"]}
-
-    @staticmethod
-    def update(parameters: Tensors, gradients: Tensors, state: list[Tensors],
-               hyperparameters: dict[str, torch.Tensor]) -> None:
-        clipped = clipped_to_norm(gradients, hyperparameters["max_grad_norm"])
-        FusedAdamSteps.update(parameters, clipped, state, hyperparameters)
 
 
 FUSED_STEPS: tuple[type[FusedSteps], ...] = (FusedSGDSteps, FusedAdamSteps, FusedClippedSGDSteps, FusedClippedAdamSteps)
