@@ -43,11 +43,6 @@ GRADIENT_NORM_EPS = 1e-6
 """Added to the norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` adds it."""
 
 
-def _check_max_grad_norm(owner: str, max_grad_norm: float) -> None:
-    if not max_grad_norm > 0:
-        raise ValueError(f"{owner}: max_grad_norm must be > 0, got {max_grad_norm}.")
-
-
 def _without_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     """``step`` without the wrapper ``torch.optim.Optimizer`` puts around each optimizer class's ``step`` (it runs
     the optimizer's step hooks): the clipped optimizer's own ``step`` has that wrapper already, and the base
@@ -70,7 +65,8 @@ class ClipsGradientNorm(torch.optim.Optimizer):
     """Each parameter group's gradient norm before the last step's clip (the log's ``gradient_norm_*`` entries)."""
 
     def _set_max_grad_norm(self, max_grad_norm: float) -> None:
-        _check_max_grad_norm(type(self).__name__, max_grad_norm)
+        if not max_grad_norm > 0:
+            raise ValueError(f"{type(self).__name__}: max_grad_norm must be > 0, got {max_grad_norm}.")
         self.defaults["max_grad_norm"] = max_grad_norm
         for group in self.param_groups:
             group.setdefault("max_grad_norm", max_grad_norm)
@@ -113,7 +109,6 @@ class ClippedSGD(ClipsGradientNorm, torch.optim.SGD):
 
     def __init__(self, params: Parameters, lr: float = 1e-3, momentum: float = 0.0, *, max_grad_norm: float,
                  **sgd_options: Any) -> None:
-        _check_max_grad_norm(type(self).__name__, max_grad_norm)
         super().__init__(params, lr=lr, momentum=momentum, **sgd_options)
         self._set_max_grad_norm(max_grad_norm)
 
@@ -134,6 +129,5 @@ class ClippedAdam(ClipsGradientNorm, torch.optim.Adam):
     base_optimizer = torch.optim.Adam
 
     def __init__(self, params: Parameters, lr: float = 1e-3, *, max_grad_norm: float, **adam_options: Any) -> None:
-        _check_max_grad_norm(type(self).__name__, max_grad_norm)
         super().__init__(params, lr=lr, **adam_options)
         self._set_max_grad_norm(max_grad_norm)
