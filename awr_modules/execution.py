@@ -27,7 +27,7 @@ from torch import nn
 from awr_modules.cuda_graphs import CapturedGradients
 from awr_modules.fused_steps import FusedSteps, fused_steps_class
 from awr_modules.loss import AWRLoss
-from awr_modules.optimizers import ClipsGradientNorm
+from awr_modules.optimizers import ClipsGradientNorm, joint_norm
 from awr_modules.phases import MinibatchLoss, OwnValuePhase, for_compiled_phases, minibatch_losses
 
 LOSS_KEYS = {"policy": "loss_actor", "value": "loss_value"}
@@ -42,11 +42,9 @@ def gradient_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     record of it (:class:`~awr_modules.optimizers.ClipsGradientNorm`), else the norm of its parameters' gradients
     as the step left them (unscaled under mixed precision, averaged across ranks under DDP)."""
     if isinstance(optimizer, ClipsGradientNorm) and getattr(optimizer, "unclipped_norms", None):
-        norms = optimizer.unclipped_norms
-    else:
-        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in gradients]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return joint_norm(optimizer.unclipped_norms)
+    gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return joint_norm(gradients) if gradients else torch.zeros(())
 
 
 class OptimizerSteps(Protocol):

@@ -29,7 +29,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from awr_modules.optimizers import GRADIENT_NORM_EPS, ClippedAdam, ClippedSGD
+from awr_modules.optimizers import GRADIENT_NORM_EPS, ClippedAdam, ClippedSGD, joint_norm
 
 MinibatchLoss = Callable[[TensorDictBase, torch.Tensor], TensorDictBase]
 Tensors = list[torch.Tensor]
@@ -110,8 +110,7 @@ class FusedSteps:
                     if after_step is not None:
                         after_step()
                 if gradient_norm_key is not None:
-                    out[gradient_norm_key] = torch.linalg.vector_norm(
-                        torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
+                    out[gradient_norm_key] = joint_norm(gradients)
             return out
 
         self._steps = torch.compile(steps)
@@ -265,8 +264,7 @@ class FusedAdamSteps(FusedSteps):
 def clipped_to_norm(gradients: Tensors, max_norm: torch.Tensor) -> Tensors:
     """``gradients`` scaled jointly to an L2 norm of at most ``max_norm``: ``torch.nn.utils.clip_grad_norm_``'s
     rule (:mod:`awr_modules.optimizers`), traceable, without reading the norm back to Python."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gradients]))
-    scale = torch.clamp(max_norm / (norm + GRADIENT_NORM_EPS), max=1.0)
+    scale = torch.clamp(max_norm / (joint_norm(gradients) + GRADIENT_NORM_EPS), max=1.0)
     return [g * scale for g in gradients]
 
 

@@ -43,6 +43,12 @@ GRADIENT_NORM_EPS = 1e-6
 """Added to the norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` adds it."""
 
 
+def joint_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of ``tensors`` taken together as one vector (``clip_grad_norm_``'s norm), in float32 at least;
+    traceable, and never read back to Python."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
 def _without_step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     """``step`` without the wrapper ``torch.optim.Optimizer`` puts around each optimizer class's ``step`` (it runs
     the optimizer's step hooks): the clipped optimizer's own ``step`` has that wrapper already, and the base
